@@ -1,0 +1,356 @@
+"""Flax (linen) quantized layers whose bits come from a policy array passed at apply time.
+
+A model's ``__call__(x, ctx)`` threads one :class:`QuantContext` through its quantized layers.
+Each quantized layer takes the next row of the policy ``[L, 2]`` in call order, so the policy
+order is the model's call order and nothing is hand-numbered. The same context records each
+layer's CIM geometry (:class:`cimjax.spec.LayerSpec`), which is how :mod:`cimjax.trace` derives
+geometry without dimension files.
+
+Integer operands (DESIGN.md section 3): each layer quantizes its input activation and its weight
+to integer codes, multiplies the codes (``precision=HIGHEST``; float32 sums of integers are
+exact below 2^24, or int32 when ``ctx.int_dtype`` is int32) and applies the scales after the
+matmul. The integer product can be replaced by a hook (``ctx.mvm``), which is how the crossbar
+simulator runs inside a forward pass.
+
+Clipping ranges are learned per bit-width: a table ``[B, ...]`` whose row ``b-1`` serves
+bit-width ``b`` (gathered with the traced bit-width), so one set of parameters serves every
+policy and any-precision training can tune the range of each bit-width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cimjax import quant
+from cimjax.spec import LayerSpec
+
+Array = jax.Array
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# mvm(index, spec, x [R, T, n], w [R, n, m], w_bits, a_bits) -> [R, T, m] integer-valued.
+MvmFn = Callable[[int, LayerSpec, Array, Array, Array, Array], Array]
+
+DEFAULT_MAX_BITS = 8
+CALIB_SAMPLES = 65536  # values kept per layer input in calibration mode
+
+
+class PolicyLengthError(ValueError):
+  """The policy's number of rows does not match the model's quantizable layers."""
+
+
+@dataclasses.dataclass
+class QuantContext:
+  """Per-call state threaded through a model's quantized layers (a Python object, not a pytree).
+
+  Attributes:
+    policy: ``[L, 2]`` int (weight_bits, activation_bits) per quantizable layer in call order,
+      or None for the float (unquantized) forward pass.
+    train: training mode (batch norm uses batch statistics, dropout active).
+    mvm: optional integer-product hook replacing the native matmul/conv (crossbar simulator).
+    int_dtype: dtype of integer operands in the native product: float32 (fast, exact while
+      partial sums stay below 2^24) or int32 (always exact, slower on CPU).
+    capture: sow each layer's integer operands and accumulator into the ``"cim"`` collection.
+    calibrate: sow a sample of each layer's float input into the ``"calib"`` collection.
+    specs: filled with one :class:`LayerSpec` per quantizable layer in call order.
+  """
+
+  policy: Array | None = None
+  train: bool = False
+  mvm: MvmFn | None = None
+  int_dtype: Any = jnp.float32
+  capture: bool = False
+  calibrate: bool = False
+  specs: list[LayerSpec] = dataclasses.field(default_factory=list)
+  index: int = 0
+
+  def take(self) -> tuple[int, Array | None]:
+    """Claims the next policy row; returns ``(layer_index, bits [2] or None)``."""
+    i = self.index
+    self.index += 1
+    if self.policy is None:
+      return i, None
+    num = self.policy.shape[0]
+    if i >= num:
+      raise PolicyLengthError(
+          f"policy has {num} rows but the model has more quantizable layers (at least {i + 1})"
+      )
+    return i, self.policy[i]
+
+  def finish(self) -> None:
+    """Checks every policy row was used (call after the forward pass)."""
+    if self.policy is not None and self.policy.shape[0] != self.index:
+      raise PolicyLengthError(
+          f"policy has {self.policy.shape[0]} rows but the model has {self.index} "
+          "quantizable layers"
+      )
+
+
+def _clip_table(name: str, module: nn.Module, shape: Sequence[int], init_value: Any) -> Array:
+  return module.param(name, lambda _: jnp.broadcast_to(init_value, tuple(shape)).astype(jnp.float32))
+
+
+class _QuantOp(nn.Module):
+  """Shared logic: policy row, activation quantization, geometry recording, product hook."""
+
+  def _record(self, ctx: QuantContext, spec: LayerSpec) -> None:
+    if len(ctx.specs) == ctx.index - 1:
+      ctx.specs.append(spec)
+
+  def _act_clip(self) -> Array:
+    return _clip_table("a_clip", self, (self.max_bits,), 3.0 if self.signed_input else 6.0)
+
+  def _calib(self, ctx: QuantContext, name: str, x: Array) -> None:
+    if ctx.calibrate:
+      flat = x.reshape(-1)
+      stride = max(1, flat.shape[0] // CALIB_SAMPLES)
+      self.sow("calib", name, flat[::stride])
+
+  def _capture(self, ctx: QuantContext, **arrays: Array) -> None:
+    if ctx.capture:
+      for k, v in arrays.items():
+        self.sow("cim", k, v)
+
+
+def _product(ctx: QuantContext, x: Array, w: Array, native: Callable[[Array, Array], Array]) -> Array:
+  if ctx.int_dtype == jnp.float32:
+    return native(x, w)
+  out = native(x.astype(ctx.int_dtype), w.astype(ctx.int_dtype))
+  return out.astype(jnp.float32)
+
+
+class QuantDense(_QuantOp):
+  """Dense layer ``y = x @ W + b`` on integer codes; one CIM matrix of ``n x m``.
+
+  Attributes:
+    features: output features m.
+    use_bias: add a float bias (in the digital periphery).
+    signed_input: activation codes signed (e.g. after LayerNorm) or unsigned (after ReLU).
+    per_channel: per-output-feature weight scales (else per-tensor).
+    max_bits: size B of the per-bit-width clip tables.
+  """
+
+  features: int
+  use_bias: bool = True
+  signed_input: bool = False
+  per_channel: bool = True
+  max_bits: int = DEFAULT_MAX_BITS
+  kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: Array, ctx: QuantContext) -> Array:
+    """Args: x ``[batch, ..., n]``. Returns ``[batch, ..., features]``."""
+    n = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (n, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+    index, bits = ctx.take()
+    tokens = 1
+    for d in x.shape[1:-1]:
+      tokens *= d
+    self._record(ctx, LayerSpec(
+        name="/".join(self.path), kind="Dense", m=self.features, n=n, invocations=tokens,
+        repeat=1, in_channels=n, out_channels=self.features, kernel=(1, 1), stride=0,
+        groups=1, input_size=n, signed_input=self.signed_input))
+    ch = self.features if self.per_channel else 1
+    w_clip = _clip_table("w_clip", self, (self.max_bits, ch),
+                         jnp.max(jnp.abs(kernel), axis=0) if self.per_channel
+                         else jnp.max(jnp.abs(kernel)))
+    a_clip = self._act_clip()
+    self._calib(ctx, "x", x)
+    if bits is None:
+      y = jnp.einsum("...n,nm->...m", x, kernel, precision=HIGHEST)
+    else:
+      w_bits, a_bits = bits[0], bits[1]
+      xq, sx = quant.quantize_act(x, quant.gather_clip(a_clip, a_bits), a_bits,
+                                  signed=self.signed_input)
+      wq, sw = quant.quantize_weight(kernel, quant.gather_clip(w_clip, w_bits), w_bits)
+      if ctx.mvm is not None:
+        spec = ctx.specs[index] if index < len(ctx.specs) else None
+        acc = ctx.mvm(index, spec, xq.reshape(1, -1, n), wq[None], w_bits, a_bits)
+        acc = acc.reshape(*x.shape[:-1], self.features)
+      else:
+        acc = _product(ctx, xq, wq,
+                       lambda a, b: jnp.einsum("...n,nm->...m", a, b, precision=HIGHEST))
+      self._capture(ctx, x_int=xq, w_int=wq, acc=acc)
+      y = acc * (sx * sw.reshape(-1))
+    if bias is not None:
+      y = y + bias
+    return y
+
+
+def conv_patches(x: Array, kernel_size: tuple[int, int], strides: tuple[int, int],
+                 padding: str | Sequence[tuple[int, int]]) -> Array:
+  """im2col: ``[B, H, W, C] -> [B, Ho, Wo, C*kh*kw]`` with features ordered (c, kh, kw)."""
+  return jax.lax.conv_general_dilated_patches(
+      x, filter_shape=kernel_size, window_strides=strides, padding=padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
+
+
+def conv_kernel_matrices(kernel: Array, groups: int) -> Array:
+  """HWIO kernel ``[kh, kw, C/g, O]`` -> per-group CIM matrices ``[g, C/g*kh*kw, O/g]``.
+
+  Row order (c, kh, kw) matches :func:`conv_patches`.
+  """
+  kh, kw, cg, o = kernel.shape
+  og = o // groups
+  k = kernel.reshape(kh, kw, cg, groups, og)
+  k = jnp.transpose(k, (3, 2, 0, 1, 4))  # [g, cg, kh, kw, og]
+  return k.reshape(groups, cg * kh * kw, og)
+
+
+def conv_as_matmul(x: Array, kernel: Array, *, strides: tuple[int, int], padding: Any,
+                   groups: int, mvm: Callable[[Array, Array], Array]) -> Array:
+  """A (grouped) convolution computed as per-group matrix products ``mvm(x [g,T,n], w [g,n,m])``.
+
+  Args:
+    x: ``[B, H, W, C]`` input.
+    kernel: ``[kh, kw, C/g, O]``.
+    strides, padding, groups: as in ``lax.conv_general_dilated``.
+    mvm: batched matrix product over the leading group axis.
+
+  Returns:
+    ``[B, Ho, Wo, O]``.
+  """
+  kh, kw, _, o = kernel.shape
+  patches = conv_patches(x, (kh, kw), strides, padding)
+  b, ho, wo, k = patches.shape
+  n = k // groups
+  xg = patches.reshape(b * ho * wo, groups, n).transpose(1, 0, 2)  # [g, T, n]
+  wg = conv_kernel_matrices(kernel, groups)
+  out = mvm(xg, wg)  # [g, T, og]
+  return out.transpose(1, 0, 2).reshape(b, ho, wo, o)
+
+
+class QuantConv(_QuantOp):
+  """2-D convolution (NHWC, HWIO, optional feature groups) on integer codes.
+
+  CIM geometry: ``m = C_out/g``, ``n = C_in/g*kh*kw``, ``invocations = H_out*W_out``,
+  ``repeat = g``.
+
+  Attributes:
+    features: output channels.
+    kernel_size: (kh, kw).
+    strides: (sh, sw).
+    padding: "SAME", "VALID" or explicit pairs.
+    groups: feature groups (``feature_group_count``).
+    use_bias, signed_input, per_channel, max_bits: as in :class:`QuantDense`.
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  padding: Any = "SAME"
+  groups: int = 1
+  use_bias: bool = True
+  signed_input: bool = False
+  per_channel: bool = True
+  max_bits: int = DEFAULT_MAX_BITS
+  kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+
+  def _native(self, a: Array, b: Array) -> Array:
+    return jax.lax.conv_general_dilated(
+        a, b, window_strides=self.strides, padding=self.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups,
+        precision=HIGHEST)
+
+  @nn.compact
+  def __call__(self, x: Array, ctx: QuantContext) -> Array:
+    """Args: x ``[batch, H, W, C_in]``. Returns ``[batch, H_out, W_out, features]``."""
+    c_in = x.shape[-1]
+    if c_in % self.groups or self.features % self.groups:
+      raise ValueError(f"{'/'.join(self.path)}: groups={self.groups} must divide in channels "
+                       f"{c_in} and out channels {self.features}")
+    kh, kw = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, c_in // self.groups, self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+    index, bits = ctx.take()
+    y_shape = jax.eval_shape(self._native, x, kernel).shape
+    self._record(ctx, LayerSpec(
+        name="/".join(self.path), kind="Conv2D", m=self.features // self.groups,
+        n=c_in // self.groups * kh * kw, invocations=y_shape[1] * y_shape[2],
+        repeat=self.groups, in_channels=c_in, out_channels=self.features,
+        kernel=(kh, kw), stride=self.strides[0], groups=self.groups,
+        input_size=x.shape[1] * x.shape[2], signed_input=self.signed_input))
+    ch = self.features if self.per_channel else 1
+    w_clip = _clip_table("w_clip", self, (self.max_bits, ch),
+                         jnp.max(jnp.abs(kernel), axis=(0, 1, 2)) if self.per_channel
+                         else jnp.max(jnp.abs(kernel)))
+    a_clip = self._act_clip()
+    self._calib(ctx, "x", x)
+    if bits is None:
+      y = self._native(x, kernel)
+    else:
+      w_bits, a_bits = bits[0], bits[1]
+      xq, sx = quant.quantize_act(x, quant.gather_clip(a_clip, a_bits), a_bits,
+                                  signed=self.signed_input)
+      wq, sw = quant.quantize_weight(kernel, quant.gather_clip(w_clip, w_bits), w_bits)
+      if ctx.mvm is not None:
+        spec = ctx.specs[index] if index < len(ctx.specs) else None
+        acc = conv_as_matmul(xq, wq, strides=self.strides, padding=self.padding,
+                             groups=self.groups,
+                             mvm=lambda a, b: ctx.mvm(index, spec, a, b, w_bits, a_bits))
+      else:
+        acc = _product(ctx, xq, wq, self._native)
+      self._capture(ctx, x_int=xq, w_int=wq, acc=acc)
+      y = acc * (sx * sw.reshape(-1))
+    if bias is not None:
+      y = y + bias
+    return y
+
+
+class QuantMatMul(_QuantOp):
+  """Activation x activation product ``x @ w`` (attention), with ``w`` programmed into CIM.
+
+  ``w`` (e.g. K^T or V) is quantized like a weight (signed narrow range, one learned clip per
+  bit-width, per tensor) with the policy's weight bits; ``x`` (Q or the attention
+  probabilities) like an activation.
+
+  CIM geometry for ``x [B, R, T, n] @ w [B, R, n, m]``: ``m``, ``n``, ``invocations = T``,
+  ``repeat = R`` (heads).
+
+  Attributes:
+    signed_input: whether ``x`` is signed (Q) or unsigned (softmax probabilities).
+    max_bits: size of the clip tables.
+    w_clip_init, a_clip_init: initial clipping ranges.
+  """
+
+  signed_input: bool = True
+  max_bits: int = DEFAULT_MAX_BITS
+  w_clip_init: float = 4.0
+  a_clip_init: float = 4.0
+
+  @nn.compact
+  def __call__(self, x: Array, w: Array, ctx: QuantContext) -> Array:
+    """Args: x ``[B, R, T, n]``, w ``[B, R, n, m]``. Returns ``[B, R, T, m]``."""
+    b, r, t, n = x.shape
+    m = w.shape[-1]
+    index, bits = ctx.take()
+    self._record(ctx, LayerSpec(
+        name="/".join(self.path), kind="MatMul", m=m, n=n, invocations=t, repeat=r,
+        in_channels=n, out_channels=m, kernel=(1, 1), stride=0, groups=1,
+        input_size=t * n, signed_input=self.signed_input))
+    w_clip = _clip_table("w_clip", self, (self.max_bits,), self.w_clip_init)
+    a_clip = _clip_table("a_clip", self, (self.max_bits,), self.a_clip_init)
+    self._calib(ctx, "x", x)
+    self._calib(ctx, "w", w)
+    native = lambda p, q: jnp.einsum("brtn,brnm->brtm", p, q, precision=HIGHEST)
+    if bits is None:
+      return native(x, w)
+    w_bits, a_bits = bits[0], bits[1]
+    xq, sx = quant.quantize_act(x, quant.gather_clip(a_clip, a_bits), a_bits,
+                                signed=self.signed_input)
+    wq, sw = quant.quantize_weight(w, quant.gather_clip(w_clip, w_bits), w_bits)
+    if ctx.mvm is not None:
+      spec = ctx.specs[index] if index < len(ctx.specs) else None
+      acc = ctx.mvm(index, spec, xq.reshape(b * r, t, n), wq.reshape(b * r, n, m),
+                    w_bits, a_bits).reshape(b, r, t, m)
+    else:
+      acc = _product(ctx, xq, wq, native)
+    self._capture(ctx, x_int=xq, w_int=wq, acc=acc)
+    return acc * (sx * sw)
