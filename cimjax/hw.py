@@ -220,7 +220,7 @@ def list_hw() -> list[str]:
 
 
 def _looks_like_path(s: str) -> bool:
-  return s.endswith(".toml") or "/" in s or os.sep in s or (os.altsep or "/") in s
+  return s.endswith(".toml") or "/" in s or os.sep in s
 
 
 def find_hw(name: str) -> Path:

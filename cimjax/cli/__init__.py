@@ -1,0 +1,1 @@
+"""Command-line entry points of cimjax (absl flags); ``launch/*.py`` are thin wrappers."""
