@@ -44,7 +44,8 @@ def test_validation_messages_name_the_layer(policy, match):
 
 
 def test_layer_index_without_names_and_custom_range():
-  with pytest.raises(pl.PolicyError, match=r"^layer 0: weight bits 9 outside the allowed range 1\.\.8$"):
+  with pytest.raises(pl.PolicyError,
+                     match=r"^layer 0: weight bits 9 outside the allowed range 1\.\.8$"):
     pl.validate_policy([[9, 1]], 1, min_bits=1)
   assert pl.validate_policy([[16, 1]], 1, min_bits=1, max_bits=16)[0, 0] == 16
 
