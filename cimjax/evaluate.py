@@ -35,6 +35,7 @@ copy of the weights). It does not grow with N; data (``x``) is resident once.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -171,24 +172,26 @@ def make_evaluator(
 
   elif strategy in ("vmap", "shard"):
     vscore = jax.vmap(score, in_axes=(0, None, None, None))
-    size = chunk
+    size, ndev = chunk, 1
     sharding = None
     if strategy == "shard":
       devs = list(devices if devices is not None else jax.devices())
       mesh = jax.sharding.Mesh(np.asarray(devs), ("cand",),
                                axis_types=(jax.sharding.AxisType.Auto,))
       sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("cand"))
-      size = math.ceil(chunk / len(devs)) * len(devs)
+      ndev = len(devs)
+      size = _round_up(chunk, ndev)
       rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       xb, yb, wb = (jax.device_put(a, rep) for a in (xb, yb, wb))
     many = jax.jit(vscore)
 
     def run(pols: Array) -> tuple[np.ndarray, np.ndarray]:
       n = pols.shape[0]
-      padded = _pad_rows(pols, size)
+      step = size if n >= size else _round_up(n, ndev)  # small N: no padding to a full chunk
+      padded = _pad_rows(pols, step)
       cs, ls = [], []
-      for start in range(0, padded.shape[0], size):
-        part = padded[start:start + size]
+      for start in range(0, padded.shape[0], step):
+        part = padded[start:start + step]
         if sharding is not None:
           part = jax.device_put(part, sharding)
         c, l = many(part, xb, yb, wb)
@@ -199,15 +202,16 @@ def make_evaluator(
   else:  # "map": one call for all candidates, chunked inside.
     vscore = jax.vmap(score, in_axes=(0, None, None, None))
 
-    @jax.jit
-    def mapped(pols, xb, yb, wb):
-      groups = pols.reshape(-1, chunk, *pols.shape[1:])
+    @functools.partial(jax.jit, static_argnums=4)
+    def mapped(pols, xb, yb, wb, size):
+      groups = pols.reshape(-1, size, *pols.shape[1:])
       c, l = jax.lax.map(lambda g: vscore(g, xb, yb, wb), groups)
       return c.reshape(-1), l.reshape(-1)
 
     def run(pols: Array) -> tuple[np.ndarray, np.ndarray]:
       n = pols.shape[0]
-      c, l = mapped(_pad_rows(pols, chunk), xb, yb, wb)
+      size = min(chunk, n)
+      c, l = mapped(_pad_rows(pols, size), xb, yb, wb, size)
       return np.asarray(c)[:n], np.asarray(l)[:n]
 
   def evaluate(policies: Any) -> EvalResult:
@@ -223,6 +227,10 @@ def make_evaluator(
   evaluate.strategy = strategy  # type: ignore[attr-defined]
   evaluate.num_images = num  # type: ignore[attr-defined]
   return evaluate
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return math.ceil(n / multiple) * multiple
 
 
 def _pad_rows(pols: Array, multiple: int) -> Array:
