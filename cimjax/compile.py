@@ -612,6 +612,69 @@ def compile_model(
                     input_shape=tuple(getattr(model, "input_shape", ()) or ()) or None)
 
 
+def init_variables(model: Any, seed: int) -> dict[str, Any]:
+  """Random-initialised variables of ``model`` (one jitted init)."""
+  x = jnp.zeros((1, *model.input_shape), jnp.float32)
+  return dict(jax.jit(lambda k: model.module.init(k, x, layers_lib.QuantContext()))(
+      jax.random.key(seed)))
+
+
+def restore_variables(path: str | Path, model: Any) -> dict[str, Any]:
+  """Trained variables (``params``, ``batch_stats``) of ``model`` from a checkpoint directory.
+
+  Accepts a training stage's final ``variables/`` directory (or the stage directory holding
+  it), written by ``cimjax.train`` with an orbax ``StandardCheckpointer``, or a
+  ``CheckpointManager`` directory of :class:`cimjax.checkpoint.Checkpointer` (the latest step's
+  ``state``). The model's abstract variables are the restore target, so shapes are checked.
+
+  Raises:
+    ProgramError: missing directory, nothing restorable, or parameters that do not fit the
+      model.
+  """
+  import orbax.checkpoint as ocp  # local: only needed here
+  p = Path(path).absolute()
+  if not p.is_dir():
+    raise ProgramError(f"directory not found: {str(path)!r}")
+  x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+  init = lambda k, xx: model.module.init(k, xx, layers_lib.QuantContext())
+  target = dict(jax.eval_shape(init, jax.random.key(0), x))
+  target = {k: v for k, v in target.items() if k in ("params", "batch_stats")}
+  if (p / "variables").is_dir():
+    p = p / "variables"
+  try:
+    if (p / "_CHECKPOINT_METADATA").is_file() or (p / "_METADATA").is_file():
+      with ocp.StandardCheckpointer() as c:
+        out = dict(c.restore(p, target))
+    else:
+      mngr = ocp.CheckpointManager(p)
+      step = mngr.latest_step()
+      if step is None:
+        raise ProgramError(f"no checkpoint in {str(path)!r}")
+      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      state = restored.state
+      get = (lambda k: state.get(k)) if isinstance(state, dict) else (
+          lambda k: getattr(state, k, None))
+      out = {k: get(k) for k in target if get(k) is not None}
+  except ProgramError:
+    raise
+  except Exception as e:  # orbax raises many types; report them as one line
+    msg = str(e).strip().splitlines()
+    raise ProgramError(f"cannot restore {str(path)!r} for model {model.name!r}: "
+                       f"{type(e).__name__}: {msg[0] if msg else ''}") from None
+  if "params" not in out or (jax.tree.structure(out["params"])
+                             != jax.tree.structure(target["params"])):
+    raise ProgramError(f"{str(path)!r} holds no parameters of model {model.name!r}")
+  for k in out:
+    got = traverse_util.flatten_dict(dict(out[k]), sep="/")
+    want = traverse_util.flatten_dict(dict(target[k]), sep="/")
+    for name, leaf in want.items():
+      if tuple(np.shape(got.get(name))) != tuple(leaf.shape):
+        raise ProgramError(f"cannot restore {str(path)!r} for model {model.name!r}: {k}/{name} "
+                           f"has shape {tuple(np.shape(got.get(name)))}, the model needs "
+                           f"{tuple(leaf.shape)}")
+  return out
+
+
 # --------------------------------------------------------------------------------------------
 # Save / load
 # --------------------------------------------------------------------------------------------
@@ -1328,7 +1391,8 @@ __all__ = [
     "LayerPlan", "MANIFEST", "OP_DIGITAL", "OP_EXECUTE", "OP_NAMES", "OP_PROGRAM",
     "OP_SHIFT_ADD", "ProgramError", "Schedule", "ScheduleCost", "VerifyReport", "array_sha256",
     "build_schedule", "calibrate_adc", "check_cost", "compile_and_verify", "compile_geometry",
-    "compile_model", "evaluate_accuracy", "execute", "layer_layout", "load_program",
-    "make_executor", "plan_layer", "plan_layers", "program_hook", "program_model",
-    "save_program", "schedule_params", "stored_levels", "verify", "walk_schedule",
+    "compile_model", "evaluate_accuracy", "execute", "init_variables", "layer_layout",
+    "load_program", "make_executor", "plan_layer", "plan_layers", "program_hook",
+    "program_model", "restore_variables", "save_program", "schedule_params", "stored_levels",
+    "verify", "walk_schedule",
 ]

@@ -122,49 +122,14 @@ def load_model(name: str, kwargs_json: str) -> tuple[Any, dict[str, Any]]:
 
 
 def load_variables(model: Any, checkpoint: str | None, seed: int) -> dict[str, Any]:
-  """Random-initialised variables, or those of a training checkpoint directory.
-
-  A checkpoint is an orbax directory written by :class:`cimjax.checkpoint.Checkpointer`
-  (the latest step's ``state`` item; its ``params`` and ``batch_stats`` are used).
-  """
-  import jax
-  import jax.numpy as jnp
-  from cimjax import layers
-  variables = jax.jit(lambda k: model.module.init(
-      k, jnp.zeros((1, *model.input_shape), jnp.float32), layers.QuantContext()))(
-          jax.random.key(seed))
-  variables = dict(variables)
+  """Random-initialised variables, or the trained ones of ``checkpoint``."""
+  from cimjax import compile as cc
   if checkpoint is None:
-    return variables
-  path = Path(checkpoint)
-  if not path.is_dir():
-    raise UsageError(f"--checkpoint: directory not found: {checkpoint!r}")
+    return cc.init_variables(model, seed)
   try:
-    import orbax.checkpoint as ocp
-    mngr = ocp.CheckpointManager(path.absolute())
-    step = mngr.latest_step()
-    if step is None:
-      raise UsageError(f"--checkpoint: no checkpoint in {checkpoint!r}")
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    state = restored.state
-  except UsageError:
-    raise
-  except Exception as e:  # orbax raises many types; report them as one line
-    raise UsageError(f"--checkpoint: cannot restore {checkpoint!r}: {type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''}") from None
-  params = state.get("params") if isinstance(state, dict) else getattr(state, "params", None)
-  stats = (state.get("batch_stats") if isinstance(state, dict)
-           else getattr(state, "batch_stats", None))
-  if params is None:
-    raise UsageError(f"--checkpoint: {checkpoint!r} holds no 'params'")
-  ref = jax.tree.structure(variables["params"])
-  if jax.tree.structure(params) != ref:
-    raise UsageError(f"--checkpoint: parameters in {checkpoint!r} do not match model "
-                     f"{model.name!r}")
-  out = {"params": params}
-  if stats:
-    out["batch_stats"] = stats
-  return out
+    return cc.restore_variables(checkpoint, model)
+  except cc.ProgramError as e:
+    raise UsageError(f"--checkpoint: {e}") from None
 
 
 def load_eval_data(dataset: str, model: Any, n: int) -> tuple[Any, Any] | None:
@@ -227,13 +192,14 @@ def format_table(summary: dict[str, Any]) -> str:
            f"{len(rows)} layers", fmt(head), "  ".join("-" * wd for wd in widths)]
   lines += [fmt(row) for row in rows]
   v = summary["verify"]
+  ok_text = "OK: every accumulator and the logits are bit-exact"
   lines += [
       "",
       f"total tiles     {summary['total_tiles']}",
       f"total latency   {summary['total_latency_us']:,.1f} us (schedule walk; cost model "
       f"{'agrees' if not summary['cost_model_mismatches'] else 'DISAGREES'})",
       f"total energy    {summary['total_energy_pj']:,.1f} pJ",
-      f"verification    {'OK: every accumulator and the logits are bit-exact' if v['ok'] else 'FAILED'}"
+      f"verification    {ok_text if v['ok'] else 'FAILED'}"
       f" (logits max |diff| {v['logits_max_abs_err']:g})",
   ]
   acc = summary.get("accuracy")
