@@ -1,0 +1,163 @@
+"""Training checkpoints through orbax-checkpoint, and atomic JSON files.
+
+One :class:`Checkpointer` per training stage directory. Each checkpoint is an orbax
+``CheckpointManager`` step holding a ``Composite`` of
+
+* ``state``: the training-state pytree (params, batch statistics, optimizer state, step, PRNG
+  key), saved with ``StandardSave`` and restored exactly (dtypes kept) with ``StandardRestore``
+  against an abstract target;
+* ``meta``: a JSON dict (config, stage, policy, progress), saved with ``JsonSave``.
+
+Saving is synchronous: a step directory appears (atomically renamed by orbax) only once it is
+complete, so a run killed at any moment leaves either the previous checkpoints or a new one,
+never half of one; leftover temporaries of a killed save are ignored and cleaned up. Nothing
+here unpickles: orbax stores arrays with tensorstore and metadata as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be found or does not match the expected state."""
+
+
+def abstract_like(tree: Any) -> Any:
+  """Shape/dtype structs of ``tree`` (the restore target of :meth:`Checkpointer.restore`)."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+  """Saves and restores one stage's training state with an orbax ``CheckpointManager``.
+
+  Args:
+    directory: the stage's checkpoint directory (created if needed).
+    max_to_keep: number of most recent checkpoints kept on disk.
+  """
+
+  def __init__(self, directory: str | os.PathLike[str], *, max_to_keep: int = 2):
+    self.directory = Path(directory).absolute()
+    self.directory.mkdir(parents=True, exist_ok=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
+        cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Steps of the checkpoints on disk, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict[str, Any] | None = None, *,
+           force: bool = True) -> None:
+    """Saves ``state`` and ``meta`` as checkpoint ``step`` (synchronously).
+
+    Args:
+      step: the global step (checkpoint name).
+      state: the pytree to save.
+      meta: JSON-serialisable metadata (config, stage, ...).
+      force: overwrite an existing checkpoint of the same step.
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      if not force:
+        return
+      self._manager.delete(step)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              meta=ocp.args.JsonSave(dict(meta or {})))
+    self._manager.save(step, args=args, force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restores checkpoint ``step`` (default: the latest).
+
+    Args:
+      target: a pytree like the saved state (arrays or ``jax.ShapeDtypeStruct``); its
+        structure and dtypes are used.
+      step: which checkpoint, or None for the latest.
+
+    Returns:
+      ``(state, meta)``.
+
+    Raises:
+      CheckpointError: no checkpoint, or the saved state does not match ``target``.
+    """
+    if step is None:
+      step = self.latest_step()
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(target)),
+                              meta=ocp.args.JsonRestore())
+    try:
+      out = self._manager.restore(int(step), args=args)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+      raise CheckpointError(f"{self.directory}: checkpoint {step} does not match the expected "
+                            f"training state ({type(e).__name__}: {e})") from None
+    return out.state, dict(out.meta or {})
+
+  def restore_meta(self, step: int | None = None) -> dict[str, Any]:
+    """Only the JSON metadata of checkpoint ``step`` (default: the latest)."""
+    if step is None:
+      step = self.latest_step()
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    out = self._manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out.meta or {})
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+  """Writes ``obj`` as indented JSON to a temporary file and renames it over ``path``."""
+  p = Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, p)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return p
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+  """Reads a JSON file."""
+  with open(path) as f:
+    return json.load(f)
+
+
+def _json_default(o: Any) -> Any:
+  if hasattr(o, "tolist"):
+    return o.tolist()
+  if isinstance(o, (set, tuple)):
+    return list(o)
+  if isinstance(o, Path):
+    return str(o)
+  raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+__all__ = ["CheckpointError", "Checkpointer", "abstract_like", "read_json", "write_json_atomic"]

@@ -1,0 +1,59 @@
+"""ResNet-20 (22 quantizable layers, batch norm) on Fashion-MNIST padded to 32x32x3.
+
+ResNet-20 is the CIFAR network and expects 32x32x3 inputs, so the data loader pads each 28x28
+image with two background pixels a side and repeats the grey channel three times
+(``data.image_size=32``, ``data.channels=3``); the CIM geometry then matches the CIFAR model.
+
+Run from the repo root (each stage resumes if interrupted and is skipped once finished)::
+
+  W=/tmp/resnet20_fashion
+  python -m launch.train --config=train/resnet20_fashion.py --workdir=$W --stage=fp32
+  python -m launch.train --config=train/resnet20_fashion.py --workdir=$W --stage=int8
+  python -m launch.train --config=train/resnet20_fashion.py --workdir=$W --stage=anyprec
+  python -m launch.train --config=train/resnet20_fashion.py --workdir=$W --stage=finetune \
+      --policy=policy.npy
+
+Batch norm stays in float after each integer conv; before every evaluation of a policy its
+running statistics are re-estimated on ``bn_recal_batches`` training batches
+(``cimjax.train.recalibrate_bn``). SGD with Nesterov momentum, cosine schedule.
+
+Expect about 93% FP32 test accuracy after 15 epochs (typical for ResNet-20 on Fashion-MNIST;
+not measured here). ResNet-20 needs about 40x the small CNN's multiply-accumulates per image:
+on the 2-core development CPU training runs at roughly 60-100 images/s, so one epoch takes
+10-15 minutes and this config is meant for a bigger machine; see BUILD_NOTES.md. For a smoke
+run: ``--config.data.name=fashion_mnist_subset --config.fp32.steps=20``.
+"""
+
+from cimjax.train import default_config
+
+
+def get_config():
+  c = default_config()
+  c.model = "resnet20"
+  c.data.name = "fashion_mnist"
+  c.data.val_size = 5000
+  c.data.image_size = 32
+  c.data.channels = 3
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.checkpoint_every = 200
+  c.log_every = 50
+  c.bn_recal_batches = 20
+  c.fp32.epochs = 15
+  c.fp32.optimizer = "sgd"
+  c.fp32.lr = 0.1
+  c.fp32.warmup_epochs = 1.0
+  c.fp32.weight_decay = 5e-4
+  c.int8.epochs = 2
+  c.int8.optimizer = "sgd"
+  c.int8.lr = 0.005
+  c.int8.weight_decay = 5e-4
+  c.anyprec.epochs = 5
+  c.anyprec.optimizer = "sgd"
+  c.anyprec.lr = 0.01
+  c.anyprec.weight_decay = 5e-4
+  c.finetune.epochs = 2
+  c.finetune.optimizer = "sgd"
+  c.finetune.lr = 0.005
+  c.finetune.weight_decay = 5e-4
+  return c
