@@ -876,8 +876,7 @@ def program_hook(
     block_elems: simulator token-block size.
   """
   cfg = program.xbar_config(**({} if adc_bits == "hw" else {"adc_bits": adc_bits}))
-  if noise is not None and noise.is_zero():
-    noise = None
+  noise = xb.static_noise(noise)
   if noise is not None and key is None:
     raise ProgramError("program_hook: noise needs a PRNG key")
   if stored is None:
@@ -943,7 +942,8 @@ def make_executor(
     model: the ModelDef (default: rebuilt from the program).
     capture: also return each layer's integer operands and accumulator (``"cim"``).
     jit: compile the whole simulated forward pass once (the stored tiles, variables, inputs,
-      noise magnitudes and keys are arguments, so later calls do not recompile).
+      keys and ADC ranges are arguments, so later calls do not recompile; the noise
+      magnitudes are compile-time constants).
     adc_bits, adc_frac, noise, key, block_elems: see :func:`program_hook`.
 
   Returns:
@@ -956,17 +956,17 @@ def make_executor(
   default_vars = program.variables()
   stored0 = stored_levels(program)
   pol = jnp.asarray(program.policy)
-  if noise is not None and noise.is_zero():
-    noise = None
+  noise = xb.static_noise(noise)
   if noise is not None and key is None:
     raise ProgramError("make_executor: noise needs a PRNG key")
   num = len(program.layers)
   frac0 = jnp.ones((num,), jnp.float32) if adc_frac is None else jnp.asarray(adc_frac,
                                                                             jnp.float32)
 
-  def fn(stored, variables, x, read_key, noise_arg, key_arg, frac):
+  # The noise magnitudes are closed over (Python floats): zero ones are skipped at trace time.
+  def fn(stored, variables, x, read_key, key_arg, frac):
     hook = program_hook(program, stored=stored, adc_bits=adc_bits, adc_frac=frac,
-                        noise=noise_arg, key=key_arg, read_key=read_key,
+                        noise=noise, key=key_arg, read_key=read_key,
                         block_elems=block_elems)
     return models_lib.forward(md.module, variables, x, pol, mvm=hook, capture=capture)
 
@@ -976,7 +976,7 @@ def make_executor(
   def run(x, variables=None, read_key=None, adc_frac=None):
     v = default_vars if variables is None else variables
     frac = frac0 if adc_frac is None else jnp.asarray(adc_frac, jnp.float32).reshape(num)
-    return fn(stored0, v, jnp.asarray(x, jnp.float32), read_key, noise, key, frac)
+    return fn(stored0, v, jnp.asarray(x, jnp.float32), read_key, key, frac)
 
   return run
 
@@ -1153,7 +1153,6 @@ def calibrate_adc(program: CimProgram, x: Array, *, percentile: float = 99.99,
   v = program.variables() if variables is None else variables
   cfg = program.xbar_config(adc_bits=None)
   stored = stored_levels(program)
-  inner = program_hook(program, stored=stored, adc_bits=None, straight_through_grad=False)
   out = np.ones(len(program.layers), np.float32)
 
   def hook(index, spec, xi, w, w_bits, a_bits):
@@ -1167,7 +1166,8 @@ def calibrate_adc(program: CimProgram, x: Array, *, percentile: float = 99.99,
     u = u[u > 0]
     if u.size:
       out[index] = float(np.clip(np.percentile(u, percentile), min_frac, 1.0))
-    return inner(index, spec, xi, w, w_bits, a_bits)
+    # The ideal integer product continues the forward pass (equal to the ideal simulator).
+    return xb.int_matmul(xi, w)
 
   models_lib.forward(md.module, v, jnp.asarray(x, jnp.float32), jnp.asarray(program.policy),
                      mvm=hook)

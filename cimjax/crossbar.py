@@ -531,7 +531,7 @@ def _row_tiles(a: Array, layout: Layout, axis: int) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "block_elems"))
+@functools.partial(jax.jit, static_argnames=("layout", "noise", "block_elems"))
 def simulate_levels(
     x: Array,
     levels: Array,
@@ -557,7 +557,8 @@ def simulate_levels(
     w_colsum: ``[R, m]`` column sums of the integer weights; required for signed inputs with
       the ``"offset"`` scheme.
     adc_frac: ADC range as a fraction of full scale (scalar, traced allowed).
-    noise: non-idealities, or None for none.
+    noise: static non-idealities (a hashable :class:`NoiseConfig` of Python floats; zero
+      magnitudes are skipped at trace time), or None for none.
     prog_key: PRNG key of the programming (variation, stuck-at); required with ``noise``.
     read_key: PRNG key of the reads (read noise); required with ``noise``.
     block_elems: static; tokens are processed in blocks of about this many partial sums.
@@ -577,6 +578,9 @@ def simulate_levels(
     if prog_key is None or read_key is None:
       raise ValueError("simulate_levels: noise needs prog_key and read_key")
     levels = noise_lib.program_levels(levels, column_level_max(w_bits, layout), noise, prog_key)
+    # Materialise the programmed conductances once (otherwise XLA may fuse the random draws
+    # into the contraction and recompute them for every block of tokens).
+    levels = jax.lax.optimization_barrier(levels)
   lv = _row_tiles(levels.astype(jnp.float32), layout, axis=-2)  # [R, tr, ne, cols]
   tr, ne, cols, cyc_n = layout.row_tiles, layout.tile_rows, layout.cols_p, layout.cycles
   cyc = cycle_coeffs(a_bits, layout)                              # [C]
@@ -649,7 +653,7 @@ def adc_utilisation(x: Array, levels: Array, w_bits: Any, a_bits: Any, layout: L
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "signed_input", "max_w_bits", "max_a_bits",
-                                             "block_elems"))
+                                             "noise", "block_elems"))
 def crossbar_mvm(
     x: Array,
     w: Array,
@@ -680,7 +684,7 @@ def crossbar_mvm(
     signed_input: static, whether ``x`` is signed.
     max_w_bits, max_a_bits: static upper bounds of the bits (allocation of slices/cycles).
     adc_frac: ADC range as a fraction of full scale (traced allowed).
-    noise: non-idealities or None.
+    noise: static non-idealities (:class:`NoiseConfig` of Python floats) or None.
     prog_key, read_key: PRNG keys of the programming and the reads (required with ``noise``).
     block_elems: static token-block size, see :func:`simulate_levels`.
 
@@ -747,6 +751,22 @@ def layer_keys(key: Array | None, index: int) -> tuple[Array | None, Array | Non
 MvmHook = Callable[[int, Any, Array, Array, Array, Array], Array]
 
 
+def static_noise(noise: NoiseConfig | None) -> NoiseConfig | None:
+  """A hashable copy of ``noise`` with Python-float magnitudes, or None when all are zero.
+
+  Raises:
+    TypeError: a magnitude is traced (the simulator needs compile-time magnitudes).
+  """
+  if noise is None:
+    return None
+  try:
+    out = NoiseConfig(*(float(v) for v in noise))
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise TypeError("noise magnitudes must be concrete numbers (they are compile-time "
+                    "constants of the simulator), not traced values") from None
+  return None if out.is_zero() else out
+
+
 def make_mvm_hook(
     cfg: XbarConfig,
     *,
@@ -784,8 +804,7 @@ def make_mvm_hook(
   Returns:
     ``mvm(index, spec, x [R, T, n], w [R, n, m], w_bits, a_bits) -> [R, T, m]``.
   """
-  if noise is not None and noise.is_zero():
-    noise = None
+  noise = static_noise(noise)
   if noise is not None and key is None:
     raise ValueError("make_mvm_hook: noise needs a PRNG key")
   pol = None if policy is None else np.asarray(policy)
@@ -880,5 +899,6 @@ __all__ = [
     "combine_columns", "crossbar_mvm", "cycle_coeffs", "digit_bounds", "fixed_point_multiplier",
     "input_digits", "int_matmul", "layer_keys", "make_layout", "make_mvm_hook", "num_cycles",
     "num_slices", "requantize", "requantize_fixed", "simulate_levels", "slice_levels",
+    "static_noise",
     "straight_through", "tile_matrix", "tile_mvm", "untile_matrix",
 ]

@@ -18,8 +18,10 @@ Every non-ideality is keyed by a PRNG key, so a run is reproducible and a "chip"
   (one level step times one input LSB). Drawn per MVM (``read_column_sums``).
 - **ADC clipping and quantization** live in :func:`cimjax.crossbar.adc_convert`.
 
-:class:`NoiseConfig` is a NamedTuple of floats, hence a pytree: the magnitudes are traced data
-(sweeping them does not recompile) while ``None`` (no noise at all) is static structure.
+:class:`NoiseConfig` is a hashable NamedTuple of floats. The simulator kernels take it as a
+static (compile-time) argument: non-idealities whose magnitude is exactly 0 are skipped at trace
+time (no random draws, which matters for read noise: one Gaussian per partial sum), and a new
+magnitude compiles a new kernel. The functions below also accept traced magnitudes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -60,6 +63,18 @@ class NoiseConfig(NamedTuple):
     return {k: float(v) for k, v in self._asdict().items()}
 
 
+def is_active(v: float | Array) -> bool:
+  """False only for a concrete (Python or NumPy) zero: such a non-ideality is skipped.
+
+  Traced magnitudes are always applied (their value is unknown at trace time).
+  """
+  if isinstance(v, (int, float, np.integer, np.floating)):
+    return float(v) != 0.0
+  if isinstance(v, np.ndarray) and v.ndim == 0:
+    return float(v) != 0.0
+  return True
+
+
 def program_levels(levels: Array, level_max: Array, noise: NoiseConfig, key: Array) -> Array:
   """Programs cells with device-to-device variation and stuck-at faults.
 
@@ -73,11 +88,14 @@ def program_levels(levels: Array, level_max: Array, noise: NoiseConfig, key: Arr
     ``[..., rows, cols]`` float32 conductances in level units.
   """
   k_var, k_stuck = jax.random.split(key)
-  z = jax.random.normal(k_var, levels.shape, jnp.float32)
-  g = jnp.maximum(levels * (1.0 + noise.variation * z), 0.0)
-  u = jax.random.uniform(k_stuck, levels.shape, jnp.float32)
-  g = jnp.where(u < noise.stuck_at_0, 0.0, g)
-  g = jnp.where(u >= 1.0 - noise.stuck_at_1, jnp.broadcast_to(level_max, g.shape), g)
+  g = levels
+  if is_active(noise.variation):
+    z = jax.random.normal(k_var, levels.shape, jnp.float32)
+    g = jnp.maximum(levels * (1.0 + noise.variation * z), 0.0)
+  if is_active(noise.stuck_at_0) or is_active(noise.stuck_at_1):
+    u = jax.random.uniform(k_stuck, levels.shape, jnp.float32)
+    g = jnp.where(u < noise.stuck_at_0, 0.0, g)
+    g = jnp.where(u >= 1.0 - noise.stuck_at_1, jnp.broadcast_to(level_max, g.shape), g)
   return g
 
 
@@ -92,4 +110,6 @@ def read_column_sums(sums: Array, noise: NoiseConfig, key: Array) -> Array:
   Returns:
     ``sums + read_noise * N(0, 1)``, float32, same shape.
   """
+  if not is_active(noise.read_noise):
+    return sums
   return sums + noise.read_noise * jax.random.normal(key, sums.shape, jnp.float32)

@@ -21,25 +21,23 @@ def run_cli(repo_root, *args, timeout=300):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def test_compile_verify_then_rerun_saved_program(repo_root, tmp_path):
+def test_compile_verify_then_rerun_saved_program(parse, tmp_path, capsys):
+  """The whole CLI in-process (main() with parsed flags): compile, verify, JSON, re-run."""
   wd = tmp_path / "wd"
-  proc = run_cli(repo_root, "--model=small_cnn", f"--model_kwargs={NARROW}", f"--workdir={wd}",
-                 "--uniform=4,3", "--hw=rram_64_c2", "--adc_bits=6", "--variation=0.02",
-                 "--stuck_at=0.001", "--dataset=fashion_mnist_subset", "--eval_images=100",
-                 "--eval_batch=50", "--num_verify=2", "--json")
-  assert proc.returncode == 0, proc.stderr
-  d = json.loads(proc.stdout)
+  parse("--model=small_cnn", f"--model_kwargs={NARROW}", f"--workdir={wd}", "--uniform=4,3",
+        "--hw=rram_64_c2", "--adc_bits=6", "--dataset=none", "--num_verify=1", "--json")
+  cli.main(["cimjax-compile"])
+  d = json.loads(capsys.readouterr().out)
   assert d["verify"]["ok"] and d["cost_model_mismatches"] == []
   assert [(r["w_bits"], r["a_bits"]) for r in d["layers"]] == [(4, 3)] * 5
-  assert set(d["accuracy"]) == {"fake_quant", "crossbar"}
-  assert d["nonideal"]["adc_bits"] == 6 and d["nonideal"]["noise"]["variation"] == 0.02
+  assert d["accuracy"] is None and d["nonideal"]["adc_bits"] == 6
   assert (wd / "program" / "manifest.json").is_file()
   assert json.loads((wd / "compile_report.json").read_text())["total_latency_us"] == \
       d["total_latency_us"]
   # Re-run the saved program (table output, no dataset).
-  proc = run_cli(repo_root, f"--program={wd / 'program'}", "--eval_images=0", "--num_verify=1")
-  assert proc.returncode == 0, proc.stderr
-  out = proc.stdout
+  parse(f"--program={wd / 'program'}", "--eval_images=0", "--num_verify=1")
+  cli.main(["cimjax-compile"])
+  out = capsys.readouterr().out
   assert "conv1" in out and "fc2" in out and "exact" in out
   assert "verification    OK" in out and "cost model agrees" in out
 
@@ -102,6 +100,20 @@ def test_corrupt_program_is_a_usage_error(parse, tmp_path):
   parse(f"--program={tmp_path / 'p'}")
   with pytest.raises(cli.UsageError, match="--program: .*not a cimjax-program manifest"):
     cli.run_compile([])
+
+
+def test_eval_data_fits_the_model():
+  from cimjax import models
+  md = models.get_model("small_cnn")
+  x, y = cli.load_eval_data("fashion_mnist_subset", md, 20)
+  assert x.shape == (20, 28, 28, 1) and y.shape == (20,)
+  r20 = models.get_model("resnet20")
+  x, _ = cli.load_eval_data("fashion_mnist_subset", r20, 5)   # padded to 32x32x3
+  assert x.shape == (5, 32, 32, 3)
+  assert cli.load_eval_data("auto", models.get_model("resnet18"), 10) is None   # 1000 classes
+  assert cli.load_eval_data("fashion_mnist_subset", md, 0) is None
+  with pytest.raises(cli.UsageError, match="does not fit"):
+    cli.load_eval_data("fashion_mnist_subset", models.get_model("vgg16"), 10)
 
 
 def test_make_noise_splits_stuck_at():
