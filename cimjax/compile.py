@@ -644,6 +644,10 @@ def restore_variables(path: str | Path, model: Any) -> dict[str, Any]:
   try:
     if (p / "_CHECKPOINT_METADATA").is_file() or (p / "_METADATA").is_file():
       with ocp.StandardCheckpointer() as c:
+        meta = c.metadata(p)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = tree.tree if hasattr(tree, "tree") else tree
+        _check_shapes(path, model, dict(tree), target)   # before restoring: clear errors
         out = dict(c.restore(p, target))
     else:
       mngr = ocp.CheckpointManager(p)
@@ -664,15 +668,23 @@ def restore_variables(path: str | Path, model: Any) -> dict[str, Any]:
   if "params" not in out or (jax.tree.structure(out["params"])
                              != jax.tree.structure(target["params"])):
     raise ProgramError(f"{str(path)!r} holds no parameters of model {model.name!r}")
-  for k in out:
-    got = traverse_util.flatten_dict(dict(out[k]), sep="/")
+  _check_shapes(path, model, out, target)
+  return out
+
+
+def _check_shapes(path: Any, model: Any, got_tree: dict[str, Any], target: dict[str, Any]
+                  ) -> None:
+  """Raises ProgramError naming the first variable whose stored shape differs."""
+  for k in target:
+    if k not in got_tree:
+      continue
+    got = traverse_util.flatten_dict(dict(got_tree[k]), sep="/")
     want = traverse_util.flatten_dict(dict(target[k]), sep="/")
     for name, leaf in want.items():
-      if tuple(np.shape(got.get(name))) != tuple(leaf.shape):
+      shape = tuple(getattr(got.get(name), "shape", np.shape(got.get(name))))
+      if shape != tuple(leaf.shape):
         raise ProgramError(f"cannot restore {str(path)!r} for model {model.name!r}: {k}/{name} "
-                           f"has shape {tuple(np.shape(got.get(name)))}, the model needs "
-                           f"{tuple(leaf.shape)}")
-  return out
+                           f"has shape {shape}, the model needs {tuple(leaf.shape)}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ Exit status: 0 on success, 1 if verification fails, 2 on bad input (one line on 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -287,7 +288,10 @@ def run_compile(argv_rest: list[str]) -> tuple[dict[str, Any], bool]:
 
 def _fail(msg: str) -> None:
   print(f"{PROG}: error: {msg}", file=sys.stderr)
-  sys.exit(2)
+  sys.stderr.flush()
+  # A failed orbax restore leaves background coroutines whose teardown tracebacks would
+  # follow the one error line; the error has been reported, so skip interpreter teardown.
+  os._exit(2)
 
 
 def main(argv: list[str]) -> None:
