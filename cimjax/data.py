@@ -16,7 +16,8 @@ Datasets (``load_dataset(name, ...)``):
                data.write_fashion_subset('tests/data/fashion_mnist_subset.npz')"
 
 * ``"digits"``: scikit-learn's ``load_digits`` (1,797 8x8 images, values 0..16 rescaled to
-  0..255, kept at 8x8x1), shipped inside the scikit-learn wheel. It has no test file, so a fixed
+  0..255, kept at 8x8x1), shipped inside the scikit-learn wheel (its ``digits.csv.gz`` is read
+  directly, or a copy of it in ``$CIMJAX_DATA_DIR``). It has no test file, so a fixed
   permutation (independent of ``split_seed``) holds out 297 images as its test split.
 
 Splits (:class:`Splits`): ``train`` and ``val`` come from the train file, ``val`` (the
@@ -299,10 +300,14 @@ _DIGITS_SEED = 20240601  # fixed: the digits test split does not depend on split
 def _load_digits_raw() -> tuple[np.ndarray, ...]:
   # The CSV that sklearn.datasets.load_digits reads, read directly: importing scikit-learn
   # takes seconds on a loaded 2-core machine.
-  spec = importlib.util.find_spec("sklearn")
-  if spec is None or not spec.submodule_search_locations:
-    raise DataError("the digits dataset needs scikit-learn (pip install scikit-learn)")
-  path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+  env = os.environ.get(DATA_DIR_ENV)
+  path = Path(env or ".") / "digits.csv.gz"
+  if not (env and path.is_file()):  # a copy in $CIMJAX_DATA_DIR, else scikit-learn's own
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+      raise DataError(f"the digits dataset needs scikit-learn (pip install scikit-learn) or "
+                      f"a copy of its digits.csv.gz in ${DATA_DIR_ENV}")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
   if path.is_file():
     table = np.loadtxt(path, delimiter=",")
     raw, target = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
