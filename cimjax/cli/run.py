@@ -1,0 +1,84 @@
+"""``cimjax`` / ``python -m launch.run``: the whole flow on the embedded default, or your setup.
+
+Stages: FP32 pretraining, INT8 QAT, any-precision QAT, bit-width search, mixed-precision
+fine-tuning of the chosen policy, final test evaluation, compilation with bit-exact
+verification, and the report (``WORKDIR/report.md``, ``WORKDIR/report.json``). Finished stages
+are skipped on a re-run and an interrupted one resumes from its checkpoint.
+
+Examples::
+
+  cimjax                                        # the default, into runs/default
+  cimjax --workdir=runs/c4 --hw=rram_256_c4     # the reference work's target
+  cimjax --stages=search,finetune,evaluate,compile,report --config.search.budget=3000
+  cimjax --from_policy=policy.npy --workdir=runs/given   # skip the search
+  cimjax --config=train/run_resnet20_fashion.py --workdir=runs/r20
+
+Exit status 0 on success; 2 with one line on stderr for bad input (flag, config field, data,
+policy file, hardware target).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cimjax.configs import DEFAULT_RUN
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", DEFAULT_RUN, "Run config (a get_config() file, default: the embedded default); "
+    "override fields with --config.<field>=<value>.")
+flags.DEFINE_string("workdir", "runs/default", "Run directory (checkpoints, outputs, report).")
+flags.DEFINE_list("stages", None, "Stages to run (default all): fp32, int8, anyprec, search, "
+                  "finetune, evaluate, compile, report.")
+flags.DEFINE_string("from_policy", None, "Use this CIM-AQ-format .npy policy instead of "
+                    "searching (sets config.from_policy).")
+flags.DEFINE_string("hw", None, "Hardware target name or .toml path (sets config.hw).")
+flags.DEFINE_integer("budget", None, "Search budget in evaluated policies "
+                     "(sets config.search.budget).")
+
+
+def main(argv: Sequence[str]) -> None:
+  """absl entry point."""
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  from cimjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from cimjax import hw as hw_lib
+  from cimjax import pipeline
+  from cimjax import policy as policy_lib
+  from cimjax import train as train_lib
+  config = FLAGS.config
+  if FLAGS.from_policy:
+    config.from_policy = FLAGS.from_policy
+  if FLAGS.hw:
+    config.hw = FLAGS.hw
+  if FLAGS.budget is not None:
+    if FLAGS.budget < 1:
+      _fail(f"--budget = {FLAGS.budget}; allowed: an integer >= 1")
+    config.search.budget = FLAGS.budget
+  stages = FLAGS.stages or list(pipeline.STAGES)
+  logging.set_verbosity(logging.WARNING)
+  try:
+    pipe = pipeline.Pipeline(config, FLAGS.workdir)
+    print(f"cimjax run: {config.train.model} on {config.train.data.name}, target "
+          f"{pipe.hw.name}, workdir {FLAGS.workdir}, devices {pipeline.device_summary()}",
+          flush=True)
+    report = pipe.run(stages)
+  except (pipeline.PipelineError, hw_lib.HwError, policy_lib.PolicyError,
+          train_lib.ConfigError, train_lib.StageError, data_lib.DataError) as e:
+    _fail(str(e).splitlines()[0])
+  if report is not None:
+    print(f"report: {FLAGS.workdir}/report.md")
+
+
+def _fail(msg: str) -> None:
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+def run() -> None:
+  """Console-script entry point (``cimjax``)."""
+  app.run(main)

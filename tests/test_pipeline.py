@@ -1,0 +1,137 @@
+"""The main job end to end on the tiny config: every stage, the report, kill + re-run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
+
+from cimjax import pipeline, policy
+
+TINY = "train/run_tiny.py"
+
+
+def _tiny_config(repo_root):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("run_tiny", os.path.join(repo_root, TINY))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def _figures(report):
+  """Every report figure except wall times and paths."""
+  r = dict(report)
+  r.pop("stage_time_s")
+  r.pop("total_time_s")
+  r["search"] = {k: v for k, v in r["search"].items() if k != "wall_s"}
+  return r
+
+
+@pytest.fixture(scope="module")
+def tiny_run(repo_root, tmp_path_factory):
+  wd = tmp_path_factory.mktemp("run")
+  cwd = os.getcwd()
+  os.chdir(repo_root)
+  try:
+    pipe = pipeline.Pipeline(_tiny_config(repo_root), wd, log=lambda s: None)
+    report = pipe.run()
+  finally:
+    os.chdir(cwd)
+  return wd, report
+
+
+def test_every_stage_and_report(tiny_run):
+  wd, r = tiny_run
+  for stage in ("fp32", "int8", "anyprec", "search", "evaluate", "compile"):
+    assert (wd / stage / "result.json").is_file(), stage
+  assert (wd / "finetune" / "chosen" / "result.json").is_file()
+  assert json.loads((wd / "report.json").read_text()) == json.loads(json.dumps(r))
+  # The chosen policy is valid under the run's constraint (first/last 8/8, weights % cell bits).
+  pol = np.asarray(r["policy"])
+  policy.validate_policy(pol, len(pol), constraint="both", cell_bits=2)
+  assert r["speedup"] > 1.0 and r["latency_us"]["mixed"] < r["latency_us"]["int8"]
+  assert r["crossbar_tiles"]["mixed"] <= r["crossbar_tiles"]["int8"]
+  assert r["verification"]["bit_exact"] is True
+  assert r["verification"]["logits_equal"] is True
+  assert not r["verification"]["cost_model_mismatches"]
+  np.testing.assert_allclose(r["verification"]["program_latency_us"], r["latency_us"]["mixed"],
+                             rtol=1e-9)
+  for k in ("fp32", "int8", "mixed"):
+    assert 0 <= r["accuracy"][k]["test"] <= 100
+  assert r["search"]["evaluations"] <= 48
+  md = (wd / "report.md").read_text()
+  assert "## Accuracy" in md and f"{r['speedup']:.3f}x" in md
+  for rel in r["plots"].values():
+    assert f"]({rel})" in md and (wd / rel).stat().st_size > 1000
+
+
+def test_rerun_skips_finished_stages(tiny_run, repo_root):
+  wd, r = tiny_run
+  lines = []
+  pipe = pipeline.Pipeline(_tiny_config(repo_root), wd, log=lines.append)
+  t = time.time()
+  again = pipe.run()
+  assert time.time() - t < 60
+  assert sum("already finished" in s for s in lines) == 7
+  assert _figures(again) == _figures(r)
+
+
+def test_changed_config_is_refused(tiny_run, repo_root):
+  wd, _ = tiny_run
+  c = _tiny_config(repo_root)
+  c.search.budget = 49
+  with pytest.raises(pipeline.PipelineError, match="another config"):
+    pipeline.Pipeline(c, wd).run(["fp32"])
+
+
+def _run_cli(repo_root, *args, **kw):
+  return subprocess.run([sys.executable, "-m", "launch.run", *args], cwd=repo_root,
+                        capture_output=True, text=True, **kw)
+
+
+def test_cli_errors_exit_2(repo_root, tmp_path):
+  bad = tmp_path / "bad.npy"
+  np.save(bad, np.full((3, 2), 8))
+  cases = [
+      (["--stages=fp32,nope"], "stages"),
+      (["--hw=no_such_target"], "no_such_target"),
+      ([f"--from_policy={bad}"], "3"),
+      (["--from_policy=/nonexistent/p.npy"], "p.npy"),
+      (["--budget=0"], "--budget"),
+  ]
+  for args, needle in cases:
+    p = _run_cli(repo_root, f"--config={TINY}", f"--workdir={tmp_path / 'w'}", *args,
+                 timeout=300)
+    assert p.returncode == 2, (args, p.stderr[-2000:])
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and needle in last, (args, last)
+
+
+def test_kill_and_rerun_gives_the_same_report(tiny_run, repo_root, tmp_path):
+  _, reference = tiny_run
+  wd = tmp_path / "killed"
+  args = [f"--config={TINY}", f"--workdir={wd}", "--config.train.throttle_s=0.05"]
+  proc = subprocess.Popen([sys.executable, "-m", "launch.run", *args], cwd=repo_root,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+  ckpt = wd / "anyprec" / "checkpoints"
+  deadline = time.time() + 400
+  while time.time() < deadline and proc.poll() is None:
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (wd / "anyprec" / "result.json").exists()
+  p = _run_cli(repo_root, *args, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  report = json.loads((wd / "report.json").read_text())
+  assert _figures(report) == _figures(reference)
