@@ -1,0 +1,604 @@
+"""Search loops, the result of a search and its outputs.
+
+Two loops with the same semantics (:func:`search_loop`):
+
+- ``"scan"``: the whole search is jitted, purejaxrl style: ``lax.scan`` over iterations of
+  ``ask -> evaluate_in_graph -> tell`` (:func:`cimjax.search.env.evaluate_in_graph`), with a
+  ``jax.debug.callback`` for progress. Needs an accuracy source with a jittable ``fn``
+  (synthetic models, lookup tables, the data evaluator on accelerators). The scan runs in
+  segments of ``scan_chunk`` iterations so it can be checkpointed between them; iteration keys
+  depend only on the iteration, so segmenting changes nothing.
+- ``"loop"``: a Python loop of jitted ``ask``/``tell`` around the host environment
+  (:class:`cimjax.search.env.SearchEnv`): only new policies reach the accuracy source. The
+  default on CPU with the real evaluator, where a loop over candidates is fastest.
+- ``"auto"``: the accuracy source's ``preferred_mode``.
+
+A search stops when the budget (unique evaluations) is spent, after ``stall_iters``
+consecutive iterations without a new evaluation (the agent has converged: it only samples
+policies it has seen), or after ``max_iters`` iterations.
+
+:func:`run_search` is the entry point of the pipeline and the CLI: it builds the space, the
+environment and the agent, runs (or resumes) the loop, re-evaluates the best candidates on a
+second accuracy source, and writes the outputs (:func:`write_outputs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cimjax import cost as cost_lib
+from cimjax import hw as hw_lib
+from cimjax import policy as policy_lib
+from cimjax.search import accuracy as acc_lib
+from cimjax.search import baselines
+from cimjax.search import ddpg as ddpg_lib
+from cimjax.search import env as env_lib
+from cimjax.search import pg as pg_lib
+from cimjax.search import space as space_lib
+from cimjax.search.agent import Agent, iteration_keys
+from cimjax.search.state import LoopState, SearchCheckpointer
+from cimjax.spec import LayerSpec
+
+MODES = ("auto", "loop", "scan")
+AGENTS = ("pg", "ddpg", "random", "exhaustive")
+ProgressFn = Callable[[int, int, int, float], None]   # (iteration, used, budget, best reward)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  """What :func:`run_search` does.
+
+  Attributes:
+    agent: one of :data:`AGENTS`.
+    budget: unique accuracy evaluations allowed (``exhaustive``: 0 means the space's size).
+    acc_drop: allowed drop from the INT8 reference accuracy, in percentage points.
+    constraint: ``"none"``, ``"io"``, ``"weight"`` or ``"both"``.
+    cell_bits: cell bits for the weight rule (default: the target's).
+    min_bits: smallest bit-width.
+    max_bits: largest bit-width.
+    seed: the run's seed.
+    mode: one of :data:`MODES`.
+    population: candidates per iteration for pg/random/exhaustive (0: the agent's default).
+    stall_iters: stop after this many iterations without a new evaluation (0: never).
+    max_iters: iteration cap (0: ``10 * ceil(budget / population) + 100``).
+    checkpoint_every: iterations between checkpoints when a workdir is given (0: at the end).
+    scan_chunk: iterations per jitted segment in scan mode (0: ``checkpoint_every`` or all).
+    final_top_k: best candidates (by search reward) re-evaluated on the final source.
+    pg: policy-gradient hyperparameters.
+    ddpg: DDPG hyperparameters.
+  """
+
+  agent: str = "pg"
+  budget: int = 600
+  acc_drop: float = 0.5
+  constraint: str = "both"
+  cell_bits: int | None = None
+  min_bits: int = 2
+  max_bits: int = 8
+  seed: int = 0
+  mode: str = "auto"
+  population: int = 0
+  stall_iters: int = 50
+  max_iters: int = 0
+  checkpoint_every: int = 0
+  scan_chunk: int = 0
+  final_top_k: int = 5
+  pg: pg_lib.PGConfig = pg_lib.PGConfig()
+  ddpg: ddpg_lib.DDPGConfig = ddpg_lib.DDPGConfig()
+
+  def to_dict(self) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def make_agent(name: str, space: space_lib.SearchSpace, specs: Sequence[LayerSpec],
+               cost_table: Any, config: SearchConfig = SearchConfig(), tiles: Any = None,
+               acc_target: float | None = None) -> Agent:
+  """Builds agent ``name`` (one of :data:`AGENTS`) for a space.
+
+  ``acc_target`` (the environment's) is needed by the model-based PG agent.
+  """
+  pop = config.population
+  if name == "pg":
+    cfg = config.pg
+    if pop:  # keep the planned share of the population
+      cfg = dataclasses.replace(cfg, population=pop,
+                                plan=min(round(cfg.plan * pop / cfg.population), pop - 1))
+    return pg_lib.make_pg(space, specs, cost_table, cfg, tiles=tiles, acc_target=acc_target)
+  if name == "ddpg":
+    return ddpg_lib.make_ddpg(space, specs, config.ddpg)
+  if name == "random":
+    return baselines.make_random(space, pop or 32)
+  if name == "exhaustive":
+    return baselines.make_exhaustive(space, pop or 256)
+  raise ValueError(f"agent = {name!r}; allowed: {', '.join(AGENTS)}")
+
+
+def default_max_iters(budget: int, population: int) -> int:
+  return 10 * math.ceil(budget / population) + 100
+
+
+# ----------------------------------------------------------------------------------------------
+# Loops
+
+
+def initial_state(agent: Agent, budget: int, num_layers: int, seed: int) -> LoopState:
+  """The loop state before the first iteration (the agent initialised from the seed)."""
+  key = jax.random.PRNGKey(seed)
+  k_init, k_run = jax.random.split(key)
+  return LoopState(agent=agent.init(k_init),
+                   history=env_lib.empty_history(budget, num_layers, jnp),
+                   iteration=jnp.zeros((), jnp.int32), stall=jnp.zeros((), jnp.int32),
+                   done=jnp.zeros((), bool), key=k_run)
+
+
+def resolve_mode(mode: str, accuracy: acc_lib.AccuracySource) -> str:
+  """``"auto"`` -> the source's preferred mode; ``"scan"`` needs a jittable source."""
+  if mode not in MODES:
+    raise ValueError(f"mode = {mode!r}; allowed: {', '.join(MODES)}")
+  if mode == "auto":
+    mode = accuracy.preferred_mode if accuracy.fn is not None else "loop"
+  if mode == "scan" and accuracy.fn is None:
+    raise ValueError(f"mode 'scan' needs a jittable accuracy source; {accuracy.name} has none")
+  return mode
+
+
+def make_scan_segment(agent: Agent, params: env_lib.EnvParams, acc_fn: Any, *, length: int,
+                      max_iters: int, stall_iters: int, sharding: Any = None,
+                      progress: ProgressFn | None = None) -> Callable[[LoopState], LoopState]:
+  """A jitted function advancing a :class:`LoopState` by ``length`` iterations (scan mode).
+
+  Iterations after ``done`` are skipped (``lax.cond``), so the result does not depend on how
+  the run is cut into segments.
+  """
+  replicated = None if sharding is None else jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec())
+
+  def one(state: LoopState) -> LoopState:
+    k_ask, k_tell = iteration_keys(state.key, state.iteration)
+    pols, aux = agent.ask(state.agent, k_ask)
+    if sharding is not None:  # the agent stays replicated; only the evaluation is sharded
+      pols = jax.lax.with_sharding_constraint(pols, replicated)
+    hist, out = env_lib.evaluate_in_graph(params, state.history, pols, acc_fn,
+                                          state.iteration, sharding)
+    if sharding is not None:
+      out = jax.lax.with_sharding_constraint(out, replicated)
+    ag, _ = agent.tell(state.agent, pols, out, aux, k_tell)
+    cap = hist.accuracy.shape[0]
+    new = jnp.sum(out.new.astype(jnp.int32))
+    stall = jnp.where(new > 0, 0, state.stall + 1).astype(jnp.int32)
+    it = state.iteration + 1
+    done = (hist.count >= cap) | (it >= max_iters)
+    if stall_iters > 0:
+      done = done | (stall >= stall_iters)
+    if progress is not None:
+      best = jnp.max(jnp.where(jnp.arange(cap) < hist.count, hist.reward, -jnp.inf))
+      jax.debug.callback(lambda i, u, c, b: progress(int(i), int(u), int(c), float(b)),
+                         it, hist.count, cap, best)
+    return LoopState(agent=ag, history=hist, iteration=it, stall=stall, done=done,
+                     key=state.key)
+
+  def step(state: LoopState, _: Any) -> tuple[LoopState, None]:
+    return jax.lax.cond(state.done, lambda s: s, one, state), None
+
+  @jax.jit
+  def segment(state: LoopState) -> LoopState:
+    state, _ = jax.lax.scan(step, state, None, length=length)
+    return state
+
+  return segment
+
+
+def search_loop(agent: Agent, env: env_lib.SearchEnv, *, seed: int = 0, mode: str = "auto",
+                max_iters: int = 0, stall_iters: int = 50, checkpointer: SearchCheckpointer | None
+                = None, checkpoint_every: int = 0, scan_chunk: int = 0,
+                meta: dict[str, Any] | None = None, sharding: Any = None,
+                progress: ProgressFn | None = None, stop_after: int | None = None
+                ) -> tuple[LoopState, dict[str, Any]]:
+  """Runs (or resumes) a search; ``env.history`` holds the result afterwards.
+
+  Args:
+    agent: the agent.
+    env: the host environment (its budget, accuracy source, cost table, history).
+    seed: the run's seed.
+    mode: ``"auto"``, ``"loop"`` or ``"scan"``.
+    max_iters: iteration cap (0: :func:`default_max_iters`).
+    stall_iters: stop after this many iterations without a new evaluation (0: never).
+    checkpointer: resume from its newest checkpoint and save to it.
+    checkpoint_every: iterations between checkpoints (0: only at the end).
+    scan_chunk: iterations per jitted segment (scan mode).
+    meta: JSON metadata saved with checkpoints; a resumed run must have equal metadata.
+    sharding: sharding of the candidate axis (scan mode).
+    progress: ``progress(iteration, used, budget, best_reward)`` after every iteration.
+    stop_after: stop (as if interrupted) once this many iterations are done (tests).
+
+  Returns:
+    ``(final LoopState, stats)`` with ``stats = {"mode", "iterations", "wall_s", "eval_s",
+    "resumed_from"}``.
+
+  Raises:
+    ValueError: a checkpoint written by a different search configuration.
+  """
+  mode = resolve_mode(mode, env.accuracy)
+  max_iters = max_iters or default_max_iters(env.budget, agent.population)
+  meta = dict(meta or {})
+  state = initial_state(agent, env.budget, env.space.num_layers, seed)
+  resumed_from = None
+  if checkpointer is not None and checkpointer.latest_iteration() is not None:
+    state, saved = checkpointer.restore(state)
+    saved_cfg = saved.get("search")
+    if saved_cfg is not None and meta.get("search") is not None and saved_cfg != json.loads(
+        json.dumps(meta["search"])):
+      raise ValueError(f"{checkpointer.directory} holds a search with a different "
+                       f"configuration; use another workdir or the same settings")
+    resumed_from = int(state.iteration)
+    env.set_history(state.history)
+    env.eval_seconds += float(saved.get("eval_s", 0.0))
+  t0 = time.perf_counter()
+  wall_before = 0.0 if checkpointer is None or resumed_from is None else float(
+      saved.get("wall_s", 0.0))
+
+  def save(st: LoopState) -> None:
+    if checkpointer is not None:
+      checkpointer.save(st, {**meta, "iteration": int(st.iteration), "used": int(
+          st.history.count), "wall_s": wall_before + time.perf_counter() - t0,
+                             "eval_s": env.eval_seconds, "mode": mode})
+
+  limit = max_iters if stop_after is None else min(max_iters, stop_after)
+  if mode == "scan":
+    chunk = scan_chunk or checkpoint_every or max_iters
+    chunk = max(1, min(chunk, max_iters))
+    acc_fn = env.accuracy.fn
+    segment = make_scan_segment(agent, env.params, acc_fn, length=chunk, max_iters=max_iters,
+                                stall_iters=stall_iters, sharding=sharding, progress=progress)
+    state = state._replace(history=env_lib.History(*(jnp.asarray(x) for x in state.history)))
+    t_eval = time.perf_counter()
+    while not bool(state.done) and int(state.iteration) < limit:
+      if stop_after is not None and int(state.iteration) + chunk > limit:
+        # finish exactly at ``limit`` with a shorter segment (tests of interruption)
+        seg = make_scan_segment(agent, env.params, acc_fn, length=limit - int(state.iteration),
+                                max_iters=max_iters, stall_iters=stall_iters,
+                                sharding=sharding, progress=progress)
+        state = seg(state)
+      else:
+        state = segment(state)
+      jax.block_until_ready(state.iteration)
+      save(state)
+    # in scan mode accuracy is computed inside the loop; count its whole time
+    env.eval_seconds += time.perf_counter() - t_eval
+    env.set_history(jax.device_get(state.history))
+  else:
+    ask = jax.jit(agent.ask)
+    tell = jax.jit(agent.tell)
+    ag = state.agent
+    it, stall, done = int(state.iteration), int(state.stall), bool(state.done)
+    key = state.key
+    while not done and it < limit:
+      k_ask, k_tell = iteration_keys(key, it)
+      pols, aux = ask(ag, k_ask)
+      out = env.evaluate(np.asarray(pols), it)
+      ag, _ = tell(ag, pols, env_lib.EvalOut(*(jnp.asarray(x) for x in out)), aux, k_tell)
+      stall = 0 if out.new.any() else stall + 1
+      it += 1
+      done = env.exhausted or it >= max_iters or (stall_iters > 0 and stall >= stall_iters)
+      if progress is not None:
+        progress(it, env.used, env.budget, float(np.max(env.history.reward[:env.used]))
+                 if env.used else float("-inf"))
+      if checkpoint_every and it % checkpoint_every == 0 and not done:
+        save(LoopState(ag, env.history, np.int32(it), np.int32(stall), np.bool_(done), key))
+    state = LoopState(agent=ag, history=env.history, iteration=np.asarray(it, np.int32),
+                      stall=np.asarray(stall, np.int32), done=np.asarray(done),
+                      key=key)
+    save(state)
+  stats = {"mode": mode, "iterations": int(state.iteration),
+           "wall_s": wall_before + time.perf_counter() - t0, "eval_s": env.eval_seconds,
+           "resumed_from": resumed_from}
+  return state, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclasses.dataclass
+class SearchResult:
+  """The outcome of one search.
+
+  Attributes:
+    agent: agent name.
+    best_policy: int32 ``[L, 2]`` highest-reward evaluated policy.
+    best_reward: its reward on the search split.
+    best_accuracy: its accuracy on the search split (percent).
+    best_cost_ratio: its cost ratio.
+    best_speedup: ``1 / best_cost_ratio`` (latency speedup over 8/8).
+    feasible: whether it meets the accuracy target.
+    acc_ref: INT8 reference accuracy on the search split.
+    acc_target: ``acc_ref - acc_drop``.
+    acc_drop: allowed drop.
+    evals_used: unique accuracy evaluations.
+    budget: the budget.
+    iterations: search iterations.
+    wall_s: wall time of the search loop (seconds).
+    eval_s: time spent in the accuracy source.
+    history: the evaluation history (NumPy).
+    mode: loop mode used.
+    space: JSON summary of the search space.
+    config: JSON of the search configuration.
+    final: re-evaluation on the final source (or None): ``{"name", "acc_ref", "acc_target",
+      "candidates": [{"policy", "search_accuracy", "accuracy", "cost_ratio", "speedup",
+      "reward", "feasible"}], "best": {...}}``.
+    report: cost report of the best policy (``cimjax.cost.layer_report``), if a target was
+      given.
+  """
+
+  agent: str
+  best_policy: np.ndarray
+  best_reward: float
+  best_accuracy: float
+  best_cost_ratio: float
+  best_speedup: float
+  feasible: bool
+  acc_ref: float
+  acc_target: float
+  acc_drop: float
+  evals_used: int
+  budget: int
+  iterations: int
+  wall_s: float
+  eval_s: float
+  history: env_lib.History
+  mode: str
+  space: dict[str, Any]
+  config: dict[str, Any]
+  final: dict[str, Any] | None = None
+  report: dict[str, Any] | None = None
+
+  def curve(self) -> np.ndarray:
+    """Best reward after each evaluation, float64 ``[evals_used]``."""
+    return env_lib.best_so_far(self.history)
+
+  def best_at(self, evals: int) -> dict[str, Any]:
+    """The best candidate among the first ``evals`` evaluations (anytime result)."""
+    return best_within(self.history, evals, self.acc_target)
+
+  def pareto(self) -> list[dict[str, Any]]:
+    """Non-dominated (cost ratio, accuracy) candidates over all evaluations."""
+    n = self.evals_used
+    h = self.history
+    idx = env_lib.pareto_front(h.cost_ratio[:n], h.accuracy[:n])
+    return [{"policy": h.policies[i].astype(int).tolist(), "accuracy": float(h.accuracy[i]),
+             "cost_ratio": float(h.cost_ratio[i]), "speedup": float(1.0 / h.cost_ratio[i]),
+             "reward": float(h.reward[i]), "feasible": bool(h.accuracy[i] >= np.float32(
+                 self.acc_target))} for i in idx]
+
+  def summary(self) -> dict[str, Any]:
+    """JSON-ready summary (no history)."""
+    out = {k: getattr(self, k) for k in (
+        "agent", "best_reward", "best_accuracy", "best_cost_ratio", "best_speedup", "feasible",
+        "acc_ref", "acc_target", "acc_drop", "evals_used", "budget", "iterations", "wall_s",
+        "eval_s", "mode", "space", "config", "final")}
+    out["best_policy"] = np.asarray(self.best_policy).astype(int).tolist()
+    if self.report is not None:
+      out["latency_us"] = self.report["total_latency_us"]
+      out["baseline_latency_us"] = self.report["baseline_latency_us"]
+      out["energy_pj"] = self.report["total_energy_pj"]
+      out["baseline_energy_pj"] = self.report["baseline_energy_pj"]
+      out["energy_ratio"] = self.report["total_energy_pj"] / self.report["baseline_energy_pj"]
+      out["latency_speedup"] = self.report["speedup"]
+      out["layers"] = self.report["layers"]
+    return out
+
+
+def best_within(history: env_lib.History, evals: int, acc_target: float) -> dict[str, Any]:
+  """Best (highest-reward) candidate among the first ``evals`` evaluations."""
+  n = min(int(history.count), int(evals))
+  if n == 0:
+    return {"reward": float("-inf"), "speedup": float("nan"), "accuracy": float("nan"),
+            "feasible": False, "policy": None, "evals": 0}
+  r = np.asarray(history.reward[:n], np.float64)
+  i = int(np.argmax(r))
+  return {"reward": float(r[i]), "speedup": float(1.0 / history.cost_ratio[i]),
+          "accuracy": float(history.accuracy[i]),
+          "feasible": bool(history.accuracy[i] >= np.float32(acc_target)),
+          "policy": history.policies[i].astype(int).tolist(), "evals": n}
+
+
+def evals_to_reach(history: env_lib.History, acc_target: float, *, speedup: float | None = None,
+                   reward: float | None = None) -> int | None:
+  """First evaluation count at which the best-so-far reaches a level (None: never).
+
+  Args:
+    history: the history.
+    acc_target: the accuracy target (feasibility for ``speedup``).
+    speedup: a feasible speedup to reach.
+    reward: a reward to reach.
+  """
+  n = int(history.count)
+  if n == 0:
+    return None
+  if reward is not None:
+    hit = np.flatnonzero(np.maximum.accumulate(np.asarray(history.reward[:n], np.float64))
+                         >= reward)
+  else:
+    ok = np.asarray(history.accuracy[:n]) >= np.float32(acc_target)
+    sp = np.where(ok, 1.0 / np.asarray(history.cost_ratio[:n], np.float64), 0.0)
+    hit = np.flatnonzero(np.maximum.accumulate(sp) >= speedup)
+  return int(hit[0]) + 1 if hit.size else None
+
+
+def make_result(agent: Agent, env: env_lib.SearchEnv, stats: dict[str, Any],
+                config: SearchConfig | None = None) -> SearchResult:
+  """Builds a :class:`SearchResult` from a finished loop."""
+  h = env.history
+  i = env_lib.best_index(h)
+  if i < 0:
+    raise RuntimeError("the search evaluated no candidate")
+  pol = h.policies[i].astype(np.int32)
+  return SearchResult(
+      agent=agent.name, best_policy=pol, best_reward=float(h.reward[i]),
+      best_accuracy=float(h.accuracy[i]), best_cost_ratio=float(h.cost_ratio[i]),
+      best_speedup=float(1.0 / h.cost_ratio[i]),
+      feasible=bool(h.accuracy[i] >= np.float32(env.acc_target)), acc_ref=env.acc_ref,
+      acc_target=env.acc_target, acc_drop=env.acc_drop, evals_used=env.used,
+      budget=env.budget, iterations=int(stats["iterations"]), wall_s=float(stats["wall_s"]),
+      eval_s=float(stats["eval_s"]), history=env_lib.History(*(np.asarray(x) for x in h)),
+      mode=stats["mode"], space=env.space.describe(),
+      config=config.to_dict() if config is not None else dict(agent.config))
+
+
+def reevaluate(result: SearchResult, final: acc_lib.AccuracySource, cost_table: Any,
+               top_k: int = 5, acc_ref: float | None = None) -> dict[str, Any]:
+  """Re-evaluates the ``top_k`` search candidates on a second source (another split).
+
+  The search's winner is the highest noisy reward of many candidates (winner's curse, digest
+  G6); its accuracy on an independent split says whether it really meets the target. The
+  candidates' final-split rewards are reported; ``best`` is the search's winner (selection is
+  not redone on the final split, which may be the test split).
+
+  Returns:
+    ``{"name", "acc_ref", "acc_target", "candidates": [...], "best": {...}}``.
+  """
+  h = result.history
+  n = result.evals_used
+  order = np.argsort(-np.asarray(h.reward[:n], np.float64), kind="stable")[:max(top_k, 1)]
+  pols = h.policies[order].astype(np.int32)
+  ref_pol = policy_lib.uniform_policy(pols.shape[1], result.space["io_bits"],
+                                      result.space["io_bits"])
+  if acc_ref is None:
+    acc_ref = float(final(ref_pol[None])[0])
+  target = acc_ref - result.acc_drop
+  acc = np.asarray(final(pols), np.float64)
+  table = np.asarray(cost_table, np.float64)
+  ratio = cost_lib.policy_cost(table, pols) / cost_lib.policy_cost(table, ref_pol)
+  from cimjax.search import reward as reward_lib  # pylint: disable=g-import-not-at-top
+  rew = reward_lib.reward(acc, ratio, target, xp=np)
+  cands = [{"policy": pols[j].tolist(), "search_accuracy": float(h.accuracy[order[j]]),
+            "search_reward": float(h.reward[order[j]]), "accuracy": float(acc[j]),
+            "cost_ratio": float(ratio[j]), "speedup": float(1.0 / ratio[j]),
+            "reward": float(rew[j]), "feasible": bool(acc[j] >= target)}
+           for j in range(len(order))]
+  return {"name": final.name, "acc_ref": acc_ref, "acc_target": target, "candidates": cands,
+          "best": cands[0]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def run_search(model_def: Any, specs: Sequence[LayerSpec], tables: Any,
+               accuracy: acc_lib.AccuracySource, config: SearchConfig = SearchConfig(), *,
+               hw: hw_lib.HardwareTarget | None = None,
+               final_accuracy: acc_lib.AccuracySource | None = None,
+               workdir: str | os.PathLike[str] | None = None, sharding: Any = None,
+               progress: ProgressFn | None = None, plots: bool = True,
+               acc_ref: float | None = None, stop_after: int | None = None) -> SearchResult:
+  """Searches per-layer bit-widths of a model on a target.
+
+  Args:
+    model_def: the :class:`cimjax.models.ModelDef` (its name goes into the report), or None.
+    specs: layer geometry in policy order.
+    tables: :class:`cimjax.cost.CostTables` (NumPy, float64 preferred) of the model on ``hw``.
+    accuracy: accuracy source on the search split.
+    config: search configuration.
+    hw: the hardware target (cell bits, cost report); optional.
+    final_accuracy: source on a separate split to re-evaluate the best candidates.
+    workdir: where checkpoints and outputs go (None: nothing is written).
+    sharding: candidate-axis sharding (scan mode).
+    progress: per-iteration callback.
+    plots: write the PNG plots (with a workdir).
+    acc_ref: INT8 reference accuracy (default: measured on the search split).
+    stop_after: stop after this many iterations without finishing (tests of resumption).
+
+  Returns:
+    The :class:`SearchResult` (also written to ``workdir``).
+  """
+  cfg = config
+  cell = cfg.cell_bits if cfg.cell_bits is not None else (hw.cell_bits if hw else None)
+  space = space_lib.make_space(len(specs), cfg.constraint, cell, cfg.min_bits, cfg.max_bits)
+  latency = np.asarray(getattr(tables, "latency_us", tables), np.float64)
+  tiles = getattr(tables, "tiles", None)
+  budget = cfg.budget
+  if cfg.agent == "exhaustive" and not budget:
+    budget = space.size
+  env = env_lib.SearchEnv(space, latency, accuracy, acc_drop=cfg.acc_drop, budget=budget,
+                          acc_ref=acc_ref, layer_names=[s.name for s in specs])
+  agent = make_agent(cfg.agent, space, specs, latency, cfg, tiles=tiles,
+                     acc_target=env.acc_target)
+  meta = {"search": cfg.to_dict(), "agent": agent.config, "acc_ref": env.acc_ref,
+          "model": getattr(model_def, "name", None), "hw": hw.name if hw else None}
+  ckpt = SearchCheckpointer(Path(workdir) / "checkpoints") if workdir is not None else None
+  try:
+    final_state, stats = search_loop(agent, env, seed=cfg.seed, mode=cfg.mode, max_iters=cfg.max_iters,
+                           stall_iters=cfg.stall_iters, checkpointer=ckpt,
+                           checkpoint_every=cfg.checkpoint_every, scan_chunk=cfg.scan_chunk,
+                           meta=meta, sharding=sharding, progress=progress,
+                           stop_after=stop_after)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  result = make_result(agent, env, stats, cfg)
+  if hw is not None:
+    result.report = cost_lib.layer_report(specs, hw, result.best_policy)
+  if final_accuracy is not None:
+    result.final = reevaluate(result, final_accuracy, latency, cfg.final_top_k)
+  if workdir is not None and bool(final_state.done):
+    write_outputs(result, workdir, specs=specs, hw=hw, model_name=getattr(model_def, "name",
+                                                                          None), plots=plots)
+  return result
+
+
+def write_outputs(result: SearchResult, workdir: str | os.PathLike[str], *,
+                  specs: Sequence[LayerSpec] | None = None,
+                  hw: hw_lib.HardwareTarget | None = None, model_name: str | None = None,
+                  plots: bool = True) -> dict[str, Path]:
+  """Writes a search's outputs atomically (temporary file + rename).
+
+  Files: ``best_policy.npy`` (CIM-AQ format), ``report.json``, ``pareto.json``,
+  ``history.npz`` and, with ``plots``, ``pareto.png``, ``bits.png``, ``latency.png``.
+
+  Returns:
+    ``{name: path}`` of the files written.
+  """
+  from cimjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  wd = Path(workdir)
+  wd.mkdir(parents=True, exist_ok=True)
+  out: dict[str, Path] = {}
+  out["best_policy"] = policy_lib.save_policy(wd / "best_policy.npy", result.best_policy)
+  rep = {"model": model_name, "hw": hw.name if hw else None, **result.summary()}
+  out["report"] = ckpt_lib.write_json_atomic(wd / "report.json", rep)
+  front = result.pareto()
+  out["pareto"] = ckpt_lib.write_json_atomic(wd / "pareto.json", {
+      "acc_ref": result.acc_ref, "acc_target": result.acc_target, "points": front})
+  n = result.evals_used
+  h = result.history
+  out["history"] = _atomic_npz(wd / "history.npz", policies=h.policies[:n],
+                               accuracy=h.accuracy[:n], cost_ratio=h.cost_ratio[:n],
+                               reward=h.reward[:n], iteration=h.iteration[:n])
+  if plots:
+    from cimjax.search import plots as plots_lib  # pylint: disable=g-import-not-at-top
+    out.update(plots_lib.write_plots(result, wd, specs=specs, hw=hw))
+  return out
+
+
+def _atomic_npz(path: Path, **arrays: Any) -> Path:
+  acc_lib._save_npz(path, **arrays)  # pylint: disable=protected-access
+  return path
+
+
+__all__ = ["AGENTS", "MODES", "SearchConfig", "SearchResult", "best_within", "default_max_iters",
+           "evals_to_reach", "initial_state", "make_agent", "make_result", "make_scan_segment",
+           "reevaluate", "resolve_mode", "run_search", "search_loop", "write_outputs"]

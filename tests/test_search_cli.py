@@ -1,0 +1,62 @@
+"""The search CLI: usage errors (exit 2, one line naming the flag) and a synthetic run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cimjax.cli import search as cli
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--agent=foo"], "--agent=foo: allowed values are pg, ddpg, random, exhaustive"),
+    (["--constraint=all"], "--constraint=all: allowed values are both, weight, io, none"),
+    (["--accuracy=real"], "--accuracy=real: allowed values are data, synthetic"),
+    (["--budget=-3"], "--budget=-3: allowed values are"),
+    (["--budget=ten"], "--budget=ten"),
+    (["--acc_drop=x"], "--acc_drop=x: allowed values are numbers >= 0"),
+    (["--mode=fast"], "--mode=fast: allowed values are auto, loop, scan"),
+    (["--min_bits=6", "--max_bits=4"], "--min_bits=6"),
+    (["--accuracy=data"], "--checkpoint is required with --accuracy=data"),
+    (["--hw=nope"], "--hw:"),
+    (["--model=resnet99"], "--model=resnet99: allowed values are"),
+    (["--agent=exhaustive", "--budget=10"], "--budget=10: --agent=exhaustive needs the whole"),
+    (["--config=/no/such/file.py"], "--config: config file not found"),
+    (["--bogus=1"], "bogus"),
+])
+def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, args, flag):
+  argv = ["launch.search", f"--workdir={tmp_path}", "--accuracy=synthetic", *args]
+  if "--accuracy=data" in args:
+    argv.remove("--accuracy=synthetic")
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert err[0].startswith("launch.search: error: ")
+  assert flag in err[0]
+
+
+def test_missing_workdir(capsys):
+  assert cli.main(["launch.search", "--accuracy=synthetic"]) == 2
+  assert "--workdir is required" in capsys.readouterr().err
+
+
+def test_synthetic_search_end_to_end(repo_root, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.search", f"--workdir={tmp_path}", "--accuracy=synthetic",
+       "--model=small_cnn", "--hw=rram_64_c2", "--agent=pg", "--budget=64", "--population=16",
+       "--constraint=both", "--noprogress"],
+      cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rep = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert rep["agent"] == "pg" and rep["evals_used"] <= 64 and rep["hw"] == "rram_64_c2"
+  assert rep["feasible"] and rep["latency_speedup"] > 1.0
+  for f in ("best_policy.npy", "report.json", "pareto.json", "pareto.png", "bits.png",
+            "latency.png"):
+    assert (tmp_path / f).is_file(), f
+  pol = np.load(tmp_path / "best_policy.npy", allow_pickle=False)
+  assert pol.shape == (5, 2) and (pol[0] == 8).all() and (pol[-1] == 8).all()
