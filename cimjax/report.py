@@ -58,8 +58,9 @@ def plot_training(pipe: Any, path: Path) -> Path | None:
   offset = 0
   for stage, rows in curves.items():
     steps = np.asarray([r["step"] for r in rows]) + offset
-    axes[0].plot(steps, [r["loss"] for r in rows], label=stage)
-    axes[1].plot(steps, [100 * r["accuracy"] for r in rows], label=stage)
+    mk = "o" if len(rows) < 20 else None
+    axes[0].plot(steps, [r["loss"] for r in rows], marker=mk, label=stage)
+    axes[1].plot(steps, [100 * r["accuracy"] for r in rows], marker=mk, label=stage)
     offset = int(steps[-1])
   axes[0].set(xlabel="step (stages end to end)", ylabel="train loss", title="Training loss")
   axes[1].set(xlabel="step (stages end to end)", ylabel="train accuracy (%)",
@@ -202,8 +203,9 @@ def render_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
       "", "## Search", "",
       (f"Agent `{s['agent']}`: {s['evaluations']} unique policies evaluated (budget "
        f"{s['budget']}) on {s['search_images']} held-out validation images in "
-       f"{_fmt(s['wall_s'], 1)} s; INT8 reference on that split {_fmt(s['acc_ref_val'])}%, "
-       f"target {_fmt(s['acc_target_val'])}%. The best candidates were re-evaluated on "
+       f"{_fmt(s['wall_s'], 1)} s. Reference (the search proxy at 8/8) on that split "
+       f"{_fmt(s['acc_ref_val'])}%, target {_fmt(s['acc_target_val'])}%. The best candidates "
+       f"were re-evaluated on "
        f"{s['final_images']} other validation images before choosing."
        if s["searched"] else f"No search: the policy was given ({s['source']})."), "",
       "## Compilation and verification", "",
@@ -214,8 +216,7 @@ def render_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
       f"{'yes' if not v['cost_model_mismatches'] else v['cost_model_mismatches']} "
       f"(program latency {_fmt(v['program_latency_us'])} us, energy "
       f"{_fmt(v['program_energy_pj'], 0)} pJ).",
-      f"- Test accuracy on {v['eval_images']} images, fake-quant vs crossbar simulator "
-      f"(target ADC): {v['crossbar_accuracy']}.", "",
+      _xbar_line(v), "",
       "## Plots", "",
   ]
   for title, rel in plots.items():
@@ -225,6 +226,15 @@ def render_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
     lines.append(f"| {k} | {_fmt(sec, 1)} |")
   lines += [f"| total | {_fmt(r['total_time_s'], 1)} |", ""]
   return "\n".join(lines)
+
+
+def _xbar_line(v: dict[str, Any]) -> str:
+  acc = v.get("crossbar_accuracy") or {}
+  if not acc:
+    return "- Crossbar-simulated accuracy: not measured."
+  return (f"- Test accuracy on {v['eval_images']} images: fake-quantised model "
+          f"{100 * acc['fake_quant']:.2f}%, crossbar simulator with the target's ADC "
+          f"{100 * acc['crossbar']:.2f}%.")
 
 
 def write_report(pipe: Any) -> dict[str, Any]:
