@@ -72,3 +72,24 @@ def test_two_processes_equal_one(repo_root, tmp_path, agent):
     assert r["policies"] == single["policies"]       # the same candidates in the same order
     assert r["accuracy"] == single["accuracy"]       # bit-exact all-gathered accuracies
     assert r["best"] == single["best"] and r["reward"] == single["reward"]
+
+
+@pytest.mark.slow
+def test_cli_two_processes(repo_root, tmp_path):
+  """``launch.search`` with --num_processes=2 on loopback: one shared workdir, one report."""
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  args = [sys.executable, "-m", "launch.search", f"--workdir={tmp_path}", "--accuracy=synthetic",
+          "--hw=rram_64_c2", "--agent=pg", "--budget=64", "--population=16", "--noprogress",
+          "--noplots", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=repo_root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (o, e) in zip(procs, outs):
+    assert p.returncode == 0, e[-3000:]
+  rep0 = json.loads(outs[0][0].strip().splitlines()[-1])
+  rep1 = json.loads(outs[1][0].strip().splitlines()[-1])
+  assert rep0["evals_used"] <= 64 and rep1 == {"process": 1, "best_reward": rep0["best_reward"]}
+  assert (tmp_path / "best_policy.npy").is_file() and (tmp_path / "report.json").is_file()

@@ -20,6 +20,10 @@ checkpointed in ``WORKDIR/checkpoints`` and an interrupted run resumes from it. 
 speedup over 8/8, evaluations used, wall time), ``pareto.json``, ``history.npz`` and the plots
 ``pareto.png``, ``bits.png``, ``latency.png``. The report is also printed as one JSON object.
 
+Several processes (``--num_processes``/``--process_id``/``--coordinator_address``, or
+``--distributed`` on a TPU pod or SLURM cluster) run the same search and split every batch's
+accuracy evaluations between them (``docs/multihost.md``); ``--workdir`` must be shared.
+
 Exit status 0 on success; 2 with one line on stderr naming the flag for a usage error.
 """
 
@@ -75,6 +79,13 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   d("synthetic_kind", "additive", f"Synthetic model: {'|'.join(SYNTHETIC_KINDS)}.")
   d("synthetic_seed", "0", "Seed of the synthetic sensitivities.")
   d("checkpoint_every", "0", "Iterations between search checkpoints (0: at the end).")
+  d("coordinator_address", None, "Multi-process runs: host:port of process 0 for "
+    "jax.distributed.initialize (omit on Cloud TPU / SLURM, where it is detected).")
+  d("num_processes", "1", "Multi-process runs: number of processes (1: single process).")
+  d("process_id", "0", "Multi-process runs: this process's index.")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with the "
+                    "environment's defaults (Cloud TPU pods, SLURM GPU clusters).",
+                    flag_values=fv)
   flags.DEFINE_bool("progress", True, "Show a progress bar on a terminal.", flag_values=fv)
   flags.DEFINE_bool("plots", True, "Write PNG plots.", flag_values=fv)
   return fv
@@ -184,6 +195,13 @@ def validate(fv: flags.FlagValues) -> Settings:
   s["search_images"] = _int(fv, "search_images", 0)
   s["synthetic_seed"] = _int(fv, "synthetic_seed", 0)
   s["checkpoint_every"] = _int(fv, "checkpoint_every", 0)
+  s["num_processes"] = _int(fv, "num_processes", 1)
+  s["process_id"] = _int(fv, "process_id", 0, s["num_processes"] - 1)
+  s["coordinator_address"] = fv["coordinator_address"].value
+  s["distributed"] = fv["distributed"].value or s["num_processes"] > 1
+  if s["num_processes"] > 1 and not s["coordinator_address"]:
+    raise UsageError("--num_processes > 1 needs --coordinator_address=HOST:PORT (or use "
+                     "--distributed where the cluster is detected)")
   s["workdir"] = fv["workdir"].value
   s["checkpoint"] = fv["checkpoint"].value
   s["hw"] = fv["hw"].value
@@ -234,6 +252,16 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
     UsageError: anything the user can fix (exit status 2).
   """
   s = validate(fv)
+  import jax  # pylint: disable=g-import-not-at-top
+  if s["distributed"]:
+    # CPU collectives (tests, CPU clusters); accelerators use their own. Must precede any
+    # call that initialises a backend.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kw = {}
+    if s["num_processes"] > 1:
+      kw = {"coordinator_address": s["coordinator_address"],
+            "num_processes": s["num_processes"], "process_id": s["process_id"]}
+    jax.distributed.initialize(**kw)
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cimjax import cost as cost_lib  # pylint: disable=g-import-not-at-top
   from cimjax import hw as hw_lib  # pylint: disable=g-import-not-at-top
@@ -288,6 +316,11 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
       raise UsageError(f"--model: {_one_line(e)}") from None
     accuracy = search.SyntheticAccuracy(trace.trace_specs(model), kind=s["synthetic_kind"],
                                         seed=s["synthetic_seed"])
+  if jax.process_count() > 1:
+    # every process runs the same search; each batch's evaluations are split between them
+    accuracy = search.MultiProcessAccuracy(accuracy)
+    if final is not None:
+      final = search.MultiProcessAccuracy(final)
   specs = trace.trace_specs(model)
   tables = cost_lib.cost_tables(specs, target, xp=np)
   cfg = search.SearchConfig(
@@ -304,7 +337,7 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
   if s["agent"] == "exhaustive" and space.size >= 2 ** 31:
     raise UsageError(f"--agent=exhaustive: the space has {space.size:.4g} policies; "
                      f"allowed are spaces below 2^31")
-  update, stop = _progress_bar(fv["progress"].value, budget)
+  update, stop = _progress_bar(fv["progress"].value and jax.process_index() == 0, budget)
   if update is None:
     update = _log_progress()
   try:
@@ -315,6 +348,8 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
     raise UsageError(f"--workdir={s['workdir']}: {_one_line(e)}") from None
   finally:
     stop()
+  if jax.process_index() != 0:
+    return {"process": jax.process_index(), "best_reward": result.best_reward}
   report = json.loads(Path(s["workdir"], "report.json").read_text())
   report.pop("layers", None)
   report["accuracy_source"] = accuracy.describe()

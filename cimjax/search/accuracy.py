@@ -401,6 +401,30 @@ class MemoAccuracy(AccuracySource):
     self.hits += len(keys) - len(todo)
     return np.asarray([self._memo[k] for k in keys], np.float64)
 
+  def __len__(self) -> int:
+    return len(self._memo)
+
+  def save(self, path: str | os.PathLike[str]) -> None:
+    """Writes the memo to an ``.npz`` (policies int8 ``[N, L, 2]``, accuracies), atomically."""
+    if not self._memo:
+      return
+    keys = list(self._memo)
+    pols = np.stack([np.frombuffer(k, np.int8) for k in keys])
+    num = pols.shape[1] // 2
+    _save_npz(Path(path), policies=pols.reshape(-1, num, 2),
+              accuracy=np.asarray([self._memo[k] for k in keys], np.float64))
+
+  def load(self, path: str | os.PathLike[str]) -> int:
+    """Adds the entries of a file written by :meth:`save` (if it exists); returns how many."""
+    p = Path(path)
+    if not p.is_file():
+      return 0
+    with np.load(p, allow_pickle=False) as z:
+      pols, acc = z["policies"], z["accuracy"]
+    for pol, a in zip(pols, acc):
+      self._memo[space_lib.policy_bytes(pol)] = float(a)
+    return int(acc.shape[0])
+
   def describe(self) -> dict[str, Any]:
     return {**self.inner.describe(), "memo": True}
 

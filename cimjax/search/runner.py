@@ -516,7 +516,9 @@ def run_search(model_def: Any, specs: Sequence[LayerSpec], tables: Any,
     config: search configuration.
     hw: the hardware target (cell bits, cost report); optional.
     final_accuracy: source on a separate split to re-evaluate the best candidates.
-    workdir: where checkpoints and outputs go (None: nothing is written).
+    workdir: where checkpoints and outputs go (None: nothing is written). In a
+      multi-process run every process passes the same (shared) directory: orbax writes the
+      checkpoints collectively and process 0 writes the outputs.
     sharding: candidate-axis sharding (scan mode).
     progress: per-iteration callback.
     plots: write the PNG plots (with a workdir).
@@ -555,7 +557,7 @@ def run_search(model_def: Any, specs: Sequence[LayerSpec], tables: Any,
     result.report = cost_lib.layer_report(specs, hw, result.best_policy)
   if final_accuracy is not None:
     result.final = reevaluate(result, final_accuracy, latency, cfg.final_top_k)
-  if workdir is not None and bool(final_state.done):
+  if workdir is not None and bool(final_state.done) and jax.process_index() == 0:
     write_outputs(result, workdir, specs=specs, hw=hw, model_name=getattr(model_def, "name",
                                                                           None), plots=plots)
   return result
