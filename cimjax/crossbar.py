@@ -46,11 +46,13 @@ A layer's integer matrix ``w [n, m]`` (signed, narrow range, ``w_bits`` bits) be
   ``[lo, hi]`` of the (tile, column, cycle) partial sum. The full-scale ("max") range is the
   largest column sum the array can produce: ``N`` rows (``ceil(N/2)`` pairs for ``dr``) at the
   column's maximum level times the DAC's digit range of that cycle; a calibrated range scales it
-  by ``adc_frac`` in ``(0, 1]``. A one-sided range uses ``2^b - 1`` uniform steps; a two-sided
-  one (``dr``, or the bipolar top cycle of a two's-complement input with ``dac_bits > 1``) uses
-  ``2^b - 2`` steps over ``[-F, F]`` so that 0 is a level (analog-cim-sim ``SYM_RANGE_ADC``).
-  Values are clipped, quantized and rounded to an integer, then shifted and added digitally in
-  int32.
+  by ``adc_frac`` in ``(0, 1]``. A one-sided range uses ``2^b - 1`` uniform steps (``dc``/``of``
+  columns; the sign cycle of a two's-complement input with a 1-bit DAC is one-sided negative);
+  a two-sided one (``dr``, or the bipolar top cycle of a two's-complement input with
+  ``dac_bits > 1``) uses ``2^b - 2`` steps over ``[-F, F]`` so that 0 is a level (analog-cim-sim
+  ``SYM_RANGE_ADC``). Values are clipped, quantized and rounded to an integer, then shifted and
+  added digitally in int32. Unlike analog-cim-sim, the two columns of a ``dc`` pair are
+  converted separately (as :mod:`cimjax.cost` counts ADC conversions) and subtracted digitally.
 
 **Traced bits, static shapes.** ``w_bits`` and ``a_bits`` are data (traced scalars; ``vmap``
 over policies works). Slices and cycles are allocated for static maxima (``max_w_bits`` and
@@ -880,25 +882,12 @@ def requantize(acc: Array, scale: Array, lo: Any, hi: Any) -> Array:
   return jnp.clip(jnp.round(acc * scale), lo, hi)
 
 
-def num_partial_sums(layout: Layout) -> int:
-  """ADC conversions per input vector of the allocated layout (rows tiles x cols x cycles)."""
-  return layout.row_tiles * layout.cols_p * layout.cycles
-
-
-def describe(layout: Layout) -> dict[str, Any]:
-  """A JSON-friendly summary of a layout."""
-  return {"n": layout.n, "m": layout.m, "rows_p": layout.rows_p, "cols_p": layout.cols_p,
-          "row_tiles": layout.row_tiles, "col_tiles": layout.col_tiles,
-          "slices": layout.slices, "cycles": layout.cycles,
-          "signed_input": layout.signed_input, "mapping": layout.cfg.mapping}
-
-
 __all__ = [
     "DEFAULT_MAX_BITS", "INPUT_SCHEMES", "Layout", "MAPPINGS", "NoiseConfig", "XbarConfig",
-    "adc_bounds", "adc_convert", "adc_step", "adc_utilisation", "column_coeffs", "column_level_max",
-    "combine_columns", "crossbar_mvm", "cycle_coeffs", "digit_bounds", "fixed_point_multiplier",
-    "input_digits", "int_matmul", "layer_keys", "make_layout", "make_mvm_hook", "num_cycles",
-    "num_slices", "requantize", "requantize_fixed", "simulate_levels", "slice_levels",
-    "static_noise",
-    "straight_through", "tile_matrix", "tile_mvm", "untile_matrix",
+    "adc_bounds", "adc_convert", "adc_step", "adc_utilisation", "column_coeffs",
+    "column_level_max", "combine_columns", "crossbar_mvm", "cycle_coeffs", "digit_bounds",
+    "fixed_point_multiplier", "input_digits", "int_matmul", "layer_keys", "make_layout",
+    "make_mvm_hook", "num_cycles", "num_slices", "requantize", "requantize_fixed",
+    "simulate_levels", "slice_levels", "static_noise", "straight_through", "tile_matrix",
+    "tile_mvm", "untile_matrix",
 ]
