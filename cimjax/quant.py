@@ -99,7 +99,9 @@ def quantize(
     ``q * step`` is the fake-quantized value.
   """
   rng = int_range(bits, signed=signed, narrow=narrow)
-  step = jnp.maximum(clip, MIN_CLIP) / rng.denom
+  # The barrier keeps XLA from rewriting x / (clip / denom) as (x * denom) / clip under jit,
+  # which rounds differently at exact .5 ties: eager, jitted and vmapped codes stay identical.
+  step = jax.lax.optimization_barrier(jnp.maximum(clip, MIN_CLIP) / rng.denom)
   q = ste_round(jnp.clip(x / step, rng.lo, rng.hi))
   return q, step
 

@@ -151,3 +151,18 @@ def test_mse_optimal_clip_beats_max(bits, signed, narrow):
     assert mse(best[c]) <= mse(amax[c]) + 1e-9
   if bits == 2:  # heavy tails: the optimal 2-bit clip is well inside the max
     assert np.all(best < 0.8 * amax)
+
+
+def test_eager_jit_and_vmap_codes_identical():
+  # XLA may rewrite x / (clip / denom) as (x * denom) / clip, which rounds differently at .5
+  # ties; the quantizer must give the same codes eagerly, under jit and under vmap.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1_000_000,)), jnp.float32)
+  clip = jnp.float32(3.7)
+  jitted = jax.jit(lambda v, c, b: quant.quantize_weight(v, c, b)[0])
+  for b in range(2, 9):
+    eager = quant.quantize_weight(x, clip, b)[0]
+    np.testing.assert_array_equal(jitted(x, clip, jnp.int32(b)), eager)
+  bits = jnp.array([3, 6], jnp.int32)
+  vm = jax.jit(jax.vmap(lambda bb: quant.quantize_weight(x[:1000], clip, bb)[0]))(bits)
+  for i, b in enumerate([3, 6]):
+    np.testing.assert_array_equal(vm[i], quant.quantize_weight(x[:1000], clip, b)[0])
