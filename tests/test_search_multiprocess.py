@@ -55,15 +55,17 @@ def _result(proc):
   return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("agent", ["random", pytest.param("pg", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("agent", ["random", "pg"])
 def test_two_processes_equal_one(repo_root, tmp_path, agent):
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=repo_root)
-  run = lambda *a: subprocess.Popen([sys.executable, str(script), *map(str, a)], cwd=repo_root,  # noqa: E731
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
+  def run(*a):
+    return subprocess.Popen([sys.executable, str(script), *map(str, a)], cwd=repo_root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
   procs = [run(0, 2, port, agent), run(1, 2, port, agent), run(0, 1, 0, agent)]
   r0, r1, single = (_result(p) for p in procs)
   assert r0["processes"] == r1["processes"] == 2 and single["processes"] == 1

@@ -64,7 +64,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, task, mode, agen
 def test_outputs_written(tmp_path, task):
   m, specs, hw, tables, src = task
   final = acc_lib.SyntheticAccuracy(specs, seed=6, drop44=3.0)      # a "second split"
-  cfg = runner.SearchConfig(agent="pg", budget=96, constraint="both", seed=0, population=16)
+  cfg = runner.SearchConfig(agent="random", budget=96, constraint="both", seed=0, population=16)
   res = runner.run_search(m, specs, tables, src, cfg, hw=hw, final_accuracy=final,
                           workdir=tmp_path)
   for f in ("best_policy.npy", "report.json", "pareto.json", "history.npz", "pareto.png",

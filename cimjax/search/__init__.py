@@ -33,11 +33,12 @@ from cimjax.search.state import LoopState, SearchCheckpointer
 
 __all__ = [
     "AGENTS", "AccuracySource", "Agent", "DDPGConfig", "DDPGState", "DataAccuracy", "EnvParams",
-    "EvalOut", "History", "JointResult", "JointState", "LoopState", "MODES", "MemoAccuracy", "MultiProcessAccuracy", "Optimum",
-    "PGConfig", "PGState", "SYNTHETIC_KINDS", "SearchCheckpointer", "SearchConfig", "SearchEnv",
-    "SearchResult", "SearchSpace", "SyntheticAccuracy", "TableAccuracy", "accuracy_target",
-    "action_to_bits", "best_index", "dp_optimum", "empty_history", "evals_to_reach",
-    "evaluate_in_graph", "exhaustive_optimum", "exhaustive_table", "iteration_keys",
-    "make_ddpg", "make_exhaustive", "make_joint_step", "make_pg", "make_random", "make_space", "pareto_front",
-    "policy_keys", "run_joint", "run_search", "search_loop", "utilities", "write_outputs",
+    "EvalOut", "History", "JointResult", "JointState", "LoopState", "MODES", "MemoAccuracy",
+    "MultiProcessAccuracy", "Optimum", "PGConfig", "PGState", "SYNTHETIC_KINDS",
+    "SearchCheckpointer", "SearchConfig", "SearchEnv", "SearchResult", "SearchSpace",
+    "SyntheticAccuracy", "TableAccuracy", "accuracy_target", "action_to_bits", "best_index",
+    "dp_optimum", "empty_history", "evals_to_reach", "evaluate_in_graph", "exhaustive_optimum",
+    "exhaustive_table", "iteration_keys", "make_ddpg", "make_exhaustive", "make_joint_step",
+    "make_pg", "make_random", "make_space", "pareto_front", "policy_keys", "run_joint",
+    "run_search", "search_loop", "utilities", "write_outputs",
 ]

@@ -233,4 +233,5 @@ def dp_optimum(space: space_lib.SearchSpace, cost_table: Any, damage: np.ndarray
                  front_accuracy=acc)
 
 
-__all__ = ["Optimum", "ParetoDP", "dp_optimum", "pareto_dp", "exhaustive_optimum", "make_exhaustive", "make_random"]
+__all__ = ["Optimum", "ParetoDP", "dp_optimum", "exhaustive_optimum", "make_exhaustive",
+           "make_random", "pareto_dp"]

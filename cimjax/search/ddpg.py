@@ -190,11 +190,12 @@ def make_ddpg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec],
     ka, kc = jax.random.split(key)
     k = jax.random.split(ka, 3)
     h = cfg.hidden
-    actor = [_dense_init(k[0], nf, h, False, cfg.init_w), _dense_init(k[1], h, h, False, cfg.init_w),
-             _dense_init(k[2], h, 1, True, cfg.init_w)]
+    iw = cfg.init_w
+    actor = [_dense_init(k[0], nf, h, False, iw), _dense_init(k[1], h, h, False, iw),
+             _dense_init(k[2], h, 1, True, iw)]
     k = jax.random.split(kc, 4)
-    critic = [_dense_init(k[0], nf, h, False, cfg.init_w), _dense_init(k[1], 1, h, False, cfg.init_w),
-              _dense_init(k[2], h, h, False, cfg.init_w), _dense_init(k[3], h, 1, True, cfg.init_w)]
+    critic = [_dense_init(k[0], nf, h, False, iw), _dense_init(k[1], 1, h, False, iw),
+              _dense_init(k[2], h, h, False, iw), _dense_init(k[3], h, 1, True, iw)]
     return DDPGState(
         actor=actor, critic=critic, actor_target=actor, critic_target=critic,
         actor_opt=actor_tx.init(actor), critic_opt=critic_tx.init(critic),

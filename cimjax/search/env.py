@@ -17,7 +17,8 @@ Budget and cache semantics (shared by every agent, in and out of ``jit``):
 Two implementations with the same semantics:
 
 - :func:`evaluate_in_graph`: pure and jittable (accuracy source with a ``fn``); the history is
-  a fixed-size pytree and lookups are exact key comparisons (:func:`cimjax.search.space.policy_keys`).
+  a fixed-size pytree and lookups are exact key comparisons
+  (:func:`cimjax.search.space.policy_keys`).
 - :class:`SearchEnv`: on the host, with a dict cache keyed by the policy bytes, for sources
   that are not jittable or faster outside ``jit`` (the batched evaluator on CPU). Only new
   policies reach the accuracy source.

@@ -96,6 +96,14 @@ class PGConfig:
     plan_min_sigma: floor of the residual std used for the margins (points).
     plan_err_rate: update rate of the moving average of the planner's out-of-sample
       over-prediction; the margin unit is the larger of it and the in-sample residual std.
+    plan_thompson: how many of the planned candidates are Thompson samples: optima (at
+      margin 0) of models drawn from a diagonal Gaussian posterior around the fit, so the
+      planner keeps exploring what the data leave uncertain.
+    plan_ts_scale: scale of the Thompson posterior's standard deviation.
+    stall_mutation: per consecutive iteration without a new evaluation, the probability
+      (capped at 1) of redrawing each layer of a sampled candidate uniformly (0: off). A
+      collapsed distribution only repeats policies, which costs no budget; mutation spends the
+      rest of the budget around the mode instead of stalling.
   """
 
   population: int = 32
@@ -118,6 +126,9 @@ class PGConfig:
   plan_margins: tuple[float, float] = (-0.5, 1.0)
   plan_min_sigma: float = 0.02
   plan_err_rate: float = 0.3
+  plan_thompson: int = 4
+  plan_ts_scale: float = 1.0
+  stall_mutation: float = 0.3
 
   def __post_init__(self):
     if self.population < 2:
@@ -146,6 +157,7 @@ class PGState(NamedTuple):
     wsum: float32 sum of the fit weights.
     plan_err: float32 moving average of how much the model over-predicted the accuracy of
       planned candidates (out of sample; scales the planning margins).
+    stall: int32 consecutive iterations without a newly evaluated candidate.
   """
 
   params: Any
@@ -157,6 +169,7 @@ class PGState(NamedTuple):
   yy: jax.Array
   wsum: jax.Array
   plan_err: jax.Array
+  stall: jax.Array
 
 
 def _mlp_init(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]:
@@ -295,7 +308,7 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
                    gram=jnp.zeros((dim, dim), jnp.float32),
                    moment=jnp.zeros((dim,), jnp.float32), coef=jnp.zeros((dim,), jnp.float32),
                    yy=jnp.zeros((), jnp.float32), wsum=jnp.zeros((), jnp.float32),
-                   plan_err=jnp.zeros((), jnp.float32))
+                   plan_err=jnp.zeros((), jnp.float32), stall=jnp.zeros((), jnp.int32))
 
   def sample(params: Any, key: jax.Array, n: int) -> jax.Array:
     lg = logits(params)
@@ -310,22 +323,43 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
 
   n_sample = cfg.population - cfg.plan
   lo, hi = cfg.plan_margins
-  margins = np.linspace(lo, hi, cfg.plan) if cfg.plan > 1 else np.asarray([max(lo, 0.0)])
+  n_det = cfg.plan - min(cfg.plan_thompson, cfg.plan)
+  margins_det = np.linspace(lo, hi, n_det) if n_det > 1 else np.asarray([max(lo, 0.0)] * n_det)
 
-  def host_plan(coef: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+  n_ts = min(cfg.plan_thompson, cfg.plan)
+
+  def plan_front(c: np.ndarray) -> tuple[Any, np.ndarray]:
+    """The exact (cost, predicted accuracy) Pareto front of the model with coefficients c."""
     from cimjax.search import baselines  # pylint: disable=g-import-not-at-top
-    c = np.asarray(coef, np.float64)
-    sd = max(float(sigma), cfg.plan_min_sigma)
     cw = c[:16 * num].reshape(num, 16) + c[16 * num:16 * num + 16][None, :]
     cw[:, 7] = cw[:, 15] = 0.0                              # 8 bits: the reference
     damage = -(cw[:, :8, None] + cw[:, None, 8:])          # [L, 8, 8], 0 at 8/8
     front = baselines.pareto_dp(space, table, damage)
-    rel = c[-1] - front.damage                              # predicted acc - target
+    return front, c[-1] - front.damage                      # predicted acc - target
+
+  def pick(front: Any, rel: np.ndarray, margin: float) -> np.ndarray:
+    ok = np.flatnonzero(rel >= margin)
+    i = int(ok[0]) if ok.size else int(np.argmax(rel))      # cheapest predicted-feasible
+    return front.policy(i)
+
+  def host_plan(coef: np.ndarray, sigma: np.ndarray, diag: np.ndarray, seed: np.ndarray
+                ) -> np.ndarray:
+    c = np.asarray(coef, np.float64)
+    sd = max(float(sigma), cfg.plan_min_sigma)
     out = np.zeros((cfg.plan, num, 2), np.int32)
-    for k, m in enumerate(margins):
-      ok = np.flatnonzero(rel >= m * sd)
-      i = int(ok[0]) if ok.size else int(np.argmax(rel))    # cheapest predicted-feasible
-      out[k] = front.policy(i)
+    det = cfg.plan - n_ts
+    if det:                                                 # the model's optimum per margin
+      front, rel = plan_front(c)
+      for k in range(det):
+        out[k] = pick(front, rel, float(margins_det[k]) * sd)
+    # Thompson samples: optima of models drawn around the fit (diagonal posterior), so the
+    # planner also tries what the data leave uncertain (e.g. equal-cost alternatives)
+    rng = np.random.default_rng(int(seed))
+    post = sd / np.sqrt(np.maximum(np.asarray(diag, np.float64), 1e-12))
+    post[16 * num:] = 0.0                                   # shared effects and intercept fixed
+    for k in range(det, cfg.plan):
+      front, rel = plan_front(c + cfg.plan_ts_scale * post * rng.standard_normal(c.shape))
+      out[k] = pick(front, rel, 0.0)
     return out
 
   def residual_sigma(state: PGState) -> jax.Array:
@@ -334,14 +368,33 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
     rss = state.yy - 2.0 * jnp.dot(state.coef, state.moment) + jnp.dot(state.coef, g_c)
     return jnp.sqrt(jnp.maximum(rss, 0.0) / jnp.maximum(state.wsum - 1.0, 1.0))
 
+  def mutate(pols: jax.Array, key: jax.Array, rate: jax.Array) -> jax.Array:
+    """Redraws each layer's (w, a) uniformly among the allowed pairs with probability rate."""
+    from cimjax import policy as policy_lib  # pylint: disable=g-import-not-at-top
+    ku, kr = jax.random.split(key)
+    fresh = policy_lib.random_policies(kr, j_mask.reshape(num, 8, 8), pols.shape[0])
+    flip = jax.random.uniform(ku, pols.shape[:2]) < rate
+    return jnp.where(flip[..., None], fresh, pols)
+
   def ask(state: PGState, key: jax.Array) -> tuple[jax.Array, Any]:
     pols = sample(state.params, key, n_sample)
+    on_policy = jnp.ones((cfg.population,), bool)
+    if cfg.stall_mutation:
+      # once the distribution has collapsed it only repeats policies (which cost no budget)
+      # and the search would stall with budget left: mutate the samples, more the longer it
+      # lasts, so the rest of the budget explores around the mode. Mutated samples are
+      # off-policy: they feed the model, not the REINFORCE update.
+      rate = jnp.minimum(cfg.stall_mutation * state.stall.astype(jnp.float32), 1.0)
+      pols = mutate(pols, jax.random.fold_in(key, 11), rate)
+      on_policy = on_policy & (rate == 0.0)
     if not cfg.plan:
-      return pols, None
+      return pols, on_policy
+    reg = cfg.model_ridge * jnp.ones((dim,), jnp.float32).at[16 * num:].set(1e-3)
+    seed = jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2 ** 31 - 1, jnp.int32)
     planned = jax.pure_callback(host_plan, jax.ShapeDtypeStruct((cfg.plan, num, 2), jnp.int32),
-                                state.coef, jnp.maximum(residual_sigma(state),
-                                                        state.plan_err))
-    return jnp.concatenate([pols, planned], axis=0), None
+                                state.coef, jnp.maximum(residual_sigma(state), state.plan_err),
+                                jnp.diagonal(state.gram) + reg, seed)
+    return jnp.concatenate([pols, planned], axis=0), on_policy
 
   def log_prob(params: Any, policies: jax.Array) -> jax.Array:
     lg = logits(params)
@@ -416,8 +469,8 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
 
   def tell(state: PGState, policies: jax.Array, out: Any, aux: Any = None,
            key: jax.Array | None = None) -> tuple[PGState, dict[str, Any]]:
-    del aux
-    sampled = jnp.arange(cfg.population) < n_sample          # planned ones are off-policy
+    on_policy = jnp.ones((cfg.population,), bool) if aux is None else aux
+    sampled = (jnp.arange(cfg.population) < n_sample) & on_policy   # planned: off-policy
     params, opt_state, metrics = pg_step(state.params, state.opt_state, policies, out.reward,
                                          out.valid & sampled)
     gram, moment, coef, yy, wsum = state.gram, state.moment, state.coef, state.yy, state.wsum
@@ -426,7 +479,7 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
       # out-of-sample error of the planned candidates (the planner exploits model errors)
       pred = predict(state.coef, policies)
       rel0 = jnp.asarray(out.accuracy, jnp.float32) - target32
-      ok = out.valid & ~sampled
+      ok = out.valid & (jnp.arange(cfg.population) >= n_sample)
       err = jnp.sum(jnp.where(ok, jnp.maximum(pred - rel0, 0.0), 0.0)) / jnp.maximum(
           jnp.sum(ok.astype(jnp.float32)), 1.0)
       plan_err = jnp.where(jnp.any(ok), (1.0 - cfg.plan_err_rate) * plan_err +
@@ -458,7 +511,8 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
       (params, opt_state), _ = jax.lax.scan(imagine, (params, opt_state), keys)
     new_state = PGState(params=params, opt_state=opt_state,
                         step=state.step + jnp.any(out.valid).astype(jnp.int32), gram=gram,
-                        moment=moment, coef=coef, yy=yy, wsum=wsum, plan_err=plan_err)
+                        moment=moment, coef=coef, yy=yy, wsum=wsum, plan_err=plan_err,
+                        stall=jnp.where(jnp.any(out.new), 0, state.stall + 1).astype(jnp.int32))
     return new_state, metrics
 
   return Agent(name="pg", population=cfg.population, init=init, ask=ask, tell=tell,

@@ -74,7 +74,11 @@ class SearchConfig:
     seed: the run's seed.
     mode: one of :data:`MODES`.
     population: candidates per iteration for pg/random/exhaustive (0: the agent's default).
-    stall_iters: stop after this many iterations without a new evaluation (0: never).
+    stall_iters: stop after this many iterations without a new evaluation (0: derive it from
+      ``stall_candidates``; negative: never).
+    stall_candidates: with ``stall_iters = 0``, stop after ``ceil(stall_candidates / P)``
+      iterations without a new evaluation: the same number of repeated candidates for every
+      population size (50 iterations of PG's 32, 1,600 episodes of DDPG).
     max_iters: iteration cap (0: ``10 * ceil(budget / population) + 100``).
     checkpoint_every: iterations between checkpoints when a workdir is given (0: at the end).
     scan_chunk: iterations per jitted segment in scan mode (0: ``checkpoint_every`` or all).
@@ -93,7 +97,8 @@ class SearchConfig:
   seed: int = 0
   mode: str = "auto"
   population: int = 0
-  stall_iters: int = 50
+  stall_iters: int = 0
+  stall_candidates: int = 1600
   max_iters: int = 0
   checkpoint_every: int = 0
   scan_chunk: int = 0
@@ -217,7 +222,11 @@ def search_loop(agent: Agent, env: env_lib.SearchEnv, *, seed: int = 0, mode: st
     seed: the run's seed.
     mode: ``"auto"``, ``"loop"`` or ``"scan"``.
     max_iters: iteration cap (0: :func:`default_max_iters`).
-    stall_iters: stop after this many iterations without a new evaluation (0: never).
+    stall_iters: stop after this many iterations without a new evaluation (0: derive it from
+      ``stall_candidates``; negative: never).
+    stall_candidates: with ``stall_iters = 0``, stop after ``ceil(stall_candidates / P)``
+      iterations without a new evaluation: the same number of repeated candidates for every
+      population size (50 iterations of PG's 32, 1,600 episodes of DDPG).
     checkpointer: resume from its newest checkpoint and save to it.
     checkpoint_every: iterations between checkpoints (0: only at the end).
     scan_chunk: iterations per jitted segment (scan mode).
@@ -544,11 +553,12 @@ def run_search(model_def: Any, specs: Sequence[LayerSpec], tables: Any,
           "model": getattr(model_def, "name", None), "hw": hw.name if hw else None}
   ckpt = SearchCheckpointer(Path(workdir) / "checkpoints") if workdir is not None else None
   try:
-    final_state, stats = search_loop(agent, env, seed=cfg.seed, mode=cfg.mode, max_iters=cfg.max_iters,
-                           stall_iters=cfg.stall_iters, checkpointer=ckpt,
-                           checkpoint_every=cfg.checkpoint_every, scan_chunk=cfg.scan_chunk,
-                           meta=meta, sharding=sharding, progress=progress,
-                           stop_after=stop_after)
+    stall = cfg.stall_iters or math.ceil(cfg.stall_candidates / agent.population)
+    final_state, stats = search_loop(
+        agent, env, seed=cfg.seed, mode=cfg.mode, max_iters=cfg.max_iters,
+        stall_iters=max(stall, 0), checkpointer=ckpt, checkpoint_every=cfg.checkpoint_every,
+        scan_chunk=cfg.scan_chunk, meta=meta, sharding=sharding, progress=progress,
+        stop_after=stop_after)
   finally:
     if ckpt is not None:
       ckpt.close()
