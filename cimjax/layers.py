@@ -116,6 +116,45 @@ class _QuantOp(nn.Module):
       for k, v in arrays.items():
         self.sow("cim", k, v)
 
+  def _weight_layer(self, x: Array, kernel: Array, bias: Array | None, ctx: QuantContext,
+                    spec: LayerSpec, index: int, bits: Array | None,
+                    native: Callable[[Array, Array], Array],
+                    hooked: Callable[[Array, Array, MvmFn], Array]) -> Array:
+    """Clip tables, quantization, integer product (native or hook) and dequantization.
+
+    Args:
+      x: the layer input; kernel: ``[..., C_out]`` weights (channel axis last); bias or None.
+      ctx, spec, index, bits: the context, this layer's geometry, policy row and bits.
+      native: the float/int product of two operands (e.g. ``lax.conv_general_dilated``).
+      hooked: ``hooked(xq, wq, mvm2)`` computes the product through a 2-operand batched
+        matrix product ``mvm2(x [R, T, n], w [R, n, m])``.
+    """
+    self._record(ctx, spec)
+    ch = kernel.shape[-1] if self.per_channel else 1
+    red = tuple(range(kernel.ndim - 1))
+    w_clip = _clip_table("w_clip", self, (self.max_bits, ch),
+                         jnp.max(jnp.abs(kernel), axis=red) if self.per_channel
+                         else jnp.max(jnp.abs(kernel)))
+    a_clip = self._act_clip()
+    self._calib(ctx, "x", x)
+    if bits is None:
+      y = native(x, kernel)
+    else:
+      w_bits, a_bits = bits[0], bits[1]
+      xq, sx = quant.quantize_act(x, quant.gather_clip(a_clip, a_bits), a_bits,
+                                  signed=self.signed_input)
+      wq, sw = quant.quantize_weight(kernel, quant.gather_clip(w_clip, w_bits), w_bits)
+      if ctx.mvm is not None:
+        layer_spec = ctx.specs[index] if index < len(ctx.specs) else None
+        acc = hooked(xq, wq, lambda a, b: ctx.mvm(index, layer_spec, a, b, w_bits, a_bits))
+      else:
+        acc = _product(ctx, xq, wq, native)
+      self._capture(ctx, x_int=xq, w_int=wq, acc=acc)
+      y = acc * (sx * sw.reshape(-1))
+    if bias is not None:
+      y = y + bias
+    return y
+
 
 def _product(ctx: QuantContext, x: Array, w: Array, native: Callable[[Array, Array], Array]) -> Array:
   if ctx.int_dtype == jnp.float32:
@@ -152,35 +191,14 @@ class QuantDense(_QuantOp):
     tokens = 1
     for d in x.shape[1:-1]:
       tokens *= d
-    self._record(ctx, LayerSpec(
+    spec = LayerSpec(
         name="/".join(self.path), kind="Dense", m=self.features, n=n, invocations=tokens,
         repeat=1, in_channels=n, out_channels=self.features, kernel=(1, 1), stride=0,
-        groups=1, input_size=n, signed_input=self.signed_input))
-    ch = self.features if self.per_channel else 1
-    w_clip = _clip_table("w_clip", self, (self.max_bits, ch),
-                         jnp.max(jnp.abs(kernel), axis=0) if self.per_channel
-                         else jnp.max(jnp.abs(kernel)))
-    a_clip = self._act_clip()
-    self._calib(ctx, "x", x)
-    if bits is None:
-      y = jnp.einsum("...n,nm->...m", x, kernel, precision=HIGHEST)
-    else:
-      w_bits, a_bits = bits[0], bits[1]
-      xq, sx = quant.quantize_act(x, quant.gather_clip(a_clip, a_bits), a_bits,
-                                  signed=self.signed_input)
-      wq, sw = quant.quantize_weight(kernel, quant.gather_clip(w_clip, w_bits), w_bits)
-      if ctx.mvm is not None:
-        spec = ctx.specs[index] if index < len(ctx.specs) else None
-        acc = ctx.mvm(index, spec, xq.reshape(1, -1, n), wq[None], w_bits, a_bits)
-        acc = acc.reshape(*x.shape[:-1], self.features)
-      else:
-        acc = _product(ctx, xq, wq,
-                       lambda a, b: jnp.einsum("...n,nm->...m", a, b, precision=HIGHEST))
-      self._capture(ctx, x_int=xq, w_int=wq, acc=acc)
-      y = acc * (sx * sw.reshape(-1))
-    if bias is not None:
-      y = y + bias
-    return y
+        groups=1, input_size=n, signed_input=self.signed_input)
+    native = lambda a, b: jnp.einsum("...n,nm->...m", a, b, precision=HIGHEST)  # noqa: E731
+    hooked = lambda a, b, mvm: mvm(a.reshape(1, -1, n), b[None]).reshape(  # noqa: E731
+        *x.shape[:-1], self.features)
+    return self._weight_layer(x, kernel, bias, ctx, spec, index, bits, native, hooked)
 
 
 def conv_patches(x: Array, kernel_size: tuple[int, int], strides: tuple[int, int],
@@ -271,37 +289,15 @@ class QuantConv(_QuantOp):
     bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
     index, bits = ctx.take()
     y_shape = jax.eval_shape(self._native, x, kernel).shape
-    self._record(ctx, LayerSpec(
+    spec = LayerSpec(
         name="/".join(self.path), kind="Conv2D", m=self.features // self.groups,
         n=c_in // self.groups * kh * kw, invocations=y_shape[1] * y_shape[2],
         repeat=self.groups, in_channels=c_in, out_channels=self.features,
         kernel=(kh, kw), stride=self.strides[0], groups=self.groups,
-        input_size=x.shape[1] * x.shape[2], signed_input=self.signed_input))
-    ch = self.features if self.per_channel else 1
-    w_clip = _clip_table("w_clip", self, (self.max_bits, ch),
-                         jnp.max(jnp.abs(kernel), axis=(0, 1, 2)) if self.per_channel
-                         else jnp.max(jnp.abs(kernel)))
-    a_clip = self._act_clip()
-    self._calib(ctx, "x", x)
-    if bits is None:
-      y = self._native(x, kernel)
-    else:
-      w_bits, a_bits = bits[0], bits[1]
-      xq, sx = quant.quantize_act(x, quant.gather_clip(a_clip, a_bits), a_bits,
-                                  signed=self.signed_input)
-      wq, sw = quant.quantize_weight(kernel, quant.gather_clip(w_clip, w_bits), w_bits)
-      if ctx.mvm is not None:
-        spec = ctx.specs[index] if index < len(ctx.specs) else None
-        acc = conv_as_matmul(xq, wq, strides=self.strides, padding=self.padding,
-                             groups=self.groups,
-                             mvm=lambda a, b: ctx.mvm(index, spec, a, b, w_bits, a_bits))
-      else:
-        acc = _product(ctx, xq, wq, self._native)
-      self._capture(ctx, x_int=xq, w_int=wq, acc=acc)
-      y = acc * (sx * sw.reshape(-1))
-    if bias is not None:
-      y = y + bias
-    return y
+        input_size=x.shape[1] * x.shape[2], signed_input=self.signed_input)
+    hooked = lambda a, b, mvm: conv_as_matmul(  # noqa: E731
+        a, b, strides=self.strides, padding=self.padding, groups=self.groups, mvm=mvm)
+    return self._weight_layer(x, kernel, bias, ctx, spec, index, bits, self._native, hooked)
 
 
 class QuantMatMul(_QuantOp):
