@@ -377,8 +377,10 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
     return jnp.where(flip[..., None], fresh, pols)
 
   def ask(state: PGState, key: jax.Array) -> tuple[jax.Array, Any]:
-    pols = sample(state.params, key, n_sample)
-    on_policy = jnp.ones((cfg.population,), bool)
+    pols = sample(state.params, key, cfg.population)
+    extra = pols[n_sample:]              # fill the planned slots while the model has no data
+    pols = pols[:n_sample]
+    on_policy = jnp.ones((n_sample,), bool)
     if cfg.stall_mutation:
       # once the distribution has collapsed it only repeats policies (which cost no budget)
       # and the search would stall with budget left: mutate the samples, more the longer it
@@ -389,11 +391,14 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
       on_policy = on_policy & (rate == 0.0)
     if not cfg.plan:
       return pols, on_policy
+    no_data = state.wsum <= 0.0
     reg = cfg.model_ridge * jnp.ones((dim,), jnp.float32).at[16 * num:].set(1e-3)
     seed = jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2 ** 31 - 1, jnp.int32)
     planned = jax.pure_callback(host_plan, jax.ShapeDtypeStruct((cfg.plan, num, 2), jnp.int32),
                                 state.coef, jnp.maximum(residual_sigma(state), state.plan_err),
                                 jnp.diagonal(state.gram) + reg, seed)
+    planned = jnp.where(no_data, extra, planned)
+    on_policy = jnp.concatenate([on_policy, jnp.broadcast_to(no_data, (cfg.plan,))])
     return jnp.concatenate([pols, planned], axis=0), on_policy
 
   def log_prob(params: Any, policies: jax.Array) -> jax.Array:
@@ -469,8 +474,8 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
 
   def tell(state: PGState, policies: jax.Array, out: Any, aux: Any = None,
            key: jax.Array | None = None) -> tuple[PGState, dict[str, Any]]:
-    on_policy = jnp.ones((cfg.population,), bool) if aux is None else aux
-    sampled = (jnp.arange(cfg.population) < n_sample) & on_policy   # planned: off-policy
+    # on-policy samples: not planned (off-policy), not mutated
+    sampled = (jnp.arange(cfg.population) < n_sample) if aux is None else aux
     params, opt_state, metrics = pg_step(state.params, state.opt_state, policies, out.reward,
                                          out.valid & sampled)
     gram, moment, coef, yy, wsum = state.gram, state.moment, state.coef, state.yy, state.wsum
@@ -479,7 +484,7 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
       # out-of-sample error of the planned candidates (the planner exploits model errors)
       pred = predict(state.coef, policies)
       rel0 = jnp.asarray(out.accuracy, jnp.float32) - target32
-      ok = out.valid & (jnp.arange(cfg.population) >= n_sample)
+      ok = out.valid & (jnp.arange(cfg.population) >= n_sample) & ~sampled
       err = jnp.sum(jnp.where(ok, jnp.maximum(pred - rel0, 0.0), 0.0)) / jnp.maximum(
           jnp.sum(ok.astype(jnp.float32)), 1.0)
       plan_err = jnp.where(jnp.any(ok), (1.0 - cfg.plan_err_rate) * plan_err +
