@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from cimjax import io
 
 
 class CheckpointError(RuntimeError):
@@ -126,38 +127,14 @@ class Checkpointer:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-  """Writes ``obj`` as indented JSON to a temporary file and renames it over ``path``."""
-  p = Path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, p)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return p
+  """Writes ``obj`` as indented, key-sorted JSON atomically (see :mod:`cimjax.io`)."""
+  return io.write_json(path, obj, sort_keys=True, allow_nan=True)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
   """Reads a JSON file."""
   with open(path) as f:
     return json.load(f)
-
-
-def _json_default(o: Any) -> Any:
-  if hasattr(o, "tolist"):
-    return o.tolist()
-  if isinstance(o, (set, tuple)):
-    return list(o)
-  if isinstance(o, Path):
-    return str(o)
-  raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 __all__ = ["CheckpointError", "Checkpointer", "abstract_like", "read_json", "write_json_atomic"]

@@ -55,6 +55,7 @@ import numpy as np
 
 from cimjax import crossbar as xb
 from cimjax import hw as hw_lib
+from cimjax import io
 from cimjax import layers as layers_lib
 from cimjax import policy as policy_lib
 from cimjax import quant
@@ -1340,23 +1341,9 @@ def compile_and_verify(
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     path = save_program(program, wd / "program")
-    _write_json_atomic(wd / "compile_report.json", summary)
+    io.write_json(wd / "compile_report.json", summary, indent=1)
   return CompileResult(program=program, report=report, path=path, accuracy=accuracy,
                        summary=summary)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def check_cost(program_or_plans: CimProgram | Sequence[LayerPlan], hw: hw_lib.HardwareTarget

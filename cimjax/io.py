@@ -35,9 +35,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-  """Atomically writes ``data`` to ``path``."""
+  """Atomically writes ``data`` to ``path`` (flushed to disk before the rename)."""
   with atomic_path(path) as tmp:
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
   return Path(path)
 
 
@@ -46,10 +49,11 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
   return write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> Path:
-  """Atomically writes ``obj`` as JSON (NaN/inf rejected; numpy scalars converted)."""
-  return write_text(path, json.dumps(obj, indent=indent, default=_jsonable, allow_nan=False)
-                    + "\n")
+def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 2,
+               sort_keys: bool = False, allow_nan: bool = False) -> Path:
+  """Atomically writes ``obj`` as JSON (numpy arrays/scalars, paths, sets converted)."""
+  return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys,
+                                     default=_jsonable, allow_nan=allow_nan) + "\n")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -59,4 +63,6 @@ def _jsonable(obj: Any) -> Any:
     return obj.item()
   if isinstance(obj, Path):
     return str(obj)
+  if isinstance(obj, (set, frozenset, tuple)):
+    return list(obj)
   raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
