@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-from absl import flags
 import numpy as np
 import pytest
 
@@ -55,12 +54,12 @@ def test_bad_input_exits_2_with_one_line(repo_root, args, msg):
 
 @pytest.fixture
 def parse():
-  """Parses flags in-process (absl FLAGS is global: reset after each test)."""
+  """Parses flags in-process (cli.FLAGS is module-global: reset after each test)."""
   def _parse(*args):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["cimjax-compile", *args])
+    cli.FLAGS.unparse_flags()
+    cli.FLAGS(["cimjax-compile", *args])
   yield _parse
-  flags.FLAGS.unparse_flags()
+  cli.FLAGS.unparse_flags()
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -60,3 +60,31 @@ def test_synthetic_search_end_to_end(repo_root, tmp_path):
     assert (tmp_path / f).is_file(), f
   pol = np.load(tmp_path / "best_policy.npy", allow_pickle=False)
   assert pol.shape == (5, 2) and (pol[0] == 8).all() and (pol[-1] == 8).all()
+
+
+@pytest.mark.slow
+def test_data_search_on_a_tiny_trained_model(repo_root, tmp_path):
+  """``--accuracy=data``: train/tiny.py's any-precision model, search on its val split,
+  re-evaluate on test."""
+  from cimjax import train as train_lib
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny", os.path.join(repo_root, "train",
+                                                                     "tiny.py"))
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  config = tiny.get_config()
+  for stage in ("fp32", "int8", "anyprec"):
+    train_lib.run_stage(config, stage, tmp_path / "train")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.search", "--config=train/tiny.py",
+       f"--checkpoint={tmp_path / 'train' / 'anyprec'}", f"--workdir={tmp_path / 's'}",
+       "--hw=rram_128_c2", "--agent=pg", "--budget=48", "--population=16", "--acc_drop=2.0",
+       "--noprogress", "--noplots"],
+      cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rep = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert rep["accuracy_source"]["kind"] == "DataAccuracy"
+  assert rep["final"]["name"] == "test" and len(rep["final"]["candidates"]) >= 1
+  assert 0.0 < rep["acc_ref"] <= 100.0 and rep["evals_used"] <= 48

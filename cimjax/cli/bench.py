@@ -26,12 +26,16 @@ from typing import Any
 
 from absl import app, flags
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/bench", "Where the benchmarks write their JSON.")
-flags.DEFINE_bool("quick", False, "Quick mode of every benchmark (a few minutes in all).")
+from cimjax import cli as cli_lib
+
+FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
+flags.DEFINE_string("workdir", "runs/bench", "Where the benchmarks write their JSON.",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("quick", False, "Quick mode of every benchmark (a few minutes in all).",
+                  flag_values=FLAGS)
 flags.DEFINE_string("checkpoint", "runs/default/anyprec", "Any-precision small CNN for the "
-                    "Fashion-MNIST search benchmark (skipped if missing).")
-flags.DEFINE_list("only", None, "Subset of: eval, search, xbar.")
+                    "Fashion-MNIST search benchmark (skipped if missing).", flag_values=FLAGS)
+flags.DEFINE_list("only", None, "Subset of: eval, search, xbar.", flag_values=FLAGS)
 
 PARTS = ("eval", "search", "xbar")
 

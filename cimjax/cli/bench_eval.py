@@ -26,21 +26,27 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from cimjax import cli as cli_lib
 from cimjax import data as data_lib
 from cimjax import evaluate, io, models, trace
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "small_cnn", "Zoo model.")
+FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
+flags.DEFINE_string("model", "small_cnn", "Zoo model.", flag_values=FLAGS)
 flags.DEFINE_string("dataset", "fashion_mnist", "Dataset for the evaluation split "
-                    "(fashion_mnist, fashion_mnist_subset, digits).")
-flags.DEFINE_integer("images", 1000, "Images of the search-validation split per candidate.")
-flags.DEFINE_list("n", None, "Candidate counts (default 1,64,1024; plus 4096 on accelerators).")
-flags.DEFINE_list("strategies", None, "Strategies (default: all that apply to the devices).")
-flags.DEFINE_integer("chunk", 16, "Candidates per vmapped chunk.")
-flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
-flags.DEFINE_float("max_seconds", 20.0, "Time budget per (strategy, N) cell after warm-up.")
-flags.DEFINE_bool("quick", False, "Small run: N = 1, 16, 64, 300 images, 5 s per cell.")
-flags.DEFINE_string("out", "", "Write the results as JSON here.")
+                    "(fashion_mnist, fashion_mnist_subset, digits).", flag_values=FLAGS)
+flags.DEFINE_integer("images", 1000, "Images of the search-validation split per candidate.",
+                     flag_values=FLAGS)
+flags.DEFINE_list("n", None, "Candidate counts (default 1,64,1024; plus 4096 on accelerators).",
+                  flag_values=FLAGS)
+flags.DEFINE_list("strategies", None, "Strategies (default: all that apply to the devices).",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("chunk", 16, "Candidates per vmapped chunk.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 500, "Images per forward pass.", flag_values=FLAGS)
+flags.DEFINE_float("max_seconds", 20.0, "Time budget per (strategy, N) cell after warm-up.",
+                   flag_values=FLAGS)
+flags.DEFINE_bool("quick", False, "Small run: N = 1, 16, 64, 300 images, 5 s per cell.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("out", "", "Write the results as JSON here.", flag_values=FLAGS)
 
 
 def dot_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -171,4 +177,4 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main)
+  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, "bench_eval"))

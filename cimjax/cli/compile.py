@@ -31,37 +31,56 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from cimjax import cli as cli_lib
+
 PROG = "cimjax-compile"
 
-_MODEL = flags.DEFINE_string("model", "small_cnn", "Zoo model name (cimjax.models.MODEL_NAMES).")
+FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
+_MODEL = flags.DEFINE_string("model", "small_cnn", "Zoo model name (cimjax.models.MODEL_NAMES).",
+                             flag_values=FLAGS)
 _MODEL_KWARGS = flags.DEFINE_string(
-    "model_kwargs", "{}", 'JSON options of get_model, e.g. \'{"image_size": 32}\'.')
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (program + JSON report).")
-_POLICY = flags.DEFINE_string("policy", None, "Policy .npy file (int [L, 2], CIM-AQ format).")
-_UNIFORM = flags.DEFINE_string("uniform", "8,8", "Uniform policy W,A when --policy is absent.")
-_HW = flags.DEFINE_string("hw", "rram_256_c4", "Hardware target name (hw/) or .toml path.")
+    "model_kwargs", "{}", 'JSON options of get_model, e.g. \'{"image_size": 32}\'.',
+    flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (program + JSON report).",
+                               flag_values=FLAGS)
+_POLICY = flags.DEFINE_string("policy", None, "Policy .npy file (int [L, 2], CIM-AQ format).",
+                              flag_values=FLAGS)
+_UNIFORM = flags.DEFINE_string("uniform", "8,8", "Uniform policy W,A when --policy is absent.",
+                               flag_values=FLAGS)
+_HW = flags.DEFINE_string("hw", "rram_256_c4", "Hardware target name (hw/) or .toml path.",
+                          flag_values=FLAGS)
 _INPUT_SCHEME = flags.DEFINE_enum("input_scheme", "twos", ["twos", "offset"],
-                                  "Signed-input scheme of the crossbar.")
+                                  "Signed-input scheme of the crossbar.", flag_values=FLAGS)
 _ADC_BITS = flags.DEFINE_string(
-    "adc_bits", "hw", 'ADC bits of the non-ideal run: "hw" (the target\'s), "ideal" or 1..32.')
+    "adc_bits", "hw", 'ADC bits of the non-ideal run: "hw" (the target\'s), "ideal" or 1..32.',
+    flag_values=FLAGS)
 _ADC_CALIBRATE = flags.DEFINE_bool(
     "adc_calibrate", False, "Calibrate per-layer ADC ranges on training images (else full "
-    "scale).")
-_VARIATION = flags.DEFINE_float("variation", 0.0, "Relative std of cell conductances (d2d).")
+    "scale).", flag_values=FLAGS)
+_VARIATION = flags.DEFINE_float("variation", 0.0, "Relative std of cell conductances (d2d).",
+                                flag_values=FLAGS)
 _STUCK_AT = flags.DEFINE_float(
-    "stuck_at", 0.0, "Stuck-at fault rate per cell, split equally between stuck-at-0 and -1.")
+    "stuck_at", 0.0, "Stuck-at fault rate per cell, split equally between stuck-at-0 and -1.",
+    flag_values=FLAGS)
 _READ_NOISE = flags.DEFINE_float(
-    "read_noise", 0.0, "Std of the read noise per column sum (level step x input LSB units).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory of trained params.")
-_PROGRAM = flags.DEFINE_string("program", None, "Re-run a saved program directory.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of random weights, verification inputs, noise.")
-_NUM_VERIFY = flags.DEFINE_integer("num_verify", 4, "Random inputs used for verification.")
+    "read_noise", 0.0, "Std of the read noise per column sum (level step x input LSB units).",
+    flag_values=FLAGS)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory of trained params.",
+                                  flag_values=FLAGS)
+_PROGRAM = flags.DEFINE_string("program", None, "Re-run a saved program directory.",
+                               flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of random weights, verification inputs, noise.",
+                             flag_values=FLAGS)
+_NUM_VERIFY = flags.DEFINE_integer("num_verify", 4, "Random inputs used for verification.",
+                                   flag_values=FLAGS)
 _DATASET = flags.DEFINE_string(
     "dataset", "auto", 'Test set for accuracy: "auto", "none", "fashion_mnist", '
-    '"fashion_mnist_subset" or "digits".')
-_EVAL_IMAGES = flags.DEFINE_integer("eval_images", 1000, "Test images (-1: all, 0: skip).")
-_EVAL_BATCH = flags.DEFINE_integer("eval_batch", 250, "Evaluation batch size.")
-_JSON = flags.DEFINE_bool("json", False, "Print the JSON report instead of a table.")
+    '"fashion_mnist_subset" or "digits".', flag_values=FLAGS)
+_EVAL_IMAGES = flags.DEFINE_integer("eval_images", 1000, "Test images (-1: all, 0: skip).",
+                                    flag_values=FLAGS)
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch", 250, "Evaluation batch size.", flag_values=FLAGS)
+_JSON = flags.DEFINE_bool("json", False, "Print the JSON report instead of a table.",
+                          flag_values=FLAGS)
 
 
 class UsageError(Exception):
@@ -315,7 +334,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main)
+  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, "cimjax-compile"))
 
 
 if __name__ == "__main__":

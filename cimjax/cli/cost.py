@@ -27,20 +27,27 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from cimjax import cli as cli_lib
 from cimjax import cost
 from cimjax import hw as hw_lib
 from cimjax import models
 from cimjax import policy as policy_lib
 from cimjax import trace
 
-_MODEL = flags.DEFINE_string("model", "small_cnn", "Zoo model name (cimjax.models.MODEL_NAMES).")
+FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
+_MODEL = flags.DEFINE_string("model", "small_cnn", "Zoo model name (cimjax.models.MODEL_NAMES).",
+                             flag_values=FLAGS)
 _HW = flags.DEFINE_string(
-    "hw", "rram_128_c2", "Hardware target: a name from hw/ (or $CIMJAX_HW_DIR) or a .toml path.")
+    "hw", "rram_128_c2", "Hardware target: a name from hw/ (or $CIMJAX_HW_DIR) or a .toml path.",
+    flag_values=FLAGS)
 _POLICY = flags.DEFINE_string(
-    "policy", None, "Policy .npy file (int [L, 2] of weight/activation bits, CIM-AQ format).")
+    "policy", None, "Policy .npy file (int [L, 2] of weight/activation bits, CIM-AQ format).",
+    flag_values=FLAGS)
 _UNIFORM = flags.DEFINE_string(
-    "uniform", "8,8", "Uniform policy W,A for every layer (used when --policy is not given).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+    "uniform", "8,8", "Uniform policy W,A for every layer (used when --policy is not given).",
+    flag_values=FLAGS)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.",
+                          flag_values=FLAGS)
 
 PROG = "cimjax-cost"
 MAX_BITS = 8
@@ -170,7 +177,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``cimjax-cost``)."""
-  app.run(main)
+  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, "cimjax-cost"))
 
 
 if __name__ == "__main__":

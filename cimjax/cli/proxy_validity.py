@@ -25,14 +25,17 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config (train/*.py).")
-flags.DEFINE_string("workdir", None, "Training workdir holding a finished anyprec stage.")
-flags.DEFINE_integer("num_policies", 20, "Random policies to compare.")
-flags.DEFINE_float("finetune_epochs", 0.25, "Fine-tuning epochs per policy.")
-flags.DEFINE_string("constraint", "none", "Constraint of the random policies.")
-flags.DEFINE_integer("seed", 0, "Seed of the random policies.")
-flags.DEFINE_string("out", "", "Write the results as JSON here.")
+from cimjax import cli as cli_lib
+
+FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
+config_flags.DEFINE_config_file("config", None, "Training config (train/*.py).", flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "Training workdir holding a finished anyprec stage.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("num_policies", 20, "Random policies to compare.", flag_values=FLAGS)
+flags.DEFINE_float("finetune_epochs", 0.25, "Fine-tuning epochs per policy.", flag_values=FLAGS)
+flags.DEFINE_string("constraint", "none", "Constraint of the random policies.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the random policies.", flag_values=FLAGS)
+flags.DEFINE_string("out", "", "Write the results as JSON here.", flag_values=FLAGS)
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
@@ -116,3 +119,8 @@ def main(argv: Sequence[str]) -> None:
         f"({res['num_policies']} policies)")
   if FLAGS.out:
     io.write_json(FLAGS.out, res)
+
+
+def run() -> None:
+  """Entry point of ``python -m launch.proxy_validity``."""
+  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, "proxy_validity"))

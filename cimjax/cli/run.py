@@ -25,20 +25,24 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cimjax import cli as cli_lib
+
 from cimjax.configs import DEFAULT_RUN
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
 config_flags.DEFINE_config_file(
     "config", DEFAULT_RUN, "Run config (a get_config() file, default: the embedded default); "
-    "override fields with --config.<field>=<value>.")
-flags.DEFINE_string("workdir", "runs/default", "Run directory (checkpoints, outputs, report).")
+    "override fields with --config.<field>=<value>.", flag_values=FLAGS)
+flags.DEFINE_string("workdir", "runs/default", "Run directory (checkpoints, outputs, report).",
+                    flag_values=FLAGS)
 flags.DEFINE_list("stages", None, "Stages to run (default all): fp32, int8, anyprec, search, "
-                  "finetune, evaluate, compile, report.")
+                  "finetune, evaluate, compile, report.", flag_values=FLAGS)
 flags.DEFINE_string("from_policy", None, "Use this CIM-AQ-format .npy policy instead of "
-                    "searching (sets config.from_policy).")
-flags.DEFINE_string("hw", None, "Hardware target name or .toml path (sets config.hw).")
+                    "searching (sets config.from_policy).", flag_values=FLAGS)
+flags.DEFINE_string("hw", None, "Hardware target name or .toml path (sets config.hw).",
+                    flag_values=FLAGS)
 flags.DEFINE_integer("budget", None, "Search budget in evaluated policies "
-                     "(sets config.search.budget).")
+                     "(sets config.search.budget).", flag_values=FLAGS)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -81,4 +85,4 @@ def _fail(msg: str) -> None:
 
 def run() -> None:
   """Console-script entry point (``cimjax``)."""
-  app.run(main)
+  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, "cimjax"))
