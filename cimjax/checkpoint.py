@@ -32,8 +32,23 @@ class CheckpointError(RuntimeError):
 
 
 def abstract_like(tree: Any) -> Any:
-  """Shape/dtype structs of ``tree`` (the restore target of :meth:`Checkpointer.restore`)."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  """Shape/dtype/sharding structs of ``tree``: a restore target for this process's devices.
+
+  Leaves that carry a sharding (live ``jax.Array``s) keep it; the others (numpy arrays,
+  ``jax.eval_shape`` structs) are placed on the first local device. Orbax restores onto the
+  target's shardings, so a checkpoint written on another device topology (trained on a CPU
+  with 8 host devices, searched on one GPU, say) loads; without a sharding it would try the
+  saved topology and fail.
+  """
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def struct(x: Any) -> Any:
+    y = ocp.utils.to_shape_dtype_struct(x)
+    if not isinstance(y, jax.ShapeDtypeStruct) or getattr(y, "sharding", None) is not None:
+      return y
+    return jax.ShapeDtypeStruct(y.shape, y.dtype, sharding=dev)
+
+  return jax.tree.map(struct, tree)
 
 
 class Checkpointer:

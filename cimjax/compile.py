@@ -649,7 +649,8 @@ def restore_variables(path: str | Path, model: Any) -> dict[str, Any]:
         tree = getattr(meta, "item_metadata", meta)
         tree = tree.tree if hasattr(tree, "tree") else tree
         _check_shapes(path, model, dict(tree), target)   # before restoring: clear errors
-        out = dict(c.restore(p, target))
+        from cimjax import checkpoint as ckpt_lib  # local: imports orbax
+        out = dict(c.restore(p, ckpt_lib.abstract_like(target)))
     else:
       mngr = ocp.CheckpointManager(p)
       step = mngr.latest_step()

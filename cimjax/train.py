@@ -872,7 +872,7 @@ def load_variables(path: str | os.PathLike[str], model: ModelDef | None = None
                             if hasattr(tree, "tree") else tree)
     else:
       target = abstract_variables(model)
-    return dict(c.restore(p, target))
+    return dict(c.restore(p, ckpt_lib.abstract_like(target)))
 
 
 class MetricsWriter:

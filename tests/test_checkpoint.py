@@ -131,3 +131,35 @@ def test_sigkill_then_resume_identical(tmp_path):
   b = train.load_variables(tmp_path / "clean" / "fp32", model)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert resumed["eval"] == clean["eval"]
+
+
+def test_variables_saved_on_another_device_topology_load(tmp_path, repo_root):
+  """Saved here (8 host devices, arrays on device 3), loaded in a 1-device process: what a
+  model trained on one machine and searched or compiled on another (CPU -> GPU) does."""
+  from cimjax import models
+  assert len(jax.devices()) == 8
+  model = models.get_model("small_cnn")
+  abstract = train.abstract_variables(model)
+  rng = np.random.default_rng(0)
+  host = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), abstract)
+  train.save_variables(tmp_path / "variables",
+                       jax.tree.map(lambda a: jax.device_put(a, jax.devices()[3]), host))
+  np.savez(tmp_path / "expected.npz", *jax.tree.leaves(host))
+  code = (
+      "import sys, numpy as np, jax\n"
+      "from cimjax import models, train, compile as cc\n"
+      "assert len(jax.devices()) == 1\n"
+      "m = models.get_model('small_cnn')\n"
+      "exp = np.load(sys.argv[1] + '/expected.npz')\n"
+      "for v in (train.load_variables(sys.argv[1], m), train.load_variables(sys.argv[1]),\n"
+      "          cc.restore_variables(sys.argv[1], m)):\n"
+      "  got = jax.tree.leaves(v)\n"
+      "  assert len(got) == len(exp.files)\n"
+      "  for i, g in enumerate(got):\n"
+      "    np.testing.assert_array_equal(np.asarray(g), exp[f'arr_{i}'])\n"
+      "print('ok')\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=repo_root, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -131,9 +131,11 @@ def format_table(result: dict[str, Any]) -> str:
            f"{'vs loop':>8} {'measured':>8}"]
   for r in result["rows"]:
     mark = " *" if r["fastest"] else ""
+    vs = r["speedup_vs_loop"]
+    vs_loop = f"{vs:7.2f}x" if vs is not None else f"{'-':>8s}"
     lines.append(f"{r['n']:6d} {r['strategy']:8} {r['candidates_per_s']:9.2f} "
                  f"{r['ms_per_candidate']:9.2f} {r['gflops']:8.2f} "
-                 f"{100 * r['fraction_of_dot_peak']:5.1f}% {r['speedup_vs_loop']:7.2f}x "
+                 f"{100 * r['fraction_of_dot_peak']:5.1f}% {vs_loop} "
                  f"{r['measured_candidates']:8d}{mark}")
   lines.append("* fastest strategy for that N")
   return "\n".join(lines)
