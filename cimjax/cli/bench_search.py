@@ -295,6 +295,17 @@ def analyse(task: Task, runs: list[dict[str, Any]], budgets: list[int],
 # Parts
 
 
+def memo_tag(variables: Any, search_images: int) -> str:
+  """Identity of the memoised accuracies: a digest of the weights and the split size."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(variables):
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return f"sha256:{h.hexdigest()[:16]} val[:{search_images}]"
+
+
 def fashion_tasks(fv: flags.FlagValues, s: dict[str, Any], workdir: Path, memo_path: Path
                   ) -> tuple[list[Task], Any, Any, dict[str, Any]]:
   """The Fashion-MNIST tasks (one per target), with a shared memo of accuracies."""
@@ -321,7 +332,11 @@ def fashion_tasks(fv: flags.FlagValues, s: dict[str, Any], workdir: Path, memo_p
   live = search.DataAccuracy(model, variables, splits.val.images[:n], splits.val.labels[:n],
                              batch_size=min(1000, n), name=f"val[:{n}]")
   memo = search.MemoAccuracy(live)
-  memo.load(memo_path)
+  tag = memo_tag(variables, n)
+  try:
+    memo.load(memo_path, tag)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
   test = search.MemoAccuracy(search.DataAccuracy(model, variables, splits.test.images,
                                                  splits.test.labels, batch_size=1000,
                                                  name="test"))
@@ -341,10 +356,10 @@ def fashion_tasks(fv: flags.FlagValues, s: dict[str, Any], workdir: Path, memo_p
       def prog(done, total):
         if done % 512 < 256 or done == total:
           logging.info("exhaustive %s: %d/%d", tname, done, total)
-          memo.save(memo_path)
+          memo.save(memo_path, tag)
 
       table = search.exhaustive_table(memo, space, chunk=256, progress=prog)
-      memo.save(memo_path)
+      memo.save(memo_path, tag)
       source = search.TableAccuracy(space, table, name=f"exhaustive val[:{n}]")
       optimum = baselines.exhaustive_optimum(space, tables.latency_us, table, acc_ref -
                                              s["acc_drop"])
@@ -353,7 +368,7 @@ def fashion_tasks(fv: flags.FlagValues, s: dict[str, Any], workdir: Path, memo_p
     tasks.append(Task(name=f"fashion/{tname}/{s['constraint']}", model=model, specs=specs,
                       tables=tables, hw=hw, space=space, accuracy=source, final=test,
                       optimum=optimum, notes=notes))
-  info = {"acc_ref_val": acc_ref, "acc_ref_test": test_ref, "search_images": n,
+  info = {"acc_ref_val": acc_ref, "acc_ref_test": test_ref, "search_images": n, "memo_tag": tag,
           "model": model.name, "layers": [x.name for x in specs]}
   return tasks, memo, test, info
 
@@ -493,7 +508,7 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
         r = run_one(task, agent, seed, top_a, s["acc_drop"], rundir, acc_ref)
         runs.append(r)
         if memo is not None:
-          memo.save(memo_path)
+          memo.save(memo_path, info["fashion"]["memo_tag"])
         print(f"{task.name} {agent} seed {seed}: best reward "
               f"{float(max(r['history'].reward[:int(r['history'].count)])):.3f} "
               f"({r['evals_used']} evaluations, {r['wall_s']:.1f} s)", flush=True)

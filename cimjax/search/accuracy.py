@@ -25,9 +25,9 @@ Sources:
 
 from __future__ import annotations
 
+import io as io_lib
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cimjax import io as cimjax_io
 from cimjax.search import space as space_lib
 from cimjax.spec import LayerSpec
 
@@ -348,18 +349,10 @@ def exhaustive_table(source: AccuracySource, space: space_lib.SearchSpace, *, ch
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  """Atomic, fsynced ``.npz`` (via :func:`cimjax.io.write_bytes`)."""
+  buf = io_lib.BytesIO()
+  np.savez(buf, **arrays)
+  cimjax_io.write_bytes(path, buf.getvalue())
 
 
 class MemoAccuracy(AccuracySource):
@@ -404,23 +397,38 @@ class MemoAccuracy(AccuracySource):
   def __len__(self) -> int:
     return len(self._memo)
 
-  def save(self, path: str | os.PathLike[str]) -> None:
-    """Writes the memo to an ``.npz`` (policies int8 ``[N, L, 2]``, accuracies), atomically."""
+  def save(self, path: str | os.PathLike[str], tag: str = "") -> None:
+    """Writes the memo to an ``.npz`` (policies int8 ``[N, L, 2]``, accuracies), atomically.
+
+    Args:
+      path: the file.
+      tag: what the accuracies belong to (model weights, images, ...); :meth:`load` refuses a
+        file whose tag differs, so a memo is never reused for another checkpoint or split.
+    """
     if not self._memo:
       return
     keys = list(self._memo)
     pols = np.stack([np.frombuffer(k, np.int8) for k in keys])
     num = pols.shape[1] // 2
     _save_npz(Path(path), policies=pols.reshape(-1, num, 2),
-              accuracy=np.asarray([self._memo[k] for k in keys], np.float64))
+              accuracy=np.asarray([self._memo[k] for k in keys], np.float64),
+              tag=np.asarray(tag))
 
-  def load(self, path: str | os.PathLike[str]) -> int:
-    """Adds the entries of a file written by :meth:`save` (if it exists); returns how many."""
+  def load(self, path: str | os.PathLike[str], tag: str = "") -> int:
+    """Adds the entries of a file written by :meth:`save` (if it exists); returns how many.
+
+    Raises:
+      ValueError: the file was saved with another ``tag`` (stale memo).
+    """
     p = Path(path)
     if not p.is_file():
       return 0
     with np.load(p, allow_pickle=False) as z:
       pols, acc = z["policies"], z["accuracy"]
+      saved = str(z["tag"]) if "tag" in z.files else ""
+    if saved != tag:
+      raise ValueError(f"{p}: accuracy memo of another source (tag {saved!r}, expected "
+                       f"{tag!r}); delete it or use another workdir")
     for pol, a in zip(pols, acc):
       self._memo[space_lib.policy_bytes(pol)] = float(a)
     return int(acc.shape[0])
