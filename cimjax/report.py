@@ -131,6 +131,7 @@ def build_report(pipe: Any) -> dict[str, Any]:
           "search_images": res["search"].get("search_images"),
           "final_images": res["search"].get("final_images"),
           "source": res["search"].get("source"),
+          "chosen": res["search"].get("chosen"),
       },
       "verification": {
           "bit_exact": verify.get("ok"), "layers_checked": len(verify.get("layers", [])),
@@ -146,6 +147,15 @@ def build_report(pipe: Any) -> dict[str, Any]:
   }
   report["total_time_s"] = round(sum(v for v in report["stage_time_s"].values() if v), 1)
   return report
+
+
+def _choice_text(c: dict[str, Any] | None) -> str:
+  if not c or "final_accuracy" not in c:
+    return ""
+  return (f": the chosen policy is number {c['rank_in_search'] + 1} of {c['pool']} by search "
+          f"reward, {_fmt(c['final_accuracy'])}% there against a target of "
+          f"{_fmt(c['final_target'])}% (the search's own winner scored "
+          f"{_fmt(c['search_winner_final_accuracy'])}% there)")
 
 
 def _fmt(v: Any, nd: int = 2) -> str:
@@ -206,7 +216,8 @@ def render_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
        f"{_fmt(s['wall_s'], 1)} s. Reference (the search proxy at 8/8) on that split "
        f"{_fmt(s['acc_ref_val'])}%, target {_fmt(s['acc_target_val'])}%. The best candidates "
        f"were re-evaluated on "
-       f"{s['final_images']} other validation images before choosing."
+       f"{s['final_images']} other validation images before choosing"
+       f"{_choice_text(s.get('chosen'))}."
        if s["searched"] else f"No search: the policy was given ({s['source']})."), "",
       "## Compilation and verification", "",
       f"- Bit-exact (ideal ADC, no noise) on every layer: **{v['bit_exact']}** "

@@ -135,3 +135,26 @@ def test_kill_and_rerun_gives_the_same_report(tiny_run, repo_root, tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   report = json.loads((wd / "report.json").read_text())
   assert _figures(report) == _figures(reference)
+
+
+def test_choose_policy_takes_the_best_final_split_reward():
+  """The search winner fails the target on the final split; the fastest candidate that meets
+  it there is chosen instead; without a final re-evaluation the winner stays."""
+  from cimjax import pipeline as pl
+  win = np.full((5, 2), 2, np.int32)
+
+  def cand(bits, acc, reward, speedup):
+    return {"policy": np.full((5, 2), bits).tolist(), "accuracy": acc, "reward": reward,
+            "feasible": acc >= 89.0, "speedup": speedup}
+
+  final = {"name": "val_final", "acc_target": 89.0,
+           "candidates": [cand(2, 88.0, -10.0, 2.3), cand(3, 89.2, 120.0, 2.0),
+                          cand(4, 89.9, 90.0, 1.7), cand(5, 88.9, -1.0, 2.1)]}
+  pol, pick = pl.choose_policy(win, final)
+  assert (pol == 3).all() and pick["rank_in_search"] == 1 and pick["feasible_on_final"]
+  assert pick["search_winner_final_accuracy"] == 88.0 and pick["pool"] == 4
+  pol, pick = pl.choose_policy(win, None)
+  assert (pol == win).all() and pick == {"by": "search reward"}
+  none_ok = dict(final, candidates=[final["candidates"][0], final["candidates"][3]])
+  pol, pick = pl.choose_policy(win, none_ok)
+  assert (pol == 5).all() and not pick["feasible_on_final"]   # closest to the target
