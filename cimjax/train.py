@@ -64,6 +64,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from cimjax.optim import standard_promotion
 from cimjax import checkpoint as ckpt_lib
 from cimjax import data as data_lib
 from cimjax import quant
@@ -208,24 +209,6 @@ def make_optimizer(optimizer: str, lr: float, num_steps: int, *, warmup_steps: i
   if clip_lr_mult != 1.0:
     parts.append(optax.masked(optax.scale(clip_lr_mult), clip_mask))
   return standard_promotion(optax.chain(*parts) if len(parts) > 1 else parts[0])
-
-
-def standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """Runs an optax transformation under standard dtype promotion.
-
-  optax 0.2.8 mixes its int32 step count with Python floats (Adam's bias correction, the
-  schedules), which ``jax_numpy_dtype_promotion="strict"`` (the test suite's setting) refuses.
-  """
-
-  def init(params):
-    with jax.numpy_dtype_promotion("standard"):
-      return tx.init(params)
-
-  def update(updates, state, params=None):
-    with jax.numpy_dtype_promotion("standard"):
-      return tx.update(updates, state, params)
-
-  return optax.GradientTransformation(init, update)
 
 
 # ----------------------------------------------------------------------------------------------

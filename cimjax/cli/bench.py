@@ -133,3 +133,8 @@ def main(argv: Sequence[str]) -> None:
         "|---|---|---|"] + [f"| {b} | {c} | {f} |" for b, c, f in rows]
   io.write_text(workdir / "bench_summary.md", "\n".join(md) + "\n")
   print(f"wrote {workdir / 'bench_summary.md'}")
+
+
+def run() -> None:
+  """Entry point of ``python -m launch.bench``."""
+  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, "launch.bench"))

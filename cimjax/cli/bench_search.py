@@ -48,22 +48,19 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+
+from cimjax import cli as cli_lib
+from cimjax.cli import UsageError
 
 PROG = "launch.bench_search"
 PARTS = ("fashion", "synthetic")
 AGENTS = ("pg", "ddpg", "random")
 
 
-class UsageError(Exception):
-  """Bad command-line input; one line on stderr, exit status 2."""
-
-
 def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-      "config", None, "Training config of the Fashion-MNIST model (default: "
-      "cimjax.train.default_config()).", flag_values=fv, sys_argv=list(argv))
+  fv = cli_lib.config_flag_values(
+      argv, "Training config of the Fashion-MNIST model (default: "
+      "cimjax.train.default_config()).")
   d = lambda *a, **k: flags.DEFINE_string(*a, flag_values=fv, **k)  # noqa: E731
   d("workdir", None, "Output directory (results, memo, run histories).")
   d("part", "fashion,synthetic", f"Comma-separated parts: {', '.join(PARTS)}.")
@@ -88,31 +85,11 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
 
 
 def parse_args(argv: Sequence[str]) -> flags.FlagValues:
-  argv = list(argv)
-  fv = _define_flags(argv)
-  try:
-    rest = fv(argv)
-    if fv["config"].value is not None:
-      fv.config.keys()
-  except flags.Error as e:
-    raise UsageError(str(e).splitlines()[0]) from None
-  except Exception as e:  # pylint: disable=broad-except
-    raise UsageError(f"--config: cannot load: {str(e).splitlines()[0] if str(e) else e}"
-                     ) from None
-  if len(rest) > 1:
-    raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
-  if fv["workdir"].value is None:
-    raise UsageError("--workdir is required")
-  return fv
+  """Parses the command line (program name first) into a fresh ``FlagValues``."""
+  return cli_lib.parse_config_args(_define_flags(argv), argv)
 
 
-def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
-  rest = flags.FLAGS(list(argv), known_only=True)
-  try:
-    return parse_args(rest)
-  except UsageError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    sys.exit(2)
+parse_flags = cli_lib.usage_parser(parse_args, PROG)
 
 
 def _list(fv: flags.FlagValues, name: str, allowed: Sequence[str] | None = None) -> list[str]:

@@ -32,6 +32,7 @@ from absl import logging
 import numpy as np
 
 from cimjax import cli as cli_lib
+from cimjax.cli import UsageError, parse_uniform
 
 PROG = "cimjax-compile"
 
@@ -83,10 +84,6 @@ _JSON = flags.DEFINE_bool("json", False, "Print the JSON report instead of a tab
                           flag_values=FLAGS)
 
 
-class UsageError(Exception):
-  """Bad command-line input; reported as one line on stderr with exit status 2."""
-
-
 def parse_adc_bits(text: str) -> int | None | str:
   """``"hw"`` | ``"ideal"`` (None) | an int in 1..32."""
   if text in ("hw", "ideal"):
@@ -98,17 +95,6 @@ def parse_adc_bits(text: str) -> int | None | str:
   if not 1 <= v <= 32:
     raise UsageError(f"--adc_bits={text!r}: expected hw, ideal or an integer 1..32")
   return v
-
-
-def parse_uniform(text: str) -> tuple[int, int]:
-  """``"W,A"`` -> (W, A)."""
-  parts = text.split(",")
-  try:
-    if len(parts) != 2:
-      raise ValueError
-    return int(parts[0]), int(parts[1])
-  except ValueError:
-    raise UsageError(f"--uniform={text!r}: expected two integers W,A such as 4,4") from None
 
 
 def make_noise(variation: float, stuck_at: float, read_noise: float) -> Any:

@@ -28,6 +28,7 @@ from absl import app
 from absl import flags
 
 from cimjax import cli as cli_lib
+from cimjax.cli import UsageError, parse_uniform
 from cimjax import cost
 from cimjax import hw as hw_lib
 from cimjax import models
@@ -55,21 +56,6 @@ JSON_KEYS = ("model", "hw", "layers", "total_latency_us", "baseline_latency_us",
              "total_energy_pj")
 LAYER_KEYS = ("name", "type", "m", "n", "invocations", "repeat", "w_bits", "a_bits", "tiles",
               "latency_us", "energy_pj")
-
-
-class UsageError(Exception):
-  """Bad command-line input; reported as one line on stderr with exit status 2."""
-
-
-def parse_uniform(text: str) -> tuple[int, int]:
-  """Parses ``"W,A"`` into two ints (range checks happen in policy validation)."""
-  parts = text.split(",")
-  try:
-    if len(parts) != 2:
-      raise ValueError
-    return int(parts[0]), int(parts[1])
-  except ValueError:
-    raise UsageError(f"--uniform={text!r}: expected two integers W,A such as 8,8") from None
 
 
 def build_report(model: str, hw: str, policy_path: str | None = None,

@@ -38,7 +38,9 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+
+from cimjax import cli as cli_lib
+from cimjax.cli import UsageError
 
 PROG = "launch.search"
 AGENTS = ("pg", "ddpg", "random", "exhaustive")
@@ -49,15 +51,10 @@ FINAL_SPLITS = ("test", "none")
 SYNTHETIC_KINDS = ("additive", "saturating", "interaction")
 
 
-class UsageError(Exception):
-  """Bad command-line input; one line on stderr, exit status 2."""
-
-
 def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-      "config", None, "Training config file (train/*.py with get_config()): model and data; "
-      "override fields with --config.<field>=<value>.", flag_values=fv, sys_argv=list(argv))
+  fv = cli_lib.config_flag_values(
+      argv, "Training config file (train/*.py with get_config()): model and data; "
+      "override fields with --config.<field>=<value>.")
   d = lambda *a, **k: flags.DEFINE_string(*a, flag_values=fv, **k)  # noqa: E731
   d("workdir", None, "Output and checkpoint directory.")
   d("hw", "rram_256_c4", "Hardware target: a name from hw/ or a .toml path.")
@@ -91,47 +88,16 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   return fv
 
 
-def _one_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return text[0] if text else type(e).__name__
-
-
 def parse_args(argv: Sequence[str]) -> flags.FlagValues:
   """Parses the command line (program name first) into a fresh ``FlagValues``.
 
   Raises:
     UsageError: unknown flag, config file that does not load, missing required flag.
   """
-  argv = list(argv)
-  fv = _define_flags(argv)
-  try:
-    rest = fv(argv)
-    if fv["config"].value is not None:
-      fv.config.keys()
-  except flags.Error as e:
-    raise UsageError(_one_line(e)) from None
-  except Exception as e:  # pylint: disable=broad-except
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
-    file = path.split(":", 1)[0]
-    if file and not Path(file).is_file():
-      raise UsageError(f"--config: config file not found: {file}") from None
-    cause = e.__cause__ or e.__context__ or e
-    raise UsageError(f"--config: cannot load {path or 'config'}: {_one_line(cause)}") from None
-  if len(rest) > 1:
-    raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
-  if fv["workdir"].value is None:
-    raise UsageError("--workdir is required")
-  return fv
+  return cli_lib.parse_config_args(_define_flags(argv), argv)
 
 
-def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
-  """``absl.app.run`` flags parser: usage errors exit with status 2 and one line on stderr."""
-  rest = flags.FLAGS(list(argv), known_only=True)
-  try:
-    return parse_args(rest)
-  except UsageError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    sys.exit(2)
+parse_flags = cli_lib.usage_parser(parse_args, PROG)
 
 
 def _choice(fv: flags.FlagValues, name: str, allowed: Sequence[str]) -> str:
@@ -280,7 +246,7 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
   try:
     target = hw_lib.load_hw(s["hw"])
   except hw_lib.HwError as e:
-    raise UsageError(f"--hw: {_one_line(e)}") from None
+    raise UsageError(f"--hw: {cli_lib.one_line(e)}") from None
   if s["constraint"] in ("weight", "both") and s["max_bits"] < target.cell_bits:
     raise UsageError(f"--max_bits={s['max_bits']}: allowed values are >= cell_bits "
                      f"({target.cell_bits}) with --constraint={s['constraint']}")
@@ -292,12 +258,12 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
       splits = train_lib.load_splits(config)
       model = train_lib.build_model(config, splits)
     except (data_lib.DataError, train_lib.ConfigError, ValueError) as e:
-      raise UsageError(f"--config: {_one_line(e)}") from None
+      raise UsageError(f"--config: {cli_lib.one_line(e)}") from None
     try:
       variables = train_lib.load_variables(s["checkpoint"], model)
     except Exception as e:  # pylint: disable=broad-except
       raise UsageError(f"--checkpoint={s['checkpoint']}: cannot load the model variables "
-                       f"({_one_line(e)})") from None
+                       f"({cli_lib.one_line(e)})") from None
     val = splits.val
     if len(val) == 0:
       raise UsageError("--config: the search-validation split is empty (config.data.val_size)")
@@ -313,7 +279,7 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
           k: (tuple(v) if isinstance(v, list) else v)
           for k, v in config.model_kwargs.to_dict().items()})
     except (TypeError, ValueError) as e:
-      raise UsageError(f"--model: {_one_line(e)}") from None
+      raise UsageError(f"--model: {cli_lib.one_line(e)}") from None
     accuracy = search.SyntheticAccuracy(trace.trace_specs(model), kind=s["synthetic_kind"],
                                         seed=s["synthetic_seed"])
   if jax.process_count() > 1:
@@ -345,7 +311,7 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
                                final_accuracy=final, workdir=s["workdir"], progress=update,
                                plots=fv["plots"].value, acc_ref=acc_ref)
   except ValueError as e:
-    raise UsageError(f"--workdir={s['workdir']}: {_one_line(e)}") from None
+    raise UsageError(f"--workdir={s['workdir']}: {cli_lib.one_line(e)}") from None
   finally:
     stop()
   if jax.process_index() != 0:

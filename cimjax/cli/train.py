@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging as py_logging
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,20 +31,17 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+
+from cimjax import cli as cli_lib
+from cimjax.cli import UsageError
 
 PROG = "launch.train"
 
 
-class UsageError(Exception):
-  """Bad command-line input; one line on stderr, exit status 2."""
-
-
 def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-      "config", None, "Experiment config file (train/*.py with get_config()); override fields "
-      "with --config.<field>=<value>.", flag_values=fv, sys_argv=list(argv))
+  fv = cli_lib.config_flag_values(
+      argv, "Experiment config file (train/*.py with get_config()); override fields "
+      "with --config.<field>=<value>.")
   flags.DEFINE_string("workdir", None, "Experiment directory (one subdirectory per stage).",
                       flag_values=fv)
   flags.DEFINE_enum("stage", None, ["fp32", "int8", "anyprec", "finetune"], "Stage to run.",
@@ -55,35 +51,6 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   return fv
 
 
-def _one_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return text[0] if text else type(e).__name__
-
-
-def _unknown_field(argv: Sequence[str], e: BaseException) -> str | None:
-  """ml_collections reports an override of a missing field as a bare KeyError/AttributeError
-  naming the field; turn it into one line naming the flag."""
-  for err in (e, e.__cause__, e.__context__):
-    if isinstance(err, (KeyError, AttributeError)):
-      name = _one_line(err).strip("'\"")
-      for a in argv:
-        if a.startswith("--config.") and name in a.split("=", 1)[0].split(".")[1:]:
-          return f"{a.split('=', 1)[0]}: unknown config field {name!r}"
-  return None
-
-
-def _config_error(argv: Sequence[str], e: BaseException) -> str:
-  """One line for a config file that does not load."""
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if path is not None:
-    file = path.split(":", 1)[0]
-    if not Path(file).is_file():
-      return f"config file not found: {file}"
-  cause = e.__cause__ or e.__context__
-  lines = [l.strip() for l in str(cause or e).splitlines() if l.strip()]
-  return f"cannot load config file {path}: {lines[-1] if lines else type(e).__name__}"
-
-
 def parse_args(argv: Sequence[str]) -> flags.FlagValues:
   """Parses the command line (program name first) into a fresh ``FlagValues``.
 
@@ -91,40 +58,11 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
     UsageError: unknown flag, unknown or badly typed config field, config file that does not
       load, missing required flag.
   """
-  argv = list(argv)
-  fv = _define_flags(argv)
-  try:
-    with warnings.catch_warnings():
-      # ml_collections loads config files with the deprecated importlib load_module().
-      warnings.filterwarnings("ignore", message=r".*load_module\(\) method is deprecated",
-                              category=DeprecationWarning)
-      rest = fv(argv)
-      if fv["config"].value is not None:
-        fv.config.keys()  # the file is loaded lazily: surface its errors here
-  except flags.Error as e:
-    raise UsageError(_one_line(e)) from None
-  except Exception as e:  # pylint: disable=broad-except
-    unknown = _unknown_field(argv, e)
-    if unknown:
-      raise UsageError(unknown) from None
-    raise UsageError(f"--config: {_config_error(argv, e)}") from None
-  if len(rest) > 1:
-    raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
-  for name in ("config", "workdir", "stage"):
-    if fv[name].value is None:
-      raise UsageError(f"--{name} is required")
-  return fv
+  return cli_lib.parse_config_args(_define_flags(argv), argv,
+                                   required=("config", "workdir", "stage"))
 
 
-def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
-  """``absl.app.run`` flags parser: absl's own flags on the global FLAGS, ours on a fresh set;
-  a usage error exits with status 2 and one line on stderr."""
-  rest = flags.FLAGS(list(argv), known_only=True)
-  try:
-    return parse_args(rest)
-  except UsageError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    sys.exit(2)
+parse_flags = cli_lib.usage_parser(parse_args, PROG)
 
 
 class _NoOrbaxInfo(py_logging.Filter):
@@ -164,14 +102,14 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
     try:
       policy = policy_lib.load_policy(fv.policy)
     except policy_lib.PolicyError as e:
-      raise UsageError(f"--policy: {_one_line(e)}") from None
+      raise UsageError(f"--policy: {cli_lib.one_line(e)}") from None
     policy_name = Path(fv.policy).stem
   elif fv.policy:
     raise UsageError(f"--policy is only used by --stage=finetune, not --stage={stage}")
   try:
     return train_lib.run_stage(config, stage, fv.workdir, policy=policy, policy_name=policy_name)
   except (train_lib.ConfigError, train_lib.StageError, data_lib.DataError) as e:
-    raise UsageError(_one_line(e)) from None
+    raise UsageError(cli_lib.one_line(e)) from None
 
 
 def main(argv: Sequence[str] | flags.FlagValues) -> int:

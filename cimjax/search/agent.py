@@ -21,7 +21,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import optax
+
+from cimjax.optim import standard_promotion
 
 PyTree = Any
 
@@ -50,24 +51,6 @@ def iteration_keys(key: jax.Array, iteration: Any) -> tuple[jax.Array, jax.Array
   """The (ask, tell) keys of iteration ``iteration`` (jittable; iteration may be traced)."""
   k = jax.random.fold_in(key, iteration)
   return jax.random.fold_in(k, 0), jax.random.fold_in(k, 1)
-
-
-def standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """Runs an optax transformation under standard dtype promotion.
-
-  optax 0.2.8 mixes its int32 step count with Python floats (Adam's bias correction), which
-  ``jax_numpy_dtype_promotion="strict"`` (the test suite's setting) refuses.
-  """
-
-  def init(params):
-    with jax.numpy_dtype_promotion("standard"):
-      return tx.init(params)
-
-  def update(updates, state, params=None):
-    with jax.numpy_dtype_promotion("standard"):
-      return tx.update(updates, state, params)
-
-  return optax.GradientTransformation(init, update)
 
 
 __all__ = ["Agent", "iteration_keys", "standard_promotion"]
