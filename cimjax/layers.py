@@ -40,6 +40,26 @@ DEFAULT_MAX_BITS = 8
 CALIB_SAMPLES = 65536  # values kept per layer input in calibration mode
 
 
+def _quantize_operands(x: Array, w: Array, a_clip: Array, w_clip: Array, bits: Array,
+                       signed_input: bool) -> tuple[Array, Array, Array, Array]:
+  """Integer codes and scales of both operands of a quantized product.
+
+  Args:
+    x: activations; w: weights (or the second operand of a MatMul).
+    a_clip, w_clip: per-bit-width clipping tables of the two operands.
+    bits: ``[2]`` int (weight bits, activation bits), traced.
+    signed_input: whether the activations are quantized signed.
+
+  Returns:
+    ``(xq, sx, wq, sw)``: codes and scales as :func:`cimjax.quant.quantize_act` and
+    :func:`cimjax.quant.quantize_weight` return them.
+  """
+  w_bits, a_bits = bits[0], bits[1]
+  xq, sx = quant.quantize_act(x, quant.gather_clip(a_clip, a_bits), a_bits, signed=signed_input)
+  wq, sw = quant.quantize_weight(w, quant.gather_clip(w_clip, w_bits), w_bits)
+  return xq, sx, wq, sw
+
+
 class PolicyLengthError(ValueError):
   """The policy's number of rows does not match the model's quantizable layers."""
 
@@ -141,9 +161,7 @@ class _QuantOp(nn.Module):
       y = native(x, kernel)
     else:
       w_bits, a_bits = bits[0], bits[1]
-      xq, sx = quant.quantize_act(x, quant.gather_clip(a_clip, a_bits), a_bits,
-                                  signed=self.signed_input)
-      wq, sw = quant.quantize_weight(kernel, quant.gather_clip(w_clip, w_bits), w_bits)
+      xq, sx, wq, sw = _quantize_operands(x, kernel, a_clip, w_clip, bits, self.signed_input)
       if ctx.mvm is not None:
         layer_spec = ctx.specs[index] if index < len(ctx.specs) else None
         acc = hooked(xq, wq, lambda a, b: ctx.mvm(index, layer_spec, a, b, w_bits, a_bits))
@@ -339,9 +357,7 @@ class QuantMatMul(_QuantOp):
     if bits is None:
       return native(x, w)
     w_bits, a_bits = bits[0], bits[1]
-    xq, sx = quant.quantize_act(x, quant.gather_clip(a_clip, a_bits), a_bits,
-                                signed=self.signed_input)
-    wq, sw = quant.quantize_weight(w, quant.gather_clip(w_clip, w_bits), w_bits)
+    xq, sx, wq, sw = _quantize_operands(x, w, a_clip, w_clip, bits, self.signed_input)
     if ctx.mvm is not None:
       spec = ctx.specs[index] if index < len(ctx.specs) else None
       acc = ctx.mvm(index, spec, xq.reshape(b * r, t, n), wq.reshape(b * r, n, m),
