@@ -147,8 +147,13 @@ def run_one(task: Task, agent: str, seed: int, budget: int, acc_drop: float, run
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cimjax import search  # pylint: disable=g-import-not-at-top
   from cimjax.search import env as env_lib  # pylint: disable=g-import-not-at-top
+  import hashlib  # pylint: disable=g-import-not-at-top
   rundir.mkdir(parents=True, exist_ok=True)
-  stem = rundir / f"{agent}_s{seed}_b{budget}"
+  cfg = search.SearchConfig(agent=agent, budget=budget, acc_drop=acc_drop,
+                            constraint=task.space.constraint, seed=seed)
+  # the agent's whole configuration keys the cached run, so a changed default is re-run
+  digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+  stem = rundir / f"{agent}_s{seed}_b{budget}_{digest}"
   js, hz = stem.with_suffix(".json"), stem.with_suffix(".npz")
   if js.is_file() and hz.is_file():
     rec = json.loads(js.read_text())
@@ -159,8 +164,6 @@ def run_one(task: Task, agent: str, seed: int, budget: int, acc_drop: float, run
                              reward=z["reward"], iteration=z["iteration"],
                              count=np.asarray(n, np.int32))
     return {**rec, "history": hist}
-  cfg = search.SearchConfig(agent=agent, budget=budget, acc_drop=acc_drop,
-                            constraint=task.space.constraint, seed=seed)
   t0 = time.perf_counter()
   res = search.run_search(task.model, task.specs, task.tables, task.accuracy, cfg, hw=task.hw,
                           acc_ref=acc_ref, plots=False)

@@ -23,7 +23,8 @@ cost ratio (:func:`cimjax.cost.expected_cost_factored`), with Adam.
 Model and planner (default on; ``plan=0`` gives plain REINFORCE). Every evaluated candidate
 also feeds an additive accuracy model ``acc ~ c + sum_l u_l[w_l] + v_l[a_l]`` (weighted ridge
 regression with 8 bits as the reference and per-layer effects shrunk towards the effect shared
-by all layers; sufficient statistics in the state, conjugate-gradient fit). ``plan`` of the
+by all layers; sufficient statistics in the state, solved exactly in float64 on the host, so
+the plan does not depend on how a sharded program orders its sums). ``plan`` of the
 ``population`` candidates of each iteration are the exact optima of the model at a range of
 safety margins (a Pareto DP over layers on the host, called with ``jax.pure_callback``); the
 margins are measured in the model's out-of-sample error on earlier planned candidates. The
@@ -84,7 +85,6 @@ class PGConfig:
     model_ridge: ridge penalty of the accuracy model.
     model_tau: points below the target at which a sample's weight in the model fit falls by
       ``e`` (far-off samples, where accuracy saturates, matter less).
-    model_cg_iters: conjugate-gradient steps per model fit (warm-started).
     model_entropy_coef: entropy bonus of the imagined updates (keeps real samples diverse).
     plan: candidates per iteration proposed by the planner instead of sampled: the exact
       optimum of the additive accuracy model (Pareto DP on the host through
@@ -100,10 +100,14 @@ class PGConfig:
       margin 0) of models drawn from a diagonal Gaussian posterior around the fit, so the
       planner keeps exploring what the data leave uncertain.
     plan_ts_scale: scale of the Thompson posterior's standard deviation.
-    stall_mutation: per consecutive iteration without a new evaluation, the probability
-      (capped at 1) of redrawing each layer of a sampled candidate uniformly (0: off). A
-      collapsed distribution only repeats policies, which costs no budget; mutation spends the
-      rest of the budget around the mode instead of stalling.
+    mutation_target: the share of sampled candidates that should be new policies (0: no
+      mutation). A collapsed distribution only repeats policies, which costs no budget but
+      wastes iterations; while fewer than this share of the samples are new, the mutation
+      rate (the probability of redrawing each layer of a sample uniformly) is multiplied by
+      ``mutation_gain`` (from ``mutation_min``), otherwise divided by it (to 0 below the
+      minimum): Rechenberg's success rule, so the rest of the budget explores around the mode.
+    mutation_gain: factor of the mutation-rate adaptation.
+    mutation_min: smallest non-zero mutation rate.
   """
 
   population: int = 32
@@ -120,7 +124,6 @@ class PGConfig:
   model_population: int = 256
   model_ridge: float = 0.1
   model_tau: float = 20.0
-  model_cg_iters: int = 25
   model_entropy_coef: float = 0.0
   plan: int = 16
   plan_margins: tuple[float, float] = (-0.5, 1.0)
@@ -128,7 +131,9 @@ class PGConfig:
   plan_err_rate: float = 0.3
   plan_thompson: int = 4
   plan_ts_scale: float = 1.0
-  stall_mutation: float = 0.3
+  mutation_target: float = 0.25
+  mutation_gain: float = 1.5
+  mutation_min: float = 0.02
 
   def __post_init__(self):
     if self.population < 2:
@@ -139,6 +144,12 @@ class PGConfig:
       raise ValueError(f"utility = {self.utility!r}; allowed: {', '.join(UTILITIES)}")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate = {self.learning_rate}; allowed: a number > 0")
+    if not 0.0 <= self.mutation_target <= 1.0:
+      raise ValueError(f"mutation_target = {self.mutation_target}; allowed: 0 .. 1")
+    if not self.mutation_gain > 1.0:
+      raise ValueError(f"mutation_gain = {self.mutation_gain}; allowed: a number > 1")
+    if not 0.0 < self.mutation_min <= 1.0:
+      raise ValueError(f"mutation_min = {self.mutation_min}; allowed: a number in (0, 1]")
 
 
 class PGState(NamedTuple):
@@ -150,14 +161,15 @@ class PGState(NamedTuple):
     opt_state: Adam state.
     step: int32 number of updates.
     gram: float32 ``[D, D]`` weighted ``X^T X`` of the accuracy model's one-hot features
-      (``D = 16 L + 1``; ``[1, 1]`` when model-free).
+      (``D = 16 L + 17``; ``[1, 1]`` when model-free).
     moment: float32 ``[D]`` weighted ``X^T y``.
-    coef: float32 ``[D]`` the model's coefficients (warm start of the next fit).
+    coef: float32 ``[D]`` the model's coefficients (the ridge solution).
     yy: float32 weighted sum of squared targets (residual variance).
     wsum: float32 sum of the fit weights.
     plan_err: float32 moving average of how much the model over-predicted the accuracy of
       planned candidates (out of sample; scales the planning margins).
-    stall: int32 consecutive iterations without a newly evaluated candidate.
+    model_sd: float32 weighted in-sample residual std of the model (points).
+    mutation: float32 probability of redrawing a layer of a sampled candidate (adapted).
   """
 
   params: Any
@@ -169,7 +181,8 @@ class PGState(NamedTuple):
   yy: jax.Array
   wsum: jax.Array
   plan_err: jax.Array
-  stall: jax.Array
+  model_sd: jax.Array
+  mutation: jax.Array
 
 
 def _mlp_init(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]:
@@ -224,6 +237,85 @@ def utilities(reward: jax.Array, valid: jax.Array, kind: str = "rank",
   return jnp.where(v & (nv > 1.0), u, 0.0)
 
 
+def model_features(policies: np.ndarray) -> np.ndarray:
+  """One-hot features of the additive accuracy model, on the host.
+
+  8 bits is the reference (no column), so the ridge penalty pulls an untested lower bit-width
+  towards "no damage": optimism that gets it tried.
+
+  Args:
+    policies: int ``[N, L, 2]`` (bits 1..8).
+
+  Returns:
+    float64 ``[N, 16 L + 17]``: per layer 8 weight and 8 activation indicators (the 8-bit
+    columns always 0), then 16 counts of layers at each bit-width (the effects shared by all
+    layers), then 1 (intercept).
+  """
+  pols = np.asarray(policies)
+  n, num = pols.shape[:2]
+  x = np.zeros((n, num, 16), np.float64)
+  rows, cols = np.indices((n, num))
+  x[rows, cols, pols[..., 0] - 1] = 1.0
+  x[rows, cols, 8 + pols[..., 1] - 1] = 1.0
+  x[..., 7] = x[..., 15] = 0.0
+  return np.concatenate([x.reshape(n, 16 * num), x.sum(axis=1), np.ones((n, 1))], axis=1)
+
+
+def model_ridge_penalty(num_layers: int, ridge: float) -> np.ndarray:
+  """Ridge penalties ``[16 L + 17]``: ``ridge`` on the per-layer effects, 1e-3 on the rest.
+
+  Per-layer effects are thus shrunk towards the effect shared by all layers (a hierarchical
+  prior: an untested bit-width at a layer is expected to hurt like it does elsewhere).
+  """
+  reg = np.full((16 * num_layers + 17,), ridge, np.float64)
+  reg[16 * num_layers:] = 1e-3
+  return reg
+
+
+def model_update(gram: np.ndarray, moment: np.ndarray, yy: np.ndarray, wsum: np.ndarray,
+                 policies: np.ndarray, rel: np.ndarray, new: np.ndarray, ridge: float,
+                 tau: float) -> tuple[np.ndarray, ...]:
+  """Adds evaluated candidates to the accuracy model and refits it (float64, on the host).
+
+  The fit is the weighted ridge regression ``min_c sum_i w_i (x_i c - y_i)^2 + sum_j r_j c_j^2``
+  with ``w_i = exp(-max(-y_i, 0) / tau)`` (candidates far below the target, where accuracy
+  saturates, weigh less), solved directly. It runs on the host in float64 from the exact
+  candidates and accuracies, so the result does not depend on how a device program orders its
+  sums (the same search on 1 or 8 devices plans the same candidates).
+
+  Args:
+    gram: ``[D, D]`` weighted ``X^T X`` so far.
+    moment: ``[D]`` weighted ``X^T y`` so far.
+    yy: weighted sum of ``y^2`` so far.
+    wsum: sum of weights so far.
+    policies: int ``[N, L, 2]`` candidates.
+    rel: ``[N]`` their accuracy minus the target (points).
+    new: bool ``[N]``; only new candidates are added (each policy once).
+    ridge: per-layer ridge penalty (:func:`model_ridge_penalty`).
+    tau: weight decay scale in points.
+
+  Returns:
+    ``(gram, moment, yy, wsum, coef, sd)`` as float32: the updated statistics, the fitted
+    coefficients ``[D]`` and the weighted residual standard deviation (points).
+  """
+  g = np.asarray(gram, np.float64)
+  m = np.asarray(moment, np.float64)
+  y = np.asarray(rel, np.float64)
+  x = model_features(policies)
+  wgt = np.where(np.asarray(new, bool), np.exp(-np.maximum(-y, 0.0) / tau), 0.0)
+  xw = x * wgt[:, None]
+  g = g + xw.T @ x
+  m = m + xw.T @ y
+  yy = float(yy) + float(np.sum(wgt * y * y))
+  wsum = float(wsum) + float(np.sum(wgt))
+  reg = model_ridge_penalty(policies.shape[1], ridge)
+  coef = np.linalg.solve(g + np.diag(reg), m)
+  rss = yy - 2.0 * coef @ m + coef @ g @ coef
+  sd = np.sqrt(max(rss, 0.0) / max(wsum - 1.0, 1.0))
+  f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
+  return f32(g), f32(m), f32(yy), f32(wsum), f32(coef), f32(sd)
+
+
 def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table: Any,
             config: PGConfig = PGConfig(), tiles: Any = None,
             acc_target: float | None = None) -> Agent:
@@ -233,7 +325,7 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
   the real candidates, each ``tell`` fits an additive accuracy model
   ``acc ~ c + sum_l u_l[w_l] + v_l[a_l]`` by weighted ridge regression on every candidate
   evaluated so far (sufficient statistics in the state, so the fit costs ``O(D^3)`` with
-  ``D = 16 L + 1``, whatever the history length), then takes ``model_steps`` more REINFORCE
+  ``D = 16 L + 17``, whatever the history length), then takes ``model_steps`` more REINFORCE
   steps on ``model_population`` imagined candidates scored by the model's accuracy and the
   exact cost, with the real reward formula. Real evaluations then go where the model (which
   is corrected by every batch) expects the best policies. Quantisation damage is close to
@@ -268,6 +360,7 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
   in_dim = feat_lib.NUM_LAYER_FEATURES + feat_lib.NUM_OPTION_FEATURES
   tx = standard_promotion(optax.adam(cfg.learning_rate, b1=cfg.b1))
   dim = 16 * num + 17 if use_model else 1
+  reg32 = jnp.asarray(model_ridge_penalty(num, cfg.model_ridge), jnp.float32)
   base_cost = float(cost_lib.baseline_cost(table))
   cost32 = jnp.asarray(table, jnp.float32)
   target32 = jnp.asarray(0.0 if acc_target is None else acc_target, jnp.float32)
@@ -308,7 +401,8 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
                    gram=jnp.zeros((dim, dim), jnp.float32),
                    moment=jnp.zeros((dim,), jnp.float32), coef=jnp.zeros((dim,), jnp.float32),
                    yy=jnp.zeros((), jnp.float32), wsum=jnp.zeros((), jnp.float32),
-                   plan_err=jnp.zeros((), jnp.float32), stall=jnp.zeros((), jnp.int32))
+                   plan_err=jnp.zeros((), jnp.float32), model_sd=jnp.zeros((), jnp.float32),
+                   mutation=jnp.zeros((), jnp.float32))
 
   def sample(params: Any, key: jax.Array, n: int) -> jax.Array:
     lg = logits(params)
@@ -362,41 +456,37 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
       out[k] = pick(front, rel, 0.0)
     return out
 
-  def residual_sigma(state: PGState) -> jax.Array:
-    """Weighted residual std of the accuracy model (points)."""
-    g_c = state.gram @ state.coef
-    rss = state.yy - 2.0 * jnp.dot(state.coef, state.moment) + jnp.dot(state.coef, g_c)
-    return jnp.sqrt(jnp.maximum(rss, 0.0) / jnp.maximum(state.wsum - 1.0, 1.0))
+  def mutate(pols: jax.Array, key: jax.Array, rate: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Redraws each layer's (w, a) uniformly among the allowed pairs with probability rate.
 
-  def mutate(pols: jax.Array, key: jax.Array, rate: jax.Array) -> jax.Array:
-    """Redraws each layer's (w, a) uniformly among the allowed pairs with probability rate."""
+    Returns the candidates and which of them were changed (bool ``[N]``).
+    """
     from cimjax import policy as policy_lib  # pylint: disable=g-import-not-at-top
     ku, kr = jax.random.split(key)
     fresh = policy_lib.random_policies(kr, j_mask.reshape(num, 8, 8), pols.shape[0])
     flip = jax.random.uniform(ku, pols.shape[:2]) < rate
-    return jnp.where(flip[..., None], fresh, pols)
+    out = jnp.where(flip[..., None], fresh, pols)
+    return out, jnp.any(out != pols, axis=(1, 2))
 
   def ask(state: PGState, key: jax.Array) -> tuple[jax.Array, Any]:
     pols = sample(state.params, key, cfg.population)
     extra = pols[n_sample:]              # fill the planned slots while the model has no data
     pols = pols[:n_sample]
     on_policy = jnp.ones((n_sample,), bool)
-    if cfg.stall_mutation:
+    if cfg.mutation_target:
       # once the distribution has collapsed it only repeats policies (which cost no budget)
-      # and the search would stall with budget left: mutate the samples, more the longer it
-      # lasts, so the rest of the budget explores around the mode. Mutated samples are
-      # off-policy: they feed the model, not the REINFORCE update.
-      rate = jnp.minimum(cfg.stall_mutation * state.stall.astype(jnp.float32), 1.0)
-      pols = mutate(pols, jax.random.fold_in(key, 11), rate)
-      on_policy = on_policy & (rate == 0.0)
+      # and the search would stall with budget left: mutate the samples at the adapted rate,
+      # so the rest of the budget explores around the mode. Changed samples are off-policy:
+      # they feed the model, not the REINFORCE update.
+      pols, changed = mutate(pols, jax.random.fold_in(key, 11), state.mutation)
+      on_policy = on_policy & ~changed
     if not cfg.plan:
       return pols, on_policy
     no_data = state.wsum <= 0.0
-    reg = cfg.model_ridge * jnp.ones((dim,), jnp.float32).at[16 * num:].set(1e-3)
     seed = jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2 ** 31 - 1, jnp.int32)
     planned = jax.pure_callback(host_plan, jax.ShapeDtypeStruct((cfg.plan, num, 2), jnp.int32),
-                                state.coef, jnp.maximum(residual_sigma(state), state.plan_err),
-                                jnp.diagonal(state.gram) + reg, seed)
+                                state.coef, jnp.maximum(state.model_sd, state.plan_err),
+                                jnp.diagonal(state.gram) + reg32, seed)
     planned = jnp.where(no_data, extra, planned)
     on_policy = jnp.concatenate([on_policy, jnp.broadcast_to(no_data, (cfg.plan,))])
     return jnp.concatenate([pols, planned], axis=0), on_policy
@@ -416,8 +506,8 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
   def entropy(params: Any) -> jax.Array:
     ent = 0.0
     for lg in logits(params):
-      p = jax.nn.softmax(lg, axis=-1)
-      ent = ent - jnp.sum(p * jax.nn.log_softmax(lg, axis=-1), axis=-1)
+      logp = jax.nn.log_softmax(lg, axis=-1)
+      ent = ent - jnp.sum(jnp.exp(logp) * logp, axis=-1)
     return jnp.mean(ent)
 
   def expected_ratio(params: Any) -> jax.Array:
@@ -449,8 +539,7 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
             {"loss": loss, "entropy": ent, "expected_cost_ratio": er})
 
   def one_hot(policies: jax.Array) -> jax.Array:
-    # reference coding: 8 bits is the reference (no column), so the ridge penalty pulls an
-    # untested lower bit-width towards "no damage": optimism that gets it tried
+    # the device twin of model_features (for the imagined updates of model_steps)
     w = jax.nn.one_hot(policies[..., 0] - 1, 7, dtype=jnp.float32)         # [N, L, 7]; 8 -> 0
     a = jax.nn.one_hot(policies[..., 1] - 1, 7, dtype=jnp.float32)
     x = jnp.concatenate([w, jnp.zeros_like(w[..., :1]), a, jnp.zeros_like(a[..., :1])], axis=-1)
@@ -458,19 +547,30 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
     x = x.reshape(policies.shape[0], 16 * num)
     return jnp.concatenate([x, shared, jnp.ones((policies.shape[0], 1), jnp.float32)], axis=-1)
 
-  def fit(gram: jax.Array, moment: jax.Array, coef0: jax.Array) -> jax.Array:
-    # ridge normal equations by Jacobi-preconditioned conjugate gradients, warm-started from
-    # the last fit: O(D^2) a step instead of O(D^3) for a direct solve (D = 1185 for ViT-B/32)
-    # per-layer effects are shrunk towards the effect shared by all layers (hierarchical
-    # prior: an untested bit-width at a layer is expected to hurt like it does elsewhere)
-    reg = cfg.model_ridge * jnp.ones((dim,), jnp.float32).at[16 * num:].set(1e-3)
-    diag = jnp.diagonal(gram) + reg
-    coef, _ = jax.scipy.sparse.linalg.cg(lambda v: gram @ v + reg * v, moment, x0=coef0,
-                                         maxiter=cfg.model_cg_iters, M=lambda v: v / diag)
-    return coef
+  def host_model(gram, moment, yy, wsum, plan_err, coef, policies, accuracy, new, planned):
+    rel = np.asarray(accuracy, np.float64) - float(target32)
+    err_rate = cfg.plan_err_rate
+    plan_err = np.float32(plan_err)
+    if cfg.plan and np.any(planned):
+      # out-of-sample over-prediction of the planned candidates (the planner exploits errors)
+      pred = model_features(policies[planned]) @ np.asarray(coef, np.float64)
+      err = float(np.mean(np.maximum(pred - rel[planned], 0.0)))
+      plan_err = np.float32((1.0 - err_rate) * float(plan_err) + err_rate * err)
+    out = model_update(gram, moment, yy, wsum, policies, rel, new, cfg.model_ridge,
+                       cfg.model_tau)
+    return (*out, plan_err)
 
   def predict(coef: jax.Array, policies: jax.Array) -> jax.Array:
     return one_hot(policies) @ coef
+
+  def adapt_mutation(rate: jax.Array, new: jax.Array) -> jax.Array:
+    if not cfg.mutation_target:
+      return rate
+    share = jnp.mean(new[:n_sample].astype(jnp.float32))     # new policies among the samples
+    up = jnp.minimum(jnp.maximum(rate * cfg.mutation_gain, cfg.mutation_min), 1.0)
+    down = rate / cfg.mutation_gain
+    return jnp.where(share < cfg.mutation_target, up,
+                     jnp.where(down < cfg.mutation_min, 0.0, down)).astype(jnp.float32)
 
   def tell(state: PGState, policies: jax.Array, out: Any, aux: Any = None,
            key: jax.Array | None = None) -> tuple[PGState, dict[str, Any]]:
@@ -479,27 +579,15 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
     params, opt_state, metrics = pg_step(state.params, state.opt_state, policies, out.reward,
                                          out.valid & sampled)
     gram, moment, coef, yy, wsum = state.gram, state.moment, state.coef, state.yy, state.wsum
-    plan_err = state.plan_err
-    if cfg.plan:
-      # out-of-sample error of the planned candidates (the planner exploits model errors)
-      pred = predict(state.coef, policies)
-      rel0 = jnp.asarray(out.accuracy, jnp.float32) - target32
-      ok = out.valid & (jnp.arange(cfg.population) >= n_sample) & ~sampled
-      err = jnp.sum(jnp.where(ok, jnp.maximum(pred - rel0, 0.0), 0.0)) / jnp.maximum(
-          jnp.sum(ok.astype(jnp.float32)), 1.0)
-      plan_err = jnp.where(jnp.any(ok), (1.0 - cfg.plan_err_rate) * plan_err +
-                           cfg.plan_err_rate * err, plan_err)
+    plan_err, model_sd = state.plan_err, state.model_sd
     if use_model:
-      # add each newly evaluated policy once to the model's sufficient statistics
-      rel = jnp.asarray(out.accuracy, jnp.float32) - target32     # centred: float32-safe
-      wgt = jnp.exp(-jnp.maximum(-rel, 0.0) / cfg.model_tau)
-      wgt = jnp.where(out.new, wgt, 0.0)
-      x = one_hot(policies)
-      gram = gram + (x * wgt[:, None]).T @ x
-      moment = moment + (x * wgt[:, None]).T @ rel
-      yy = yy + jnp.sum(wgt * rel * rel)
-      wsum = wsum + jnp.sum(wgt)
-      coef = fit(gram, moment, state.coef)
+      # the model's statistics and fit live on the host in float64 (see model_update)
+      planned = out.valid & (jnp.arange(cfg.population) >= n_sample) & ~sampled
+      f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+      gram, moment, yy, wsum, coef, model_sd, plan_err = jax.pure_callback(
+          host_model, (f32(dim, dim), f32(dim), f32(), f32(), f32(dim), f32(), f32()),
+          gram, moment, yy, wsum, plan_err, state.coef, policies,
+          jnp.asarray(out.accuracy, jnp.float32), out.new, planned)
     if cfg.model_steps:
       keys = jax.random.split(key, cfg.model_steps)
 
@@ -517,7 +605,7 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
     new_state = PGState(params=params, opt_state=opt_state,
                         step=state.step + jnp.any(out.valid).astype(jnp.int32), gram=gram,
                         moment=moment, coef=coef, yy=yy, wsum=wsum, plan_err=plan_err,
-                        stall=jnp.where(jnp.any(out.new), 0, state.stall + 1).astype(jnp.int32))
+                        model_sd=model_sd, mutation=adapt_mutation(state.mutation, out.new))
     return new_state, metrics
 
   return Agent(name="pg", population=cfg.population, init=init, ask=ask, tell=tell,
