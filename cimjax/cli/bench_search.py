@@ -152,7 +152,8 @@ def run_one(task: Task, agent: str, seed: int, budget: int, acc_drop: float, run
   cfg = search.SearchConfig(agent=agent, budget=budget, acc_drop=acc_drop,
                             constraint=task.space.constraint, seed=seed)
   # the agent's whole configuration keys the cached run, so a changed default is re-run
-  digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+  key = {k: v for k, v in cfg.to_dict().items() if k not in ("pg", "ddpg") or k == agent}
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
   stem = rundir / f"{agent}_s{seed}_b{budget}_{digest}"
   js, hz = stem.with_suffix(".json"), stem.with_suffix(".npz")
   if js.is_file() and hz.is_file():

@@ -112,7 +112,7 @@ class PGConfig:
 
   population: int = 32
   learning_rate: float = 0.03
-  entropy_coef: float = 0.0
+  entropy_coef: float = 0.01
   utility: str = "rank"
   elite_frac: float = 0.25
   head: str = "factored"
