@@ -18,3 +18,16 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 def repo_root():
   """Absolute path of the repository root (for subprocess CLI tests)."""
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def small_cnn_rram_64_c2():
+  """``(model, specs, hw, tables)``: the small CNN on the small-array target (NumPy tables)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cimjax import cost as cost_lib  # pylint: disable=g-import-not-at-top
+  from cimjax import hw as hw_lib  # pylint: disable=g-import-not-at-top
+  from cimjax import models, trace  # pylint: disable=g-import-not-at-top
+  m = models.get_model("small_cnn")
+  specs = trace.trace_specs(m)
+  hw = hw_lib.load_hw("rram_64_c2")
+  return m, specs, hw, cost_lib.cost_tables(specs, hw, xp=np)

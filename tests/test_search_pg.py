@@ -10,9 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cimjax import cost as cost_lib
-from cimjax import hw as hw_lib
-from cimjax import models, trace
 from cimjax.search import env as env_lib
 from cimjax.search import pg as pg_lib
 from cimjax.search import space as space_lib
@@ -81,11 +78,8 @@ def test_model_update_recovers_an_additive_model():
 
 
 @pytest.fixture(scope="module")
-def pg_agent():
-  m = models.get_model("small_cnn")
-  specs = trace.trace_specs(m)
-  hw = hw_lib.load_hw("rram_64_c2")
-  t = cost_lib.cost_tables(specs, hw, xp=np)
+def pg_agent(small_cnn_rram_64_c2):
+  _, specs, hw, t = small_cnn_rram_64_c2
   space = space_lib.make_space(len(specs), "both", hw.cell_bits)
   cfg = pg_lib.PGConfig(population=16, plan=4, plan_thompson=1)
   return space, pg_lib.make_pg(space, specs, t.latency_us, cfg, acc_target=90.0), cfg

@@ -6,9 +6,6 @@ import jax
 import numpy as np
 import pytest
 
-from cimjax import cost as cost_lib
-from cimjax import hw as hw_lib
-from cimjax import models, trace
 from cimjax.search import accuracy as acc_lib
 from cimjax.search import env as env_lib
 from cimjax.search import runner
@@ -16,11 +13,8 @@ from cimjax.search import space as space_lib
 
 
 @pytest.fixture(scope="module")
-def task():
-  m = models.get_model("small_cnn")
-  specs = trace.trace_specs(m)
-  hw = hw_lib.load_hw("rram_64_c2")
-  tables = cost_lib.cost_tables(specs, hw, xp=np)
+def task(small_cnn_rram_64_c2):
+  m, specs, hw, tables = small_cnn_rram_64_c2
   return m, specs, hw, tables, acc_lib.SyntheticAccuracy(specs, seed=5, drop44=3.0)
 
 
