@@ -237,28 +237,28 @@ def utilities(reward: jax.Array, valid: jax.Array, kind: str = "rank",
   return jnp.where(v & (nv > 1.0), u, 0.0)
 
 
-def model_features(policies: np.ndarray) -> np.ndarray:
-  """One-hot features of the additive accuracy model, on the host.
+def model_features(policies: Any, xp: Any = np) -> Any:
+  """One-hot features of the additive accuracy model.
 
   8 bits is the reference (no column), so the ridge penalty pulls an untested lower bit-width
   towards "no damage": optimism that gets it tried.
 
   Args:
     policies: int ``[N, L, 2]`` (bits 1..8).
+    xp: ``numpy`` (host fit, float64) or ``jax.numpy`` (imagined updates, float32).
 
   Returns:
-    float64 ``[N, 16 L + 17]``: per layer 8 weight and 8 activation indicators (the 8-bit
-    columns always 0), then 16 counts of layers at each bit-width (the effects shared by all
-    layers), then 1 (intercept).
+    ``[N, 16 L + 17]``: per layer 8 weight and 8 activation indicators (the 8-bit columns
+    always 0), then 16 counts of layers at each bit-width (the effects shared by all layers),
+    then 1 (intercept).
   """
-  pols = np.asarray(policies)
+  dtype = np.float64 if xp is np else jnp.float32
+  eye = xp.asarray(np.diag([1.0] * 7 + [0.0]), dtype)          # row b - 1; 8 bits -> zeros
+  pols = xp.asarray(policies)
   n, num = pols.shape[:2]
-  x = np.zeros((n, num, 16), np.float64)
-  rows, cols = np.indices((n, num))
-  x[rows, cols, pols[..., 0] - 1] = 1.0
-  x[rows, cols, 8 + pols[..., 1] - 1] = 1.0
-  x[..., 7] = x[..., 15] = 0.0
-  return np.concatenate([x.reshape(n, 16 * num), x.sum(axis=1), np.ones((n, 1))], axis=1)
+  x = xp.concatenate([eye[pols[..., 0] - 1], eye[pols[..., 1] - 1]], axis=-1)  # [N, L, 16]
+  return xp.concatenate([x.reshape(n, 16 * num), x.sum(axis=1), xp.ones((n, 1), dtype)],
+                        axis=1)
 
 
 def model_ridge_penalty(num_layers: int, ridge: float) -> np.ndarray:
@@ -538,15 +538,6 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
     return (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state),
             {"loss": loss, "entropy": ent, "expected_cost_ratio": er})
 
-  def one_hot(policies: jax.Array) -> jax.Array:
-    # the device twin of model_features (for the imagined updates of model_steps)
-    w = jax.nn.one_hot(policies[..., 0] - 1, 7, dtype=jnp.float32)         # [N, L, 7]; 8 -> 0
-    a = jax.nn.one_hot(policies[..., 1] - 1, 7, dtype=jnp.float32)
-    x = jnp.concatenate([w, jnp.zeros_like(w[..., :1]), a, jnp.zeros_like(a[..., :1])], axis=-1)
-    shared = x.sum(axis=1)                       # [N, 16]: how many layers at each bit-width
-    x = x.reshape(policies.shape[0], 16 * num)
-    return jnp.concatenate([x, shared, jnp.ones((policies.shape[0], 1), jnp.float32)], axis=-1)
-
   def host_model(gram, moment, yy, wsum, plan_err, coef, policies, accuracy, new, planned):
     rel = np.asarray(accuracy, np.float64) - float(target32)
     err_rate = cfg.plan_err_rate
@@ -561,7 +552,7 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
     return (*out, plan_err)
 
   def predict(coef: jax.Array, policies: jax.Array) -> jax.Array:
-    return one_hot(policies) @ coef
+    return model_features(policies, jnp) @ coef
 
   def adapt_mutation(rate: jax.Array, new: jax.Array) -> jax.Array:
     if not cfg.mutation_target:
