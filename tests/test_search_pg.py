@@ -77,6 +77,29 @@ def test_model_update_recovers_an_additive_model():
   assert out[5] < 2e-2
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), num=st.integers(1, 6), sd=st.floats(0.01, 3.0),
+       misfit=st.floats(0.0, 5.0))
+def test_thompson_std_adds_the_misfit_floor_in_quadrature(seed, num, sd, misfit):
+  """Per-layer effects: ``sqrt(sd^2 / diag + (misfit sd)^2 / 2L)``; shared effects and the
+  intercept fixed; a policy with all 2L operands below 8 bits spreads by at least misfit sd."""
+  rng = np.random.default_rng(seed)
+  d = 16 * num + 17
+  diag = rng.uniform(0.1, 500.0, d)
+  post = pg_lib.thompson_std(diag, sd, num, misfit)
+  fit_only = pg_lib.thompson_std(diag, sd, num, 0.0)
+  k = 16 * num
+  np.testing.assert_allclose(fit_only[:k], sd / np.sqrt(diag[:k]), rtol=1e-12)
+  np.testing.assert_allclose(post[:k], np.sqrt(sd ** 2 / diag[:k] + misfit ** 2 * sd ** 2
+                                               / (2 * num)), rtol=1e-12)
+  assert (post[k:] == 0.0).all() and (fit_only[k:] == 0.0).all()
+  assert (post >= fit_only).all()
+  pol = np.stack([rng.integers(1, 8, num), rng.integers(1, 8, num)], axis=-1)[None]
+  x = pg_lib.model_features(pol.astype(np.int32))[0]
+  assert x[:k].sum() == 2 * num
+  assert np.sum(x * post ** 2) >= (misfit * sd) ** 2 * (1 - 1e-12)
+
+
 @pytest.fixture(scope="module")
 def pg_agent(small_cnn_rram_64_c2):
   _, specs, hw, t = small_cnn_rram_64_c2
@@ -127,7 +150,8 @@ def test_mutation_rate_follows_the_success_rule(pg_agent, jit):
 
 @pytest.mark.parametrize("field, value, allowed", [
     ("mutation_target", 1.5, "0 .. 1"), ("mutation_gain", 1.0, "> 1"),
-    ("mutation_min", 0.0, "(0, 1]"), ("population", 1, ">= 2"), ("head", "x", "factored")])
+    ("mutation_min", 0.0, "(0, 1]"), ("population", 1, ">= 2"), ("head", "x", "factored"),
+    ("plan_ts_misfit", -1.0, ">= 0")])
 def test_config_errors_name_the_field(field, value, allowed):
   with pytest.raises(ValueError, match=field) as e:
     dataclasses.replace(pg_lib.PGConfig(), **{field: value})

@@ -20,22 +20,26 @@ ranks over the valid candidates, invariant to the reward's scale and its jump at
 threshold), plus entropy regularisation and, optionally, the exact gradient of the expected
 cost ratio (:func:`cimjax.cost.expected_cost_factored`), with Adam.
 
-Model and planner (default on; ``plan=0`` gives plain REINFORCE). Every evaluated candidate
-also feeds an additive accuracy model ``acc ~ c + sum_l u_l[w_l] + v_l[a_l]`` (weighted ridge
+Model and planner (default on; ``plan=0`` gives plain REINFORCE). Every evaluated candidate also
+feeds an additive accuracy model ``acc ~ c + sum_l u_l[w_l] + v_l[a_l]`` (weighted ridge
 regression with 8 bits as the reference and per-layer effects shrunk towards the effect shared
-by all layers; sufficient statistics in the state, solved exactly in float64 on the host, so
-the plan does not depend on how a sharded program orders its sums). ``plan`` of the
-``population`` candidates of each iteration are the exact optima of the model at a range of
-safety margins (a Pareto DP over layers on the host, called with ``jax.pure_callback``); the
-margins are measured in the model's out-of-sample error on earlier planned candidates. The
-sampled candidates keep exploring (and only they enter the REINFORCE update, the planned ones
-being off-policy); the planned ones exploit what the model has learnt. Plain REINFORCE stalls in
-local optima of this constrained problem: near the accuracy threshold an improvement needs
-coordinated changes in several layers (e.g. weights 8 -> 4 and activations 4 -> 5 in the same
-layers), which a concentrated product distribution almost never samples; the planner finds
-them on the model. On the synthetic tasks (ResNet-18, VGG-16, ViT-B/32, tuning seeds 100-101)
-this took the best speedup at 3,000 evaluations from 0.80-0.96 of the exact optimum
-(REINFORCE alone) to 0.999-1.000 (BUILD_NOTES.md).
+by all layers; sufficient statistics in the state, solved exactly in float64 on the host, so the
+plan does not depend on how a sharded program orders its sums). ``plan`` of the ``population``
+candidates of each iteration are the exact optima of the model at a range of safety margins (a
+Pareto DP over layers on the host, called with ``jax.pure_callback``); the margins are measured
+in the model's out-of-sample error on earlier planned candidates; a few are Thompson samples,
+optima of models drawn from the fit's posterior widened by the additive model's misfit
+(:func:`thompson_std`), which keeps trying equal-cost alternatives that the model cannot tell
+apart (on Fashion-MNIST with 4-bit cells, weight bits cost no latency and the optimum hides
+among them; tuning seeds 100-112 found it by 600 evaluations in 2 of 13 runs without the misfit
+term, 12 of 13 with it). The sampled candidates keep exploring (and only they enter the
+REINFORCE update, the planned ones being off-policy); the planned ones exploit what the model
+has learnt. Plain REINFORCE stalls in local optima of this constrained problem: near the
+accuracy threshold an improvement needs coordinated changes in several layers (e.g. weights 8 ->
+4 and activations 4 -> 5 in the same layers), which a concentrated product distribution almost
+never samples; the planner finds them on the model. On the synthetic tasks (ResNet-18, VGG-16,
+ViT-B/32, tuning seeds 100-101) this took the best speedup at 3,000 evaluations from 0.80-0.96
+of the exact optimum (REINFORCE alone) to 0.999-1.000 (BUILD_NOTES.md).
 
 All functions are pure and jittable; :func:`make_pg` returns an :class:`~cimjax.search.agent.Agent`.
 """
@@ -100,6 +104,8 @@ class PGConfig:
       margin 0) of models drawn from a diagonal Gaussian posterior around the fit, so the
       planner keeps exploring what the data leave uncertain.
     plan_ts_scale: scale of the Thompson posterior's standard deviation.
+    plan_ts_misfit: floor of the Thompson posterior for the additive model's misfit, in
+      residual standard deviations a policy (see :func:`thompson_std`; 0: none).
     mutation_target: the share of sampled candidates that should be new policies (0: no
       mutation). A collapsed distribution only repeats policies, which costs no budget but
       wastes iterations; while fewer than this share of the samples are new, the mutation
@@ -131,6 +137,7 @@ class PGConfig:
   plan_err_rate: float = 0.3
   plan_thompson: int = 4
   plan_ts_scale: float = 1.0
+  plan_ts_misfit: float = 2.0
   mutation_target: float = 0.25
   mutation_gain: float = 1.5
   mutation_min: float = 0.02
@@ -148,6 +155,8 @@ class PGConfig:
       raise ValueError(f"mutation_target = {self.mutation_target}; allowed: 0 .. 1")
     if not self.mutation_gain > 1.0:
       raise ValueError(f"mutation_gain = {self.mutation_gain}; allowed: a number > 1")
+    if not self.plan_ts_misfit >= 0.0:
+      raise ValueError(f"plan_ts_misfit = {self.plan_ts_misfit}; allowed: a number >= 0")
     if not 0.0 < self.mutation_min <= 1.0:
       raise ValueError(f"mutation_min = {self.mutation_min}; allowed: a number in (0, 1]")
 
@@ -316,6 +325,35 @@ def model_update(gram: np.ndarray, moment: np.ndarray, yy: np.ndarray, wsum: np.
   return f32(g), f32(m), f32(yy), f32(wsum), f32(coef), f32(sd)
 
 
+def thompson_std(diag: np.ndarray, sd: float, num_layers: int, misfit: float) -> np.ndarray:
+  """Standard deviations ``[16 L + 17]`` of the planner's Thompson draws of the model.
+
+  The fit's own uncertainty is ``sd / sqrt(diag)`` (a diagonal approximation of the ridge
+  posterior), which shrinks as a coefficient's data grow. The additive model's misfit does not:
+  interactions between layers and the evaluation noise of a finite search split (0.1-point
+  steps on 1,000 images) stay, however much data there is, so that posterior alone soon stops
+  the draws from trying equal-cost alternatives (e.g. other weight bits where weight slicing
+  costs no latency), among which the measured optimum may hide. ``misfit`` adds a floor in
+  quadrature, ``misfit * sd / sqrt(2 L)`` a coefficient, so that a policy's draw spreads by
+  about ``misfit * sd`` when all its ``2 L`` operands are below 8 bits.
+
+  Args:
+    diag: ``[16 L + 17]`` diagonal of the regularised Gram matrix.
+    sd: residual standard deviation of the fit (points, floored by the caller).
+    num_layers: ``L``.
+    misfit: floor scale (0: the fit's uncertainty only).
+
+  Returns:
+    float64 ``[16 L + 17]``; 0 on the effects shared by all layers and the intercept, which
+    stay fixed.
+  """
+  post = sd / np.sqrt(np.maximum(np.asarray(diag, np.float64), 1e-12))
+  if misfit:
+    post = np.sqrt(post ** 2 + (misfit * sd) ** 2 / (2.0 * num_layers))
+  post[16 * num_layers:] = 0.0
+  return post
+
+
 def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table: Any,
             config: PGConfig = PGConfig(), tiles: Any = None,
             acc_target: float | None = None) -> Agent:
@@ -449,8 +487,7 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
     # Thompson samples: optima of models drawn around the fit (diagonal posterior), so the
     # planner also tries what the data leave uncertain (e.g. equal-cost alternatives)
     rng = np.random.default_rng(int(seed))
-    post = sd / np.sqrt(np.maximum(np.asarray(diag, np.float64), 1e-12))
-    post[16 * num:] = 0.0                                   # shared effects and intercept fixed
+    post = thompson_std(diag, sd, num, cfg.plan_ts_misfit)
     for k in range(det, cfg.plan):
       front, rel = plan_front(c + cfg.plan_ts_scale * post * rng.standard_normal(c.shape))
       out[k] = pick(front, rel, 0.0)
@@ -539,6 +576,9 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
             {"loss": loss, "entropy": ent, "expected_cost_ratio": er})
 
   def host_model(gram, moment, yy, wsum, plan_err, coef, policies, accuracy, new, planned):
+    # NumPy only in here: outside jit the arguments may arrive as jax Arrays, and a jax
+    # operation in a callback (e.g. indexing one) can deadlock against the dispatching thread
+    policies, new, planned = np.asarray(policies), np.asarray(new), np.asarray(planned, bool)
     rel = np.asarray(accuracy, np.float64) - float(target32)
     err_rate = cfg.plan_err_rate
     plan_err = np.float32(plan_err)
@@ -603,4 +643,4 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
                config={"agent": "pg", **dataclasses.asdict(cfg)})
 
 
-__all__ = ["HEADS", "PGConfig", "PGState", "UTILITIES", "make_pg", "utilities"]
+__all__ = ["HEADS", "PGConfig", "PGState", "UTILITIES", "make_pg", "thompson_std", "utilities"]
