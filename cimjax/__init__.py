@@ -16,26 +16,77 @@ The public API, by concept (each lives in its own module):
 """
 
 from cimjax import cost, hw, policy, quant
-from cimjax.cost import (CostTables, cost_ratio, cost_tables, cost_tables_from_arrays,
-                         expected_cost, expected_cost_factored, layer_report, per_layer_cost,
-                         policy_cost, speedup)
+from cimjax.cost import (
+  CostTables,
+  cost_ratio,
+  cost_tables,
+  cost_tables_from_arrays,
+  expected_cost,
+  expected_cost_factored,
+  layer_report,
+  per_layer_cost,
+  policy_cost,
+  speedup,
+)
 from cimjax.evaluate import EvalResult, evaluate_policy, make_evaluator
 from cimjax.hw import HardwareTarget, HwError, list_hw, load_hw
 from cimjax.layers import PolicyLengthError, QuantContext, QuantConv, QuantDense, QuantMatMul
 from cimjax.models import MODEL_NAMES, ModelDef, forward, get_model, init
-from cimjax.policy import (CONSTRAINTS, PolicyError, action_mask, load_policy, random_policies,
-                           save_policy, uniform_policy, validate_policy)
+from cimjax.policy import (
+  CONSTRAINTS,
+  PolicyError,
+  action_mask,
+  load_policy,
+  random_policies,
+  save_policy,
+  uniform_policy,
+  validate_policy,
+)
 from cimjax.spec import LayerSpec
 from cimjax.trace import trace_specs
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CONSTRAINTS", "CostTables", "EvalResult", "HardwareTarget", "HwError", "LayerSpec",
-    "MODEL_NAMES", "ModelDef", "PolicyError", "PolicyLengthError", "QuantContext", "QuantConv",
-    "QuantDense", "QuantMatMul", "action_mask", "cost", "cost_ratio", "cost_tables",
-    "cost_tables_from_arrays", "evaluate_policy", "expected_cost", "expected_cost_factored",
-    "forward", "get_model", "hw", "init", "layer_report", "list_hw", "load_hw", "load_policy",
-    "make_evaluator", "per_layer_cost", "policy", "policy_cost", "quant", "random_policies",
-    "save_policy", "speedup", "trace_specs", "uniform_policy", "validate_policy",
+  "CONSTRAINTS",
+  "CostTables",
+  "EvalResult",
+  "HardwareTarget",
+  "HwError",
+  "LayerSpec",
+  "MODEL_NAMES",
+  "ModelDef",
+  "PolicyError",
+  "PolicyLengthError",
+  "QuantContext",
+  "QuantConv",
+  "QuantDense",
+  "QuantMatMul",
+  "action_mask",
+  "cost",
+  "cost_ratio",
+  "cost_tables",
+  "cost_tables_from_arrays",
+  "evaluate_policy",
+  "expected_cost",
+  "expected_cost_factored",
+  "forward",
+  "get_model",
+  "hw",
+  "init",
+  "layer_report",
+  "list_hw",
+  "load_hw",
+  "load_policy",
+  "make_evaluator",
+  "per_layer_cost",
+  "policy",
+  "policy_cost",
+  "quant",
+  "random_policies",
+  "save_policy",
+  "speedup",
+  "trace_specs",
+  "uniform_policy",
+  "validate_policy",
 ]

@@ -25,10 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from cimjax import io
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint cannot be found or does not match the expected state."""
+from cimjax.errors import CheckpointError  # noqa: F401 (re-exported)
 
 
 def abstract_like(tree: Any) -> Any:
@@ -63,8 +60,11 @@ class Checkpointer:
     self.directory = Path(directory).absolute()
     self.directory.mkdir(parents=True, exist_ok=True)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
-        cleanup_tmp_directories=True)
+      max_to_keep=max_to_keep,
+      create=True,
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=True,
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -75,8 +75,9 @@ class Checkpointer:
     """Steps of the checkpoints on disk, ascending."""
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, meta: dict[str, Any] | None = None, *,
-           force: bool = True) -> None:
+  def save(
+    self, step: int, state: Any, meta: dict[str, Any] | None = None, *, force: bool = True
+  ) -> None:
     """Saves ``state`` and ``meta`` as checkpoint ``step`` (synchronously).
 
     Args:
@@ -90,8 +91,9 @@ class Checkpointer:
       if not force:
         return
       self._manager.delete(step)
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              meta=ocp.args.JsonSave(dict(meta or {})))
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}))
+    )
     self._manager.save(step, args=args, force=True)
     self._manager.wait_until_finished()
 
@@ -113,13 +115,16 @@ class Checkpointer:
       step = self.latest_step()
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(target)),
-                              meta=ocp.args.JsonRestore())
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()
+    )
     try:
       out = self._manager.restore(int(step), args=args)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-      raise CheckpointError(f"{self.directory}: checkpoint {step} does not match the expected "
-                            f"training state ({type(e).__name__}: {e})") from None
+      raise CheckpointError(
+        f"{self.directory}: checkpoint {step} does not match the expected "
+        f"training state ({type(e).__name__}: {e})"
+      ) from None
     return out.state, dict(out.meta or {})
 
   def restore_meta(self, step: int | None = None) -> dict[str, Any]:

@@ -42,23 +42,23 @@ import dataclasses
 import hashlib
 import json
 import os
-from pathlib import Path
 import shutil
 import tempfile
-from typing import Any, NamedTuple, Sequence
 import uuid
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
 
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from cimjax import crossbar as xb
 from cimjax import hw as hw_lib
-from cimjax import io
+from cimjax import io, quant
 from cimjax import layers as layers_lib
 from cimjax import policy as policy_lib
-from cimjax import quant
+from cimjax.errors import ProgramError  # noqa: F401 (re-exported)
 from cimjax.noise import NoiseConfig
 from cimjax.spec import LayerSpec
 
@@ -71,10 +71,6 @@ ARRAYS = "arrays.npz"
 
 OP_PROGRAM, OP_EXECUTE, OP_SHIFT_ADD, OP_DIGITAL = 0, 1, 2, 3
 OP_NAMES = ("program", "execute", "shift_add", "digital")
-
-
-class ProgramError(ValueError):
-  """A program cannot be compiled, saved, loaded or executed (the message says why)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,8 +146,9 @@ class LayerPlan:
     return cls(**kw)
 
 
-def plan_layer(spec: LayerSpec, w_bits: int, a_bits: int, hw: hw_lib.HardwareTarget,
-               index: int = 0) -> LayerPlan:
+def plan_layer(
+  spec: LayerSpec, w_bits: int, a_bits: int, hw: hw_lib.HardwareTarget, index: int = 0
+) -> LayerPlan:
   """Lays out one layer (no weights needed).
 
   Args:
@@ -174,19 +171,33 @@ def plan_layer(spec: LayerSpec, w_bits: int, a_bits: int, hw: hw_lib.HardwareTar
   elif hw.mapping == "dc":
     cols_p *= 2
   return LayerPlan(
-      index=index, name=spec.name, kind=spec.kind, m=int(spec.m), n=int(spec.n),
-      invocations=int(spec.invocations), repeat=int(spec.repeat),
-      signed_input=bool(spec.signed_input), dynamic=spec.kind == "MatMul",
-      w_bits=w_bits, a_bits=a_bits, mapping=hw.mapping, slices=s,
-      slice_shifts=tuple(c * i for i in range(s)),
-      slice_bits=tuple(min(c, w_bits - c * i) for i in range(s)),
-      cycles=cyc, cycle_shifts=tuple(d * k for k in range(cyc)),
-      rows_p=rows_p, cols_p=cols_p, row_tiles=-(-rows_p // hw.rows),
-      col_tiles=-(-cols_p // hw.cols))
+    index=index,
+    name=spec.name,
+    kind=spec.kind,
+    m=int(spec.m),
+    n=int(spec.n),
+    invocations=int(spec.invocations),
+    repeat=int(spec.repeat),
+    signed_input=bool(spec.signed_input),
+    dynamic=spec.kind == "MatMul",
+    w_bits=w_bits,
+    a_bits=a_bits,
+    mapping=hw.mapping,
+    slices=s,
+    slice_shifts=tuple(c * i for i in range(s)),
+    slice_bits=tuple(min(c, w_bits - c * i) for i in range(s)),
+    cycles=cyc,
+    cycle_shifts=tuple(d * k for k in range(cyc)),
+    rows_p=rows_p,
+    cols_p=cols_p,
+    row_tiles=-(-rows_p // hw.rows),
+    col_tiles=-(-cols_p // hw.cols),
+  )
 
 
-def plan_layers(specs: Sequence[LayerSpec], policy: Any, hw: hw_lib.HardwareTarget
-                ) -> list[LayerPlan]:
+def plan_layers(
+  specs: Sequence[LayerSpec], policy: Any, hw: hw_lib.HardwareTarget
+) -> list[LayerPlan]:
   """Plans every layer of a model for ``policy`` ``[L, 2]``."""
   pol = np.asarray(policy)
   return [plan_layer(s, int(pol[i, 0]), int(pol[i, 1]), hw, i) for i, s in enumerate(specs)]
@@ -194,8 +205,14 @@ def plan_layers(specs: Sequence[LayerSpec], policy: Any, hw: hw_lib.HardwareTarg
 
 def layer_layout(plan: LayerPlan, cfg: xb.XbarConfig) -> xb.Layout:
   """The simulator layout of a planned layer (exact slice and cycle allocation)."""
-  return xb.make_layout(cfg, plan.n, plan.m, signed_input=plan.signed_input,
-                        max_w_bits=plan.w_bits, max_a_bits=plan.a_bits)
+  return xb.make_layout(
+    cfg,
+    plan.n,
+    plan.m,
+    signed_input=plan.signed_input,
+    max_w_bits=plan.w_bits,
+    max_a_bits=plan.a_bits,
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,8 +275,9 @@ def schedule_params(hw: hw_lib.HardwareTarget) -> tuple[int, int]:
   return hw.num_crossbars, hw.batch
 
 
-def _layer_schedule(plan: LayerPlan, hw: hw_lib.HardwareTarget, round0: int, crossbars: int
-                    ) -> tuple[dict[str, np.ndarray], int]:
+def _layer_schedule(
+  plan: LayerPlan, hw: hw_lib.HardwareTarget, round0: int, crossbars: int
+) -> tuple[dict[str, np.ndarray], int]:
   tr, tc, rep = plan.row_tiles, plan.col_tiles, plan.repeat
   nt = rep * tr * tc
   t = np.arange(nt, dtype=np.int64)
@@ -272,24 +290,35 @@ def _layer_schedule(plan: LayerPlan, hw: hw_lib.HardwareTarget, round0: int, cro
   pad = nr * crossbars - nt
   count = plan.invocations * plan.cycles
   # Per round: all PROGRAMs, then all EXECUTEs, then all SHIFT_ADDs ([round, phase, slot]).
-  grid = lambda a: np.broadcast_to(np.pad(a, (0, pad)).reshape(nr, 1, crossbars),
-                                   (nr, 3, crossbars)).reshape(-1)
+  grid = lambda a: np.broadcast_to(
+    np.pad(a, (0, pad)).reshape(nr, 1, crossbars), (nr, 3, crossbars)
+  ).reshape(-1)
   valid = grid(np.ones(nt, bool))
-  phase = np.broadcast_to(np.arange(3, dtype=np.int64)[None, :, None],
-                          (nr, 3, crossbars)).reshape(-1)[valid]
+  phase = np.broadcast_to(np.arange(3, dtype=np.int64)[None, :, None], (nr, 3, crossbars)).reshape(
+    -1
+  )[valid]
   ops = {
-      "op": np.array([OP_PROGRAM, OP_EXECUTE, OP_SHIFT_ADD], np.int64)[phase],
-      "matrix": grid(matrix)[valid],
-      "tile_row": grid(ti)[valid],
-      "tile_col": grid(tj)[valid],
-      "round": grid(round0 + t // crossbars)[valid],
-      "slot": grid(t % crossbars)[valid],
-      "count": np.where(phase == 0, 1, count).astype(np.int64),
-      "rows": grid(rows)[valid],
-      "cols": grid(cols)[valid],
+    "op": np.array([OP_PROGRAM, OP_EXECUTE, OP_SHIFT_ADD], np.int64)[phase],
+    "matrix": grid(matrix)[valid],
+    "tile_row": grid(ti)[valid],
+    "tile_col": grid(tj)[valid],
+    "round": grid(round0 + t // crossbars)[valid],
+    "slot": grid(t % crossbars)[valid],
+    "count": np.where(phase == 0, 1, count).astype(np.int64),
+    "rows": grid(rows)[valid],
+    "cols": grid(cols)[valid],
   }
-  digital = {"op": OP_DIGITAL, "matrix": -1, "tile_row": -1, "tile_col": -1, "round": -1,
-             "slot": -1, "count": plan.m * plan.invocations * plan.repeat, "rows": 0, "cols": 0}
+  digital = {
+    "op": OP_DIGITAL,
+    "matrix": -1,
+    "tile_row": -1,
+    "tile_col": -1,
+    "round": -1,
+    "slot": -1,
+    "count": plan.m * plan.invocations * plan.repeat,
+    "rows": 0,
+    "cols": 0,
+  }
   for k, v in digital.items():
     ops[k] = np.append(ops[k], np.int64(v))
   ops["layer"] = np.full(ops["op"].shape[0], plan.index, np.int64)
@@ -306,8 +335,9 @@ def build_schedule(plans: Sequence[LayerPlan], hw: hw_lib.HardwareTarget) -> Sch
     parts.append(ops)
   if not parts:
     raise ProgramError("build_schedule: no layers")
-  return Schedule(**{k: np.concatenate([p[k] for p in parts]).astype(np.int64)
-                     for k in Schedule._fields})
+  return Schedule(
+    **{k: np.concatenate([p[k] for p in parts]).astype(np.int64) for k in Schedule._fields}
+  )
 
 
 class ScheduleCost(NamedTuple):
@@ -334,8 +364,9 @@ class ScheduleCost(NamedTuple):
   exec_cycles: np.ndarray
 
 
-def walk_schedule(schedule: Schedule, hw: hw_lib.HardwareTarget, num_layers: int,
-                  amortize: int | None = None) -> ScheduleCost:
+def walk_schedule(
+  schedule: Schedule, hw: hw_lib.HardwareTarget, num_layers: int, amortize: int | None = None
+) -> ScheduleCost:
   """Latency and energy of every layer, measured by walking the schedule's operations.
 
   Args:
@@ -383,14 +414,22 @@ def walk_schedule(schedule: Schedule, hw: hw_lib.HardwareTarget, num_layers: int
   e_write = per_layer(prog, rows * cols) * hw.e_write_pj / amortize
   energy = e_dac + e_read + e_adc + e_sa + e_write
   return ScheduleCost(
-      latency_us=latency, latency_write_us=write_lat, energy_pj=energy, e_dac_pj=e_dac,
-      e_read_pj=e_read, e_adc_pj=e_adc, e_shift_add_pj=e_sa, e_write_pj=e_write,
-      tiles_programmed=np.bincount(layer[prog], minlength=L).astype(np.float64),
-      exec_cycles=exec_cycles)
+    latency_us=latency,
+    latency_write_us=write_lat,
+    energy_pj=energy,
+    e_dac_pj=e_dac,
+    e_read_pj=e_read,
+    e_adc_pj=e_adc,
+    e_shift_add_pj=e_sa,
+    e_write_pj=e_write,
+    tiles_programmed=np.bincount(layer[prog], minlength=L).astype(np.float64),
+    exec_cycles=exec_cycles,
+  )
 
 
-def compile_geometry(specs: Sequence[LayerSpec], policy: Any, hw: hw_lib.HardwareTarget
-                     ) -> tuple[list[LayerPlan], Schedule, ScheduleCost]:
+def compile_geometry(
+  specs: Sequence[LayerSpec], policy: Any, hw: hw_lib.HardwareTarget
+) -> tuple[list[LayerPlan], Schedule, ScheduleCost]:
   """Plans, schedule and walked cost of a model from its traced geometry (no weights).
 
   Args:
@@ -451,14 +490,12 @@ class CimProgram:
     """Per-layer array ``name`` of layer ``index``."""
     key = _akey(index, name)
     if key not in self.arrays:
-      raise ProgramError(f"program has no array {key!r} (layer {index} "
-                         f"{self.layers[index].name})")
+      raise ProgramError(f"program has no array {key!r} (layer {index} {self.layers[index].name})")
     return self.arrays[key]
 
   def variables(self) -> dict[str, Any]:
     """The model's variables (nested dicts of NumPy arrays)."""
-    flat = {k[len("variables/"):]: v for k, v in self.arrays.items()
-            if k.startswith("variables/")}
+    flat = {k[len("variables/") :]: v for k, v in self.arrays.items() if k.startswith("variables/")}
     return traverse_util.unflatten_dict(flat, sep="/") if flat else {}
 
   def xbar_config(self, **overrides: Any) -> xb.XbarConfig:
@@ -472,14 +509,24 @@ class CimProgram:
     out = []
     for p in self.layers:
       i = p.index
-      out.append({
-          "index": i, "name": p.name, "kind": p.kind, "w_bits": p.w_bits, "a_bits": p.a_bits,
-          "slices": p.slices, "cycles": p.cycles, "tiles": p.total_tiles,
-          "tile_grid": [p.row_tiles, p.col_tiles], "repeat": p.repeat, "dynamic": p.dynamic,
+      out.append(
+        {
+          "index": i,
+          "name": p.name,
+          "kind": p.kind,
+          "w_bits": p.w_bits,
+          "a_bits": p.a_bits,
+          "slices": p.slices,
+          "cycles": p.cycles,
+          "tiles": p.total_tiles,
+          "tile_grid": [p.row_tiles, p.col_tiles],
+          "repeat": p.repeat,
+          "dynamic": p.dynamic,
           "exec_cycles": int(self.cost.exec_cycles[i]),
           "latency_us": float(self.cost.latency_us[i]),
           "energy_pj": float(self.cost.energy_pj[i]),
-      })
+        }
+      )
     return out
 
   @property
@@ -515,14 +562,14 @@ def _weight_matrices(spec: LayerSpec, w_int: np.ndarray) -> np.ndarray:
 
 
 def compile_model(
-    model: Any,
-    variables: Any,
-    policy: Any,
-    hw: hw_lib.HardwareTarget | str,
-    *,
-    input_scheme: str = "twos",
-    model_kwargs: dict[str, Any] | None = None,
-    max_bits: int = 8,
+  model: Any,
+  variables: Any,
+  policy: Any,
+  hw: hw_lib.HardwareTarget | str,
+  *,
+  input_scheme: str = "twos",
+  model_kwargs: dict[str, Any] | None = None,
+  max_bits: int = 8,
 ) -> CimProgram:
   """Lowers a model with a bit policy onto a hardware target.
 
@@ -547,12 +594,12 @@ def compile_model(
 
   target = hw_lib.load_hw(hw)
   if input_scheme not in xb.INPUT_SCHEMES:
-    raise ProgramError(f"input_scheme = {input_scheme!r}; allowed: "
-                       f"{', '.join(xb.INPUT_SCHEMES)}")
+    raise ProgramError(f"input_scheme = {input_scheme!r}; allowed: {', '.join(xb.INPUT_SCHEMES)}")
   specs = trace.trace_specs(model)
   try:
-    pol = policy_lib.validate_policy(policy, len(specs), min_bits=2, max_bits=max_bits,
-                                     layer_names=[s.name for s in specs])
+    pol = policy_lib.validate_policy(
+      policy, len(specs), min_bits=2, max_bits=max_bits, layer_names=[s.name for s in specs]
+    )
   except policy_lib.PolicyError as e:
     raise ProgramError(f"policy: {e}") from None
   plans = plan_layers(specs, pol, target)
@@ -572,12 +619,17 @@ def compile_model(
     p = _get_path(params, spec.name)
     if p is None or "a_clip" not in p:
       raise ProgramError(f"layer {i} ({spec.name}): parameters not found in variables")
-    a_step = quant.step_size(quant.gather_clip(p["a_clip"], plan.a_bits), plan.a_bits,
-                             signed=plan.signed_input, narrow=False)
+    a_step = quant.step_size(
+      quant.gather_clip(p["a_clip"], plan.a_bits),
+      plan.a_bits,
+      signed=plan.signed_input,
+      narrow=False,
+    )
     arrays[_akey(i, "a_step")] = np.asarray(a_step, np.float32).reshape(())
     if plan.dynamic:
-      w_step = quant.step_size(quant.gather_clip(p["w_clip"], plan.w_bits), plan.w_bits,
-                               signed=True, narrow=True)
+      w_step = quant.step_size(
+        quant.gather_clip(p["w_clip"], plan.w_bits), plan.w_bits, signed=True, narrow=True
+      )
       arrays[_akey(i, "w_step")] = np.asarray(w_step, np.float32).reshape(())
       continue
     captured = _get_path(cim, spec.name)
@@ -585,16 +637,20 @@ def compile_model(
       raise ProgramError(f"layer {i} ({spec.name}): no captured integer weights")
     wm = _weight_matrices(spec, np.asarray(_unwrap(captured["w_int"])))  # [rep, n, m]
     if wm.shape != (plan.repeat, plan.n, plan.m):
-      raise ProgramError(f"layer {i} ({spec.name}): weight matrices {wm.shape} do not match "
-                         f"the geometry {(plan.repeat, plan.n, plan.m)}")
+      raise ProgramError(
+        f"layer {i} ({spec.name}): weight matrices {wm.shape} do not match "
+        f"the geometry {(plan.repeat, plan.n, plan.m)}"
+      )
     w_int = np.rint(wm).astype(np.int64)
     layout = layer_layout(plan, cfg)
-    levels = xb.slice_levels(w_int, plan.w_bits, layout, xp=np)         # uint8
+    levels = xb.slice_levels(w_int, plan.w_bits, layout, xp=np)  # uint8
     tiles = xb.tile_matrix(levels, target.rows, target.cols)
-    w_step = quant.step_size(quant.gather_clip(p["w_clip"], plan.w_bits), plan.w_bits,
-                             signed=True, narrow=True)
-    w_step = np.broadcast_to(np.asarray(w_step, np.float32).reshape(-1),
-                             (plan.repeat * plan.m,)).reshape(plan.repeat, plan.m)
+    w_step = quant.step_size(
+      quant.gather_clip(p["w_clip"], plan.w_bits), plan.w_bits, signed=True, narrow=True
+    )
+    w_step = np.broadcast_to(
+      np.asarray(w_step, np.float32).reshape(-1), (plan.repeat * plan.m,)
+    ).reshape(plan.repeat, plan.m)
     out_scale = (w_step * arrays[_akey(i, "a_step")]).astype(np.float32)
     mult, shift = xb.fixed_point_multiplier(out_scale)
     arrays[_akey(i, "w_int")] = w_int.astype(np.int8 if plan.w_bits <= 8 else np.int16)
@@ -607,17 +663,25 @@ def compile_model(
   flat = traverse_util.flatten_dict(jax.device_get(dict(variables)), sep="/")
   for k, v in flat.items():
     arrays[f"variables/{k}"] = np.asarray(v)
-  return CimProgram(hw=target, policy=pol, layers=plans, schedule=sched, arrays=arrays,
-                    input_scheme=input_scheme, model=getattr(model, "name", None),
-                    model_kwargs=dict(model_kwargs or {}),
-                    input_shape=tuple(getattr(model, "input_shape", ()) or ()) or None)
+  return CimProgram(
+    hw=target,
+    policy=pol,
+    layers=plans,
+    schedule=sched,
+    arrays=arrays,
+    input_scheme=input_scheme,
+    model=getattr(model, "name", None),
+    model_kwargs=dict(model_kwargs or {}),
+    input_shape=tuple(getattr(model, "input_shape", ()) or ()) or None,
+  )
 
 
 def init_variables(model: Any, seed: int) -> dict[str, Any]:
   """Random-initialised variables of ``model`` (one jitted init)."""
   x = jnp.zeros((1, *model.input_shape), jnp.float32)
-  return dict(jax.jit(lambda k: model.module.init(k, x, layers_lib.QuantContext()))(
-      jax.random.key(seed)))
+  return dict(
+    jax.jit(lambda k: model.module.init(k, x, layers_lib.QuantContext()))(jax.random.key(seed))
+  )
 
 
 def restore_variables(path: str | Path, model: Any) -> dict[str, Any]:
@@ -633,6 +697,7 @@ def restore_variables(path: str | Path, model: Any) -> dict[str, Any]:
       model.
   """
   import orbax.checkpoint as ocp  # local: only needed here
+
   p = Path(path).absolute()
   if not p.is_dir():
     raise ProgramError(f"directory not found: {str(path)!r}")
@@ -648,8 +713,9 @@ def restore_variables(path: str | Path, model: Any) -> dict[str, Any]:
         meta = c.metadata(p)
         tree = getattr(meta, "item_metadata", meta)
         tree = tree.tree if hasattr(tree, "tree") else tree
-        _check_shapes(path, model, dict(tree), target)   # before restoring: clear errors
+        _check_shapes(path, model, dict(tree), target)  # before restoring: clear errors
         from cimjax import checkpoint as ckpt_lib  # local: imports orbax
+
         out = dict(c.restore(p, ckpt_lib.abstract_like(target)))
     else:
       mngr = ocp.CheckpointManager(p)
@@ -658,24 +724,27 @@ def restore_variables(path: str | Path, model: Any) -> dict[str, Any]:
         raise ProgramError(f"no checkpoint in {str(path)!r}")
       restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
       state = restored.state
-      get = (lambda k: state.get(k)) if isinstance(state, dict) else (
-          lambda k: getattr(state, k, None))
+      get = (
+        (lambda k: state.get(k)) if isinstance(state, dict) else (lambda k: getattr(state, k, None))
+      )
       out = {k: get(k) for k in target if get(k) is not None}
   except ProgramError:
     raise
   except Exception as e:  # orbax raises many types; report them as one line
     msg = str(e).strip().splitlines()
-    raise ProgramError(f"cannot restore {str(path)!r} for model {model.name!r}: "
-                       f"{type(e).__name__}: {msg[0] if msg else ''}") from None
-  if "params" not in out or (jax.tree.structure(out["params"])
-                             != jax.tree.structure(target["params"])):
+    raise ProgramError(
+      f"cannot restore {str(path)!r} for model {model.name!r}: "
+      f"{type(e).__name__}: {msg[0] if msg else ''}"
+    ) from None
+  if "params" not in out or (
+    jax.tree.structure(out["params"]) != jax.tree.structure(target["params"])
+  ):
     raise ProgramError(f"{str(path)!r} holds no parameters of model {model.name!r}")
   _check_shapes(path, model, out, target)
   return out
 
 
-def _check_shapes(path: Any, model: Any, got_tree: dict[str, Any], target: dict[str, Any]
-                  ) -> None:
+def _check_shapes(path: Any, model: Any, got_tree: dict[str, Any], target: dict[str, Any]) -> None:
   """Raises ProgramError naming the first variable whose stored shape differs."""
   for k in target:
     if k not in got_tree:
@@ -685,8 +754,10 @@ def _check_shapes(path: Any, model: Any, got_tree: dict[str, Any], target: dict[
     for name, leaf in want.items():
       shape = tuple(getattr(got.get(name), "shape", np.shape(got.get(name))))
       if shape != tuple(leaf.shape):
-        raise ProgramError(f"cannot restore {str(path)!r} for model {model.name!r}: {k}/{name} "
-                           f"has shape {shape}, the model needs {tuple(leaf.shape)}")
+        raise ProgramError(
+          f"cannot restore {str(path)!r} for model {model.name!r}: {k}/{name} "
+          f"has shape {shape}, the model needs {tuple(leaf.shape)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -715,20 +786,32 @@ def _manifest(program: CimProgram) -> dict[str, Any]:
   crossbars, amortize = schedule_params(program.hw)
   c = program.cost
   return {
-      "format": FORMAT, "version": FORMAT_VERSION,
-      "model": program.model, "model_kwargs": program.model_kwargs,
-      "input_shape": list(program.input_shape) if program.input_shape else None,
-      "hw": program.hw.to_dict(), "input_scheme": program.input_scheme,
-      "policy": np.asarray(program.policy).tolist(),
-      "schedule": {"ops": len(program.schedule), "crossbars_per_round": crossbars,
-                   "amortize": amortize, "latency_mode": program.hw.latency_mode,
-                   "op_names": list(OP_NAMES)},
-      "layers": [dict(p.to_dict(), latency_us=float(c.latency_us[p.index]),
-                      energy_pj=float(c.energy_pj[p.index]),
-                      tiles_programmed=int(c.tiles_programmed[p.index]))
-                 for p in program.layers],
-      "total_latency_us": program.total_latency_us,
-      "total_energy_pj": program.total_energy_pj,
+    "format": FORMAT,
+    "version": FORMAT_VERSION,
+    "model": program.model,
+    "model_kwargs": program.model_kwargs,
+    "input_shape": list(program.input_shape) if program.input_shape else None,
+    "hw": program.hw.to_dict(),
+    "input_scheme": program.input_scheme,
+    "policy": np.asarray(program.policy).tolist(),
+    "schedule": {
+      "ops": len(program.schedule),
+      "crossbars_per_round": crossbars,
+      "amortize": amortize,
+      "latency_mode": program.hw.latency_mode,
+      "op_names": list(OP_NAMES),
+    },
+    "layers": [
+      dict(
+        p.to_dict(),
+        latency_us=float(c.latency_us[p.index]),
+        energy_pj=float(c.energy_pj[p.index]),
+        tiles_programmed=int(c.tiles_programmed[p.index]),
+      )
+      for p in program.layers
+    ],
+    "total_latency_us": program.total_latency_us,
+    "total_energy_pj": program.total_energy_pj,
   }
 
 
@@ -749,8 +832,9 @@ def save_program(program: CimProgram, path: str | os.PathLike[str]) -> Path:
     ProgramError: ``path`` exists and is not a program directory.
   """
   dest = Path(path)
-  if dest.exists() and not (dest.is_dir() and ((dest / MANIFEST).is_file()
-                                                or not any(dest.iterdir()))):
+  if dest.exists() and not (
+    dest.is_dir() and ((dest / MANIFEST).is_file() or not any(dest.iterdir()))
+  ):
     raise ProgramError(f"{dest}: exists and is not a program directory; refusing to replace it")
   dest.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
@@ -763,8 +847,10 @@ def save_program(program: CimProgram, path: str | os.PathLike[str]) -> Path:
       f.flush()
       os.fsync(f.fileno())
     man = _manifest(program)
-    man["arrays"] = {k: {"sha256": array_sha256(v), "dtype": np.asarray(v).dtype.str,
-                         "shape": list(np.shape(v))} for k, v in sorted(arrays.items())}
+    man["arrays"] = {
+      k: {"sha256": array_sha256(v), "dtype": np.asarray(v).dtype.str, "shape": list(np.shape(v))}
+      for k, v in sorted(arrays.items())
+    }
     man["files"] = {ARRAYS: _file_sha256(tmp / ARRAYS)}
     with open(tmp / MANIFEST, "w") as f:
       json.dump(man, f, indent=1)
@@ -807,14 +893,17 @@ def load_program(path: str | os.PathLike[str]) -> CimProgram:
   if not isinstance(man, dict) or man.get("format") != FORMAT:
     raise ProgramError(f"{mpath}: not a {FORMAT} manifest")
   if man.get("version") != FORMAT_VERSION:
-    raise ProgramError(f"{mpath}: format version {man.get('version')!r} is not supported "
-                       f"(expected {FORMAT_VERSION})")
+    raise ProgramError(
+      f"{mpath}: format version {man.get('version')!r} is not supported (expected {FORMAT_VERSION})"
+    )
   try:
     want = man["files"][ARRAYS]
     got = _file_sha256(apath)
     if got != want:
-      raise ProgramError(f"{apath}: SHA-256 mismatch (file is corrupt or was modified): "
-                         f"expected {want[:16]}..., got {got[:16]}...")
+      raise ProgramError(
+        f"{apath}: SHA-256 mismatch (file is corrupt or was modified): "
+        f"expected {want[:16]}..., got {got[:16]}..."
+      )
     arrays: dict[str, np.ndarray] = {}
     with np.load(apath, allow_pickle=False) as z:
       for k in z.files:
@@ -826,18 +915,24 @@ def load_program(path: str | os.PathLike[str]) -> CimProgram:
         raise ProgramError(f"{apath}: array {k!r}: SHA-256 mismatch")
     hw = hw_lib.hw_from_dict(man["hw"], origin=str(mpath))
     layers = [LayerPlan.from_dict(d) for d in man["layers"]]
-    sched = Schedule(**{k: arrays.pop(f"schedule/{k}").astype(np.int64)
-                        for k in Schedule._fields})
+    sched = Schedule(**{k: arrays.pop(f"schedule/{k}").astype(np.int64) for k in Schedule._fields})
   except ProgramError:
     raise
   except hw_lib.HwError as e:
     raise ProgramError(f"{mpath}: {e}") from None
   except (KeyError, TypeError, ValueError, OSError) as e:
     raise ProgramError(f"{root}: corrupt program ({type(e).__name__}: {e})") from None
-  return CimProgram(hw=hw, policy=np.asarray(man["policy"], np.int32), layers=layers,
-                    schedule=sched, arrays=arrays, input_scheme=man["input_scheme"],
-                    model=man.get("model"), model_kwargs=dict(man.get("model_kwargs") or {}),
-                    input_shape=tuple(man["input_shape"]) if man.get("input_shape") else None)
+  return CimProgram(
+    hw=hw,
+    policy=np.asarray(man["policy"], np.int32),
+    layers=layers,
+    schedule=sched,
+    arrays=arrays,
+    input_scheme=man["input_scheme"],
+    model=man.get("model"),
+    model_kwargs=dict(man.get("model_kwargs") or {}),
+    input_shape=tuple(man["input_shape"]) if man.get("input_shape") else None,
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -856,22 +951,24 @@ def stored_levels(program: CimProgram) -> dict[int, tuple[np.ndarray, np.ndarray
     if p.dynamic:
       continue
     lv = xb.untile_matrix(program.layer_array(p.index, "levels"), p.rows_p, p.cols_p)
-    out[p.index] = (lv.astype(np.float32),
-                    program.layer_array(p.index, "w_colsum").astype(np.int32))
+    out[p.index] = (
+      lv.astype(np.float32),
+      program.layer_array(p.index, "w_colsum").astype(np.int32),
+    )
   return out
 
 
 def program_hook(
-    program: CimProgram,
-    *,
-    stored: dict[int, tuple[Array, Array]] | None = None,
-    adc_bits: int | None | str = "hw",
-    adc_frac: Any = None,
-    noise: NoiseConfig | None = None,
-    key: Array | None = None,
-    read_key: Array | None = None,
-    straight_through_grad: bool = True,
-    block_elems: int = xb.DEFAULT_BLOCK_ELEMS,
+  program: CimProgram,
+  *,
+  stored: dict[int, tuple[Array, Array]] | None = None,
+  adc_bits: int | None | str = "hw",
+  adc_frac: Any = None,
+  noise: NoiseConfig | None = None,
+  key: Array | None = None,
+  read_key: Array | None = None,
+  straight_through_grad: bool = True,
+  block_elems: int = xb.DEFAULT_BLOCK_ELEMS,
 ) -> xb.MvmHook:
   """An ``mvm`` hook that runs the program's stored tiles on the crossbar simulator.
 
@@ -895,27 +992,45 @@ def program_hook(
     raise ProgramError("program_hook: noise needs a PRNG key")
   if stored is None:
     stored = stored_levels(program)
-  dyn_hook = xb.make_mvm_hook(cfg, policy=program.policy, noise=noise, key=key,
-                              read_key=read_key, adc_frac=adc_frac,
-                              straight_through_grad=straight_through_grad,
-                              block_elems=block_elems)
+  dyn_hook = xb.make_mvm_hook(
+    cfg,
+    policy=program.policy,
+    noise=noise,
+    key=key,
+    read_key=read_key,
+    adc_frac=adc_frac,
+    straight_through_grad=straight_through_grad,
+    block_elems=block_elems,
+  )
 
   def hook(index, spec, x, w, w_bits, a_bits):
     plan = program.layers[index]
     if plan.dynamic:
       return dyn_hook(index, spec, x, w, w_bits, a_bits)
     if x.shape[0] != plan.repeat or x.shape[-1] != plan.n or w.shape[-1] != plan.m:
-      raise ProgramError(f"layer {index} ({plan.name}): operands x {x.shape}, w {w.shape} do "
-                         f"not match the program ({plan.repeat} x {plan.n} x {plan.m})")
+      raise ProgramError(
+        f"layer {index} ({plan.name}): operands x {x.shape}, w {w.shape} do "
+        f"not match the program ({plan.repeat} x {plan.n} x {plan.m})"
+      )
     levels, colsum = stored[index]
     layout = layer_layout(plan, cfg)
     pk, rk = xb.layer_keys(key, index)
     if read_key is not None:
       rk = jax.random.fold_in(read_key, index)
     frac = 1.0 if adc_frac is None else adc_frac[index]
-    y = xb.simulate_levels(x, jnp.asarray(levels), plan.w_bits, plan.a_bits, layout,
-                           w_colsum=jnp.asarray(colsum), adc_frac=frac, noise=noise,
-                           prog_key=pk, read_key=rk, block_elems=block_elems)
+    y = xb.simulate_levels(
+      x,
+      jnp.asarray(levels),
+      plan.w_bits,
+      plan.a_bits,
+      layout,
+      w_colsum=jnp.asarray(colsum),
+      adc_frac=frac,
+      noise=noise,
+      prog_key=pk,
+      read_key=rk,
+      block_elems=block_elems,
+    )
     if straight_through_grad:
       y = xb.straight_through(x, w, jax.lax.stop_gradient(y))
     return y
@@ -928,26 +1043,28 @@ def program_model(program: CimProgram, model: Any = None) -> Any:
   if model is not None:
     return model
   from cimjax import models as models_lib
+
   if program.model is None:
     raise ProgramError("program has no model name; pass the model explicitly")
   try:
     return models_lib.get_model(program.model, **program.model_kwargs)
   except (TypeError, ValueError) as e:
-    raise ProgramError(f"cannot rebuild model {program.model!r} with "
-                       f"{program.model_kwargs}: {e}") from None
+    raise ProgramError(
+      f"cannot rebuild model {program.model!r} with {program.model_kwargs}: {e}"
+    ) from None
 
 
 def make_executor(
-    program: CimProgram,
-    *,
-    model: Any = None,
-    capture: bool = False,
-    jit: bool = True,
-    adc_bits: int | None | str = "hw",
-    adc_frac: Any = None,
-    noise: NoiseConfig | None = None,
-    key: Array | None = None,
-    block_elems: int = xb.DEFAULT_BLOCK_ELEMS,
+  program: CimProgram,
+  *,
+  model: Any = None,
+  capture: bool = False,
+  jit: bool = True,
+  adc_bits: int | None | str = "hw",
+  adc_frac: Any = None,
+  noise: NoiseConfig | None = None,
+  key: Array | None = None,
+  block_elems: int = xb.DEFAULT_BLOCK_ELEMS,
 ):
   """A reusable (jitted) function running the program on batches.
 
@@ -966,6 +1083,7 @@ def make_executor(
     ``key``, ``adc_frac`` to the one given here (changing it does not recompile).
   """
   from cimjax import models as models_lib
+
   md = program_model(program, model)
   default_vars = program.variables()
   stored0 = stored_levels(program)
@@ -974,14 +1092,20 @@ def make_executor(
   if noise is not None and key is None:
     raise ProgramError("make_executor: noise needs a PRNG key")
   num = len(program.layers)
-  frac0 = jnp.ones((num,), jnp.float32) if adc_frac is None else jnp.asarray(adc_frac,
-                                                                            jnp.float32)
+  frac0 = jnp.ones((num,), jnp.float32) if adc_frac is None else jnp.asarray(adc_frac, jnp.float32)
 
   # The noise magnitudes are closed over (Python floats): zero ones are skipped at trace time.
   def fn(stored, variables, x, read_key, key_arg, frac):
-    hook = program_hook(program, stored=stored, adc_bits=adc_bits, adc_frac=frac,
-                        noise=noise, key=key_arg, read_key=read_key,
-                        block_elems=block_elems)
+    hook = program_hook(
+      program,
+      stored=stored,
+      adc_bits=adc_bits,
+      adc_frac=frac,
+      noise=noise,
+      key=key_arg,
+      read_key=read_key,
+      block_elems=block_elems,
+    )
     return models_lib.forward(md.module, variables, x, pol, mvm=hook, capture=capture)
 
   if jit:
@@ -995,9 +1119,17 @@ def make_executor(
   return run
 
 
-def execute(program: CimProgram, x: Array, *, model: Any = None, variables: Any = None,
-            capture: bool = False, jit: bool = True, read_key: Array | None = None,
-            **hook_kwargs: Any) -> tuple[Array, dict[str, Any]]:
+def execute(
+  program: CimProgram,
+  x: Array,
+  *,
+  model: Any = None,
+  variables: Any = None,
+  capture: bool = False,
+  jit: bool = True,
+  read_key: Array | None = None,
+  **hook_kwargs: Any,
+) -> tuple[Array, dict[str, Any]]:
   """Runs a compiled program on inputs through the crossbar simulator (one call).
 
   For many batches build the function once with :func:`make_executor`.
@@ -1071,14 +1203,24 @@ class VerifyReport(NamedTuple):
     return [c for c in self.layers if not (c.exact and c.weights_match)]
 
   def to_dict(self) -> dict[str, Any]:
-    return {"ok": self.ok, "logits_equal": self.logits_equal,
-            "logits_max_abs_err": self.logits_max_abs_err,
-            "top1_agreement": self.top1_agreement,
-            "layers": [c._asdict() for c in self.layers]}
+    return {
+      "ok": self.ok,
+      "logits_equal": self.logits_equal,
+      "logits_max_abs_err": self.logits_max_abs_err,
+      "top1_agreement": self.top1_agreement,
+      "layers": [c._asdict() for c in self.layers],
+    }
 
 
-def verify(program: CimProgram, x: Array, *, model: Any = None, variables: Any = None,
-           jit: bool = False, **hook_kwargs: Any) -> VerifyReport:
+def verify(
+  program: CimProgram,
+  x: Array,
+  *,
+  model: Any = None,
+  variables: Any = None,
+  jit: bool = False,
+  **hook_kwargs: Any,
+) -> VerifyReport:
   """Checks a program against the fake-quantised model on inputs ``x``.
 
   By default the simulator runs with an ideal ADC and no noise (``adc_bits=None``), where every
@@ -1101,6 +1243,7 @@ def verify(program: CimProgram, x: Array, *, model: Any = None, variables: Any =
     A :class:`VerifyReport` with one entry per layer.
   """
   from cimjax import models as models_lib
+
   md = program_model(program, model)
   v = program.variables() if variables is None else variables
   hook_kwargs.setdefault("adc_bits", None)
@@ -1110,8 +1253,7 @@ def verify(program: CimProgram, x: Array, *, model: Any = None, variables: Any =
   if jit:
     ref_fn = jax.jit(ref_fn)
   ref, ref_state = ref_fn(v, x, pol)
-  sim, sim_state = execute(program, x, model=md, variables=v, capture=True, jit=jit,
-                           **hook_kwargs)
+  sim, sim_state = execute(program, x, model=md, variables=v, capture=True, jit=jit, **hook_kwargs)
   ref_cim, sim_cim = ref_state.get("cim", {}), sim_state.get("cim", {})
   checks = []
   for p in program.layers:
@@ -1124,28 +1266,53 @@ def verify(program: CimProgram, x: Array, *, model: Any = None, variables: Any =
     diff = np.abs(acc_r - acc_s)
     wmatch = True
     if not p.dynamic:
-      spec_like = LayerSpec(name=p.name, kind=p.kind, m=p.m, n=p.n,
-                            invocations=p.invocations, repeat=p.repeat, groups=p.repeat)
+      spec_like = LayerSpec(
+        name=p.name,
+        kind=p.kind,
+        m=p.m,
+        n=p.n,
+        invocations=p.invocations,
+        repeat=p.repeat,
+        groups=p.repeat,
+      )
       wm = _weight_matrices(spec_like, np.asarray(_unwrap(a["w_int"])))
-      wmatch = bool(np.array_equal(np.rint(wm).astype(np.int64),
-                                   program.layer_array(p.index, "w_int").astype(np.int64)))
-    checks.append(LayerCheck(
-        index=p.index, name=p.name, kind=p.kind, exact=bool(np.all(diff == 0)),
-        mismatches=int(np.count_nonzero(diff)), numel=int(diff.size),
+      wmatch = bool(
+        np.array_equal(
+          np.rint(wm).astype(np.int64), program.layer_array(p.index, "w_int").astype(np.int64)
+        )
+      )
+    checks.append(
+      LayerCheck(
+        index=p.index,
+        name=p.name,
+        kind=p.kind,
+        exact=bool(np.all(diff == 0)),
+        mismatches=int(np.count_nonzero(diff)),
+        numel=int(diff.size),
         max_abs_err=float(diff.max()) if diff.size else 0.0,
-        mean_abs_err=float(diff.mean()) if diff.size else 0.0, weights_match=wmatch))
+        mean_abs_err=float(diff.mean()) if diff.size else 0.0,
+        weights_match=wmatch,
+      )
+    )
   ref_np, sim_np = np.asarray(ref), np.asarray(sim)
   logits_equal = bool(np.array_equal(ref_np, sim_np))
   err = float(np.max(np.abs(ref_np - sim_np))) if ref_np.size else 0.0
   top1 = float(np.mean(ref_np.argmax(-1) == sim_np.argmax(-1))) if ref_np.size else 1.0
   ok = logits_equal and all(c.exact and c.weights_match for c in checks)
-  return VerifyReport(layers=checks, logits_equal=logits_equal, logits_max_abs_err=err,
-                      top1_agreement=top1, ok=ok)
+  return VerifyReport(
+    layers=checks, logits_equal=logits_equal, logits_max_abs_err=err, top1_agreement=top1, ok=ok
+  )
 
 
-def calibrate_adc(program: CimProgram, x: Array, *, percentile: float = 99.99,
-                  min_frac: float = 1.0 / 64, model: Any = None, variables: Any = None
-                  ) -> np.ndarray:
+def calibrate_adc(
+  program: CimProgram,
+  x: Array,
+  *,
+  percentile: float = 99.99,
+  min_frac: float = 1.0 / 64,
+  model: Any = None,
+  variables: Any = None,
+) -> np.ndarray:
   """Per-layer calibrated ADC ranges from sample inputs (analog-cim-sim ``CALIB`` mode).
 
   Runs the program ideally on ``x`` (eagerly), collects every layer's analog partial sums and
@@ -1163,6 +1330,7 @@ def calibrate_adc(program: CimProgram, x: Array, *, percentile: float = 99.99,
     float32 ``[L]`` fractions of full scale in ``[min_frac, 1]`` (pass as ``adc_frac``).
   """
   from cimjax import models as models_lib
+
   md = program_model(program, model)
   v = program.variables() if variables is None else variables
   cfg = program.xbar_config(adc_bits=None)
@@ -1183,22 +1351,23 @@ def calibrate_adc(program: CimProgram, x: Array, *, percentile: float = 99.99,
     # The ideal integer product continues the forward pass (equal to the ideal simulator).
     return xb.int_matmul(xi, w)
 
-  models_lib.forward(md.module, v, jnp.asarray(x, jnp.float32), jnp.asarray(program.policy),
-                     mvm=hook)
+  models_lib.forward(
+    md.module, v, jnp.asarray(x, jnp.float32), jnp.asarray(program.policy), mvm=hook
+  )
   return out
 
 
 def evaluate_accuracy(
-    program: CimProgram,
-    images: Any,
-    labels: Any,
-    *,
-    batch_size: int = 250,
-    simulate: bool = True,
-    model: Any = None,
-    variables: Any = None,
-    read_seed: int = 0,
-    **exec_kwargs: Any,
+  program: CimProgram,
+  images: Any,
+  labels: Any,
+  *,
+  batch_size: int = 250,
+  simulate: bool = True,
+  model: Any = None,
+  variables: Any = None,
+  read_seed: int = 0,
+  **exec_kwargs: Any,
 ) -> float:
   """Top-1 accuracy of a program on a labelled set.
 
@@ -1217,6 +1386,7 @@ def evaluate_accuracy(
     Accuracy in ``[0, 1]``.
   """
   from cimjax import models as models_lib
+
   md = program_model(program, model)
   v = program.variables() if variables is None else variables
   images = np.asarray(images, np.float32)
@@ -1237,7 +1407,7 @@ def evaluate_accuracy(
     xb_ = images[lo:hi]
     if hi - lo < batch_size:
       xb_ = np.concatenate([xb_, np.repeat(xb_[:1], batch_size - (hi - lo), axis=0)])
-    pred = np.asarray(jnp.argmax(fn(jnp.asarray(xb_), bi), axis=-1))[:hi - lo]
+    pred = np.asarray(jnp.argmax(fn(jnp.asarray(xb_), bi), axis=-1))[: hi - lo]
     correct += int(np.sum(pred == labels[lo:hi]))
   return correct / n
 
@@ -1261,23 +1431,23 @@ class CompileResult(NamedTuple):
 
 
 def compile_and_verify(
-    model: Any,
-    variables: Any,
-    policy: Any,
-    hw: hw_lib.HardwareTarget | str,
-    *,
-    workdir: str | os.PathLike[str] | None = None,
-    verify_inputs: Any = None,
-    num_verify: int = 4,
-    seed: int = 0,
-    input_scheme: str = "twos",
-    model_kwargs: dict[str, Any] | None = None,
-    adc_bits: int | None | str = "hw",
-    adc_frac: Any = None,
-    noise: NoiseConfig | None = None,
-    eval_data: tuple[Any, Any] | None = None,
-    eval_batch: int = 250,
-    program: CimProgram | None = None,
+  model: Any,
+  variables: Any,
+  policy: Any,
+  hw: hw_lib.HardwareTarget | str,
+  *,
+  workdir: str | os.PathLike[str] | None = None,
+  verify_inputs: Any = None,
+  num_verify: int = 4,
+  seed: int = 0,
+  input_scheme: str = "twos",
+  model_kwargs: dict[str, Any] | None = None,
+  adc_bits: int | None | str = "hw",
+  adc_frac: Any = None,
+  noise: NoiseConfig | None = None,
+  eval_data: tuple[Any, Any] | None = None,
+  eval_batch: int = 250,
+  program: CimProgram | None = None,
 ) -> CompileResult:
   """Compiles (or takes) a program, verifies it bit-exactly, saves it and measures accuracy.
 
@@ -1308,34 +1478,56 @@ def compile_and_verify(
     :class:`CompileResult`.
   """
   if program is None:
-    program = compile_model(model, variables, policy, hw, input_scheme=input_scheme,
-                            model_kwargs=model_kwargs)
+    program = compile_model(
+      model, variables, policy, hw, input_scheme=input_scheme, model_kwargs=model_kwargs
+    )
   md = program_model(program, model)
   if verify_inputs is None:
-    verify_inputs = jax.random.normal(jax.random.key(seed), (num_verify, *md.input_shape),
-                                      jnp.float32)
+    verify_inputs = jax.random.normal(
+      jax.random.key(seed), (num_verify, *md.input_shape), jnp.float32
+    )
   report = verify(program, verify_inputs, model=md)
   accuracy = None
   if eval_data is not None:
     images, labels = eval_data
-    accuracy = {"fake_quant": evaluate_accuracy(program, images, labels, simulate=False,
-                                                model=md, batch_size=eval_batch)}
+    accuracy = {
+      "fake_quant": evaluate_accuracy(
+        program, images, labels, simulate=False, model=md, batch_size=eval_batch
+      )
+    }
     key = jax.random.key(seed + 1) if noise is not None else None
     accuracy["crossbar"] = evaluate_accuracy(
-        program, images, labels, model=md, batch_size=eval_batch, adc_bits=adc_bits,
-        adc_frac=adc_frac, noise=noise, key=key, read_seed=seed + 2)
+      program,
+      images,
+      labels,
+      model=md,
+      batch_size=eval_batch,
+      adc_bits=adc_bits,
+      adc_frac=adc_frac,
+      noise=noise,
+      key=key,
+      read_seed=seed + 2,
+    )
   summary = {
-      "model": program.model, "model_kwargs": program.model_kwargs, "hw": program.hw.name,
-      "mapping": program.hw.mapping, "latency_mode": program.hw.latency_mode,
-      "input_scheme": program.input_scheme, "policy": np.asarray(program.policy).tolist(),
-      "layers": program.summary(), "total_latency_us": program.total_latency_us,
-      "total_energy_pj": program.total_energy_pj,
-      "total_tiles": int(sum(p.total_tiles for p in program.layers)),
-      "cost_model_mismatches": check_cost(program),
-      "verify": report.to_dict(), "accuracy": accuracy,
-      "nonideal": {"adc_bits": (program.hw.adc_bits if adc_bits == "hw" else adc_bits),
-                   "adc_frac": None if adc_frac is None else np.asarray(adc_frac).tolist(),
-                   "noise": None if noise is None else noise.to_dict()},
+    "model": program.model,
+    "model_kwargs": program.model_kwargs,
+    "hw": program.hw.name,
+    "mapping": program.hw.mapping,
+    "latency_mode": program.hw.latency_mode,
+    "input_scheme": program.input_scheme,
+    "policy": np.asarray(program.policy).tolist(),
+    "layers": program.summary(),
+    "total_latency_us": program.total_latency_us,
+    "total_energy_pj": program.total_energy_pj,
+    "total_tiles": int(sum(p.total_tiles for p in program.layers)),
+    "cost_model_mismatches": check_cost(program),
+    "verify": report.to_dict(),
+    "accuracy": accuracy,
+    "nonideal": {
+      "adc_bits": (program.hw.adc_bits if adc_bits == "hw" else adc_bits),
+      "adc_frac": None if adc_frac is None else np.asarray(adc_frac).tolist(),
+      "noise": None if noise is None else noise.to_dict(),
+    },
   }
   path = None
   if workdir is not None:
@@ -1343,19 +1535,25 @@ def compile_and_verify(
     wd.mkdir(parents=True, exist_ok=True)
     path = save_program(program, wd / "program")
     io.write_json(wd / "compile_report.json", summary, indent=1)
-  return CompileResult(program=program, report=report, path=path, accuracy=accuracy,
-                       summary=summary)
+  return CompileResult(
+    program=program, report=report, path=path, accuracy=accuracy, summary=summary
+  )
 
 
-def check_cost(program_or_plans: CimProgram | Sequence[LayerPlan], hw: hw_lib.HardwareTarget
-               | None = None, *, cost: ScheduleCost | None = None, rtol: float = 1e-12
-               ) -> list[str]:
+def check_cost(
+  program_or_plans: CimProgram | Sequence[LayerPlan],
+  hw: hw_lib.HardwareTarget | None = None,
+  *,
+  cost: ScheduleCost | None = None,
+  rtol: float = 1e-12,
+) -> list[str]:
   """Compares the walked cost with :func:`cimjax.cost.cost_tables` (xp=np) layer by layer.
 
   Returns:
     Human-readable mismatch descriptions (empty when everything agrees within ``rtol``).
   """
   from cimjax import cost as cost_lib
+
   if isinstance(program_or_plans, CimProgram):
     plans, hw, cost = program_or_plans.layers, program_or_plans.hw, program_or_plans.cost
   else:
@@ -1364,15 +1562,24 @@ def check_cost(program_or_plans: CimProgram | Sequence[LayerPlan], hw: hw_lib.Ha
       raise ValueError("check_cost: hw is required with plans")
     if cost is None:
       cost = walk_schedule(build_schedule(plans, hw), hw, len(plans))
-  geom = {"m": np.array([p.m for p in plans]), "n": np.array([p.n for p in plans]),
-          "inv": np.array([p.invocations for p in plans]),
-          "rep": np.array([p.repeat for p in plans])}
+  geom = {
+    "m": np.array([p.m for p in plans]),
+    "n": np.array([p.n for p in plans]),
+    "inv": np.array([p.invocations for p in plans]),
+    "rep": np.array([p.repeat for p in plans]),
+  }
   maxb = max(8, max(max(p.w_bits, p.a_bits) for p in plans))
   t = cost_lib.cost_tables(geom, hw, max_bits=maxb, xp=np)
-  pairs = (("latency_us", "latency_us"), ("latency_write_us", "latency_write_us"),
-           ("energy_pj", "energy_pj"), ("e_dac_pj", "e_dac_pj"), ("e_read_pj", "e_read_pj"),
-           ("e_adc_pj", "e_adc_pj"), ("e_shift_add_pj", "e_shift_add_pj"),
-           ("e_write_pj", "e_write_pj"))
+  pairs = (
+    ("latency_us", "latency_us"),
+    ("latency_write_us", "latency_write_us"),
+    ("energy_pj", "energy_pj"),
+    ("e_dac_pj", "e_dac_pj"),
+    ("e_read_pj", "e_read_pj"),
+    ("e_adc_pj", "e_adc_pj"),
+    ("e_shift_add_pj", "e_shift_add_pj"),
+    ("e_write_pj", "e_write_pj"),
+  )
   bad = []
   for p in plans:
     i, w, a = p.index, p.w_bits - 1, p.a_bits - 1
@@ -1381,18 +1588,51 @@ def check_cost(program_or_plans: CimProgram | Sequence[LayerPlan], hw: hw_lib.Ha
     for mine, theirs in pairs:
       x, y = float(getattr(cost, mine)[i]), float(getattr(t, theirs)[i, w, a])
       if not np.isclose(x, y, rtol=rtol, atol=0.0):
-        bad.append(f"layer {i} ({p.name}) w{p.w_bits}/a{p.a_bits}: {mine} {x!r} != cost model "
-                   f"{y!r}")
+        bad.append(
+          f"layer {i} ({p.name}) w{p.w_bits}/a{p.a_bits}: {mine} {x!r} != cost model {y!r}"
+        )
   return bad
 
 
 __all__ = [
-    "ARRAYS", "CimProgram", "CompileResult", "FORMAT", "FORMAT_VERSION", "LayerCheck",
-    "LayerPlan", "MANIFEST", "OP_DIGITAL", "OP_EXECUTE", "OP_NAMES", "OP_PROGRAM",
-    "OP_SHIFT_ADD", "ProgramError", "Schedule", "ScheduleCost", "VerifyReport", "array_sha256",
-    "build_schedule", "calibrate_adc", "check_cost", "compile_and_verify", "compile_geometry",
-    "compile_model", "evaluate_accuracy", "execute", "init_variables", "layer_layout",
-    "load_program", "make_executor", "plan_layer", "plan_layers", "program_hook",
-    "program_model", "restore_variables", "save_program", "schedule_params", "stored_levels",
-    "verify", "walk_schedule",
+  "ARRAYS",
+  "CimProgram",
+  "CompileResult",
+  "FORMAT",
+  "FORMAT_VERSION",
+  "LayerCheck",
+  "LayerPlan",
+  "MANIFEST",
+  "OP_DIGITAL",
+  "OP_EXECUTE",
+  "OP_NAMES",
+  "OP_PROGRAM",
+  "OP_SHIFT_ADD",
+  "ProgramError",
+  "Schedule",
+  "ScheduleCost",
+  "VerifyReport",
+  "array_sha256",
+  "build_schedule",
+  "calibrate_adc",
+  "check_cost",
+  "compile_and_verify",
+  "compile_geometry",
+  "compile_model",
+  "evaluate_accuracy",
+  "execute",
+  "init_variables",
+  "layer_layout",
+  "load_program",
+  "make_executor",
+  "plan_layer",
+  "plan_layers",
+  "program_hook",
+  "program_model",
+  "restore_variables",
+  "save_program",
+  "schedule_params",
+  "stored_levels",
+  "verify",
+  "walk_schedule",
 ]

@@ -83,9 +83,21 @@ from cimjax.spec import LayerSpec
 
 Array = Any  # np.ndarray | jax.Array
 
-_HW_NUMERIC_FIELDS = ("rows", "cols", "cell_bits", "dac_bits", "t_write_us", "t_exec_us",
-                      "e_dac_pj", "e_cell_read_pj", "e_adc_pj", "e_shift_add_pj", "e_write_pj",
-                      "num_crossbars", "batch")
+_HW_NUMERIC_FIELDS = (
+  "rows",
+  "cols",
+  "cell_bits",
+  "dac_bits",
+  "t_write_us",
+  "t_exec_us",
+  "e_dac_pj",
+  "e_cell_read_pj",
+  "e_adc_pj",
+  "e_shift_add_pj",
+  "e_write_pj",
+  "num_crossbars",
+  "batch",
+)
 
 
 class CostTables(NamedTuple):
@@ -169,15 +181,25 @@ def _ceil_div(a, b):
 
 
 def cost_tables_from_arrays(
-    geom: dict[str, Array],
-    *,
-    rows, cols, cell_bits, dac_bits, t_write_us, t_exec_us,
-    e_dac_pj=0.0, e_cell_read_pj=0.0, e_adc_pj=0.0, e_shift_add_pj=0.0, e_write_pj=0.0,
-    num_crossbars=1, batch=1,
-    mapping: str = "dc",
-    latency_mode: str = "serial",
-    max_bits: int = 8,
-    xp=jnp,
+  geom: dict[str, Array],
+  *,
+  rows,
+  cols,
+  cell_bits,
+  dac_bits,
+  t_write_us,
+  t_exec_us,
+  e_dac_pj=0.0,
+  e_cell_read_pj=0.0,
+  e_adc_pj=0.0,
+  e_shift_add_pj=0.0,
+  e_write_pj=0.0,
+  num_crossbars=1,
+  batch=1,
+  mapping: str = "dc",
+  latency_mode: str = "serial",
+  max_bits: int = 8,
+  xp=jnp,
 ) -> CostTables:
   """Cost tables from raw geometry and hardware numbers (which may be traced with ``xp=jnp``).
 
@@ -210,8 +232,7 @@ def cost_tables_from_arrays(
   if mapping not in hw_lib.MAPPINGS:
     raise ValueError(f"mapping = {mapping!r}; allowed: {', '.join(hw_lib.MAPPINGS)}")
   if latency_mode not in hw_lib.LATENCY_MODES:
-    raise ValueError(f"latency_mode = {latency_mode!r}; allowed: "
-                     f"{', '.join(hw_lib.LATENCY_MODES)}")
+    raise ValueError(f"latency_mode = {latency_mode!r}; allowed: {', '.join(hw_lib.LATENCY_MODES)}")
   if not isinstance(max_bits, int) or max_bits < 1:
     raise ValueError(f"max_bits = {max_bits!r}; allowed: an integer >= 1")
   if xp is np:
@@ -225,27 +246,27 @@ def cost_tables_from_arrays(
   def f(x):
     return xp.asarray(x).astype(fdt)
 
-  m = i(geom["m"])[:, None, None]        # [L, 1, 1]
+  m = i(geom["m"])[:, None, None]  # [L, 1, 1]
   n = i(geom["n"])[:, None, None]
   inv = i(geom["inv"])[:, None, None]
   rep = i(geom["rep"])[:, None, None]
   big_n, big_m, c, d = i(rows), i(cols), i(cell_bits), i(dac_bits)
   bits = xp.arange(1, max_bits + 1, dtype=idt)
-  w = bits[None, :, None]                # [1, B, 1]
-  a = bits[None, None, :]                # [1, 1, B]
+  w = bits[None, :, None]  # [1, B, 1]
+  a = bits[None, None, :]  # [1, 1, B]
 
-  slices = _ceil_div(w, c)               # [1, B, 1]
-  cols_p = m * slices                    # [L, B, 1]
+  slices = _ceil_div(w, c)  # [1, B, 1]
+  cols_p = m * slices  # [L, B, 1]
   if mapping == "of":
     cols_p = cols_p + 1
   elif mapping == "dc":
     cols_p = cols_p * 2
-  rows_p = n * 2 if mapping == "dr" else n   # [L, 1, 1]
-  tc = _ceil_div(cols_p, big_m)          # [L, B, 1]
-  tr = _ceil_div(rows_p, big_n)          # [L, 1, 1]
-  tiles = tc * tr                        # [L, B, 1]
-  cycles = _ceil_div(a, d)               # [1, 1, B]
-  execs = inv * tiles * cycles           # [L, B, B]
+  rows_p = n * 2 if mapping == "dr" else n  # [L, 1, 1]
+  tc = _ceil_div(cols_p, big_m)  # [L, B, 1]
+  tr = _ceil_div(rows_p, big_n)  # [L, 1, 1]
+  tiles = tc * tr  # [L, B, 1]
+  cycles = _ceil_div(a, d)  # [1, 1, B]
+  execs = inv * tiles * cycles  # [L, B, B]
 
   t_w, t_e = f(t_write_us), f(t_exec_us)
   batch_f = f(batch)
@@ -264,7 +285,7 @@ def cost_tables_from_arrays(
     latency = rounds_f * t_w / batch_f + inv_f * rounds_f * cycles_f * t_e
 
   rows_f, cols_f = f(rows_p), f(cols_p)
-  k = inv_f * rep_f * cycles_f                                    # [L, 1, B]
+  k = inv_f * rep_f * cycles_f  # [L, 1, B]
   e_dac = (rows_f * f(tc) * k) * f(e_dac_pj)
   e_read = (rows_f * cols_f * k) * f(e_cell_read_pj)
   n_adc = cols_f * f(tr) * k
@@ -278,19 +299,32 @@ def cost_tables_from_arrays(
   shape = (m.shape[0], max_bits, max_bits)
   bc = lambda x: xp.broadcast_to(x, shape)
   return CostTables(
-      latency_us=bc(latency), energy_pj=bc(energy), tiles=bc(tiles), execs=bc(execs),
-      cycles=bc(cycles), latency_write_us=bc(write_lat), e_dac_pj=bc(e_dac),
-      e_read_pj=bc(e_read), e_adc_pj=bc(e_adc), e_shift_add_pj=bc(e_sa),
-      e_write_pj=bc(e_write))
+    latency_us=bc(latency),
+    energy_pj=bc(energy),
+    tiles=bc(tiles),
+    execs=bc(execs),
+    cycles=bc(cycles),
+    latency_write_us=bc(write_lat),
+    e_dac_pj=bc(e_dac),
+    e_read_pj=bc(e_read),
+    e_adc_pj=bc(e_adc),
+    e_shift_add_pj=bc(e_sa),
+    e_write_pj=bc(e_write),
+  )
 
 
 # One compiled program per (geometry shape, mapping, mode, max_bits) instead of many eager ops.
-_cost_tables_jit = jax.jit(cost_tables_from_arrays,
-                           static_argnames=("mapping", "latency_mode", "max_bits", "xp"))
+_cost_tables_jit = jax.jit(
+  cost_tables_from_arrays, static_argnames=("mapping", "latency_mode", "max_bits", "xp")
+)
 
 
-def cost_tables(specs: Sequence[LayerSpec] | dict[str, Array], hw: hw_lib.HardwareTarget,
-                max_bits: int = 8, xp=jnp) -> CostTables:
+def cost_tables(
+  specs: Sequence[LayerSpec] | dict[str, Array],
+  hw: hw_lib.HardwareTarget,
+  max_bits: int = 8,
+  xp=jnp,
+) -> CostTables:
   """Latency, energy and tile tables of a model on a target.
 
   Args:
@@ -304,8 +338,14 @@ def cost_tables(specs: Sequence[LayerSpec] | dict[str, Array], hw: hw_lib.Hardwa
   """
   geom = specs if isinstance(specs, dict) else geometry_arrays(specs)
   fn = cost_tables_from_arrays if xp is np else _cost_tables_jit
-  return fn(geom, **hw_params(hw), mapping=hw.mapping, latency_mode=hw.latency_mode,
-            max_bits=max_bits, xp=xp)
+  return fn(
+    geom,
+    **hw_params(hw),
+    mapping=hw.mapping,
+    latency_mode=hw.latency_mode,
+    max_bits=max_bits,
+    xp=xp,
+  )
 
 
 def _use_numpy(*xs) -> bool:
@@ -394,14 +434,16 @@ def expected_cost(table: Array, logits: Array, mask: Array | None = None) -> jax
   logits = jnp.asarray(logits)
   num_layers, b1, b2 = logits.shape[-3:]
   flat = logits.reshape(logits.shape[:-2] + (b1 * b2,))
-  flat_mask = None if mask is None else jnp.asarray(mask, bool).reshape(
-      jnp.shape(mask)[:-2] + (b1 * b2,))
+  flat_mask = (
+    None if mask is None else jnp.asarray(mask, bool).reshape(jnp.shape(mask)[:-2] + (b1 * b2,))
+  )
   p = _masked_softmax(flat, flat_mask).reshape(logits.shape)
   return jnp.sum(p * jnp.asarray(table, p.dtype), axis=(-3, -2, -1))
 
 
-def expected_cost_factored(table: Array, w_logits: Array, a_logits: Array,
-                           mask: Array | None = None) -> jax.Array:
+def expected_cost_factored(
+  table: Array, w_logits: Array, a_logits: Array, mask: Array | None = None
+) -> jax.Array:
   """Expected total cost when w and a are drawn independently per layer.
 
   ``P(w, a) = softmax(w_logits[l])[w] * softmax(a_logits[l])[a]``. With a mask, the allowed
@@ -429,8 +471,14 @@ def expected_cost_factored(table: Array, w_logits: Array, a_logits: Array,
   return jnp.einsum("...lw,...la,lwa->...", pw, pa, table)
 
 
-def layer_report(specs: Sequence[LayerSpec], hw: hw_lib.HardwareTarget, policy: Array, *,
-                 baseline_bits: tuple[int, int] = (8, 8), max_bits: int = 8) -> dict[str, Any]:
+def layer_report(
+  specs: Sequence[LayerSpec],
+  hw: hw_lib.HardwareTarget,
+  policy: Array,
+  *,
+  baseline_bits: tuple[int, int] = (8, 8),
+  max_bits: int = 8,
+) -> dict[str, Any]:
   """Per-layer and total latency and energy of ``policy`` on ``hw``, as plain JSON-ready data.
 
   Computed exactly in float64 (``xp=np``).
@@ -454,30 +502,38 @@ def layer_report(specs: Sequence[LayerSpec], hw: hw_lib.HardwareTarget, policy: 
     cimjax.policy.PolicyError: the policy does not fit the layers.
   """
   names = [s.name for s in specs]
-  pol = policy_lib.validate_policy(policy, len(specs), min_bits=1, max_bits=max_bits,
-                                   layer_names=names)
+  pol = policy_lib.validate_policy(
+    policy, len(specs), min_bits=1, max_bits=max_bits, layer_names=names
+  )
   bw, ba = baseline_bits
   t = cost_tables(specs, hw, max_bits=max_bits, xp=np)
   layers = []
   for l, s in enumerate(specs):
     w, a = int(pol[l, 0]), int(pol[l, 1])
-    layers.append({
-        "name": s.name, "type": s.kind, "m": int(s.m), "n": int(s.n),
-        "invocations": int(s.invocations), "repeat": int(s.repeat),
-        "w_bits": w, "a_bits": a, "tiles": int(t.tiles[l, w - 1, a - 1]),
+    layers.append(
+      {
+        "name": s.name,
+        "type": s.kind,
+        "m": int(s.m),
+        "n": int(s.n),
+        "invocations": int(s.invocations),
+        "repeat": int(s.repeat),
+        "w_bits": w,
+        "a_bits": a,
+        "tiles": int(t.tiles[l, w - 1, a - 1]),
         "latency_us": float(t.latency_us[l, w - 1, a - 1]),
         "energy_pj": float(t.energy_pj[l, w - 1, a - 1]),
-    })
+      }
+    )
   total = sum(r["latency_us"] for r in layers)
   base = sum(float(t.latency_us[l, bw - 1, ba - 1]) for l in range(len(specs)))
   return {
-      "hw": hw.name,
-      "latency_mode": hw.latency_mode,
-      "layers": layers,
-      "total_latency_us": total,
-      "baseline_latency_us": base,
-      "speedup": base / total,
-      "total_energy_pj": sum(r["energy_pj"] for r in layers),
-      "baseline_energy_pj": sum(float(t.energy_pj[l, bw - 1, ba - 1])
-                                for l in range(len(specs))),
+    "hw": hw.name,
+    "latency_mode": hw.latency_mode,
+    "layers": layers,
+    "total_latency_us": total,
+    "baseline_latency_us": base,
+    "speedup": base / total,
+    "total_energy_pj": sum(r["energy_pj"] for r in layers),
+    "baseline_energy_pj": sum(float(t.energy_pj[l, bw - 1, ba - 1]) for l in range(len(specs))),
   }

@@ -124,11 +124,14 @@ class XbarConfig:
     if self.mapping not in MAPPINGS:
       raise ValueError(f"XbarConfig.mapping = {self.mapping!r}; allowed: {', '.join(MAPPINGS)}")
     if self.input_scheme not in INPUT_SCHEMES:
-      raise ValueError(f"XbarConfig.input_scheme = {self.input_scheme!r}; allowed: "
-                       f"{', '.join(INPUT_SCHEMES)}")
-    if self.adc_bits is not None and (not isinstance(self.adc_bits, (int, np.integer))
-                                      or isinstance(self.adc_bits, bool)
-                                      or not 1 <= self.adc_bits <= 32):
+      raise ValueError(
+        f"XbarConfig.input_scheme = {self.input_scheme!r}; allowed: {', '.join(INPUT_SCHEMES)}"
+      )
+    if self.adc_bits is not None and (
+      not isinstance(self.adc_bits, (int, np.integer))
+      or isinstance(self.adc_bits, bool)
+      or not 1 <= self.adc_bits <= 32
+    ):
       raise ValueError(f"XbarConfig.adc_bits = {self.adc_bits!r}; allowed: None or 1..32")
 
   @classmethod
@@ -140,8 +143,9 @@ class XbarConfig:
         adc_bits``).
       **overrides: fields to replace, e.g. ``adc_bits=6`` or ``input_scheme="offset"``.
     """
-    kw = {f: getattr(hw, f) for f in ("rows", "cols", "cell_bits", "dac_bits", "mapping",
-                                      "adc_bits")}
+    kw = {
+      f: getattr(hw, f) for f in ("rows", "cols", "cell_bits", "dac_bits", "mapping", "adc_bits")
+    }
     kw.update(overrides)
     return cls(**kw)
 
@@ -200,13 +204,24 @@ class Layout:
     return self.cfg.rows if self.row_tiles > 1 else self.rows_p
 
 
-def make_layout(cfg: XbarConfig, n: int, m: int, *, signed_input: bool,
-                max_w_bits: int = DEFAULT_MAX_BITS, max_a_bits: int = DEFAULT_MAX_BITS
-                ) -> Layout:
+def make_layout(
+  cfg: XbarConfig,
+  n: int,
+  m: int,
+  *,
+  signed_input: bool,
+  max_w_bits: int = DEFAULT_MAX_BITS,
+  max_a_bits: int = DEFAULT_MAX_BITS,
+) -> Layout:
   """The static layout of an ``n x m`` matrix, with slices and cycles for the given maxima."""
-  return Layout(cfg=cfg, n=int(n), m=int(m), signed_input=bool(signed_input),
-                slices=num_slices(int(max_w_bits), cfg.cell_bits),
-                cycles=num_cycles(int(max_a_bits), cfg.dac_bits))
+  return Layout(
+    cfg=cfg,
+    n=int(n),
+    m=int(m),
+    signed_input=bool(signed_input),
+    slices=num_slices(int(max_w_bits), cfg.cell_bits),
+    cycles=num_cycles(int(max_a_bits), cfg.dac_bits),
+  )
 
 
 def num_slices(w_bits: Any, cell_bits: int) -> Any:
@@ -287,8 +302,9 @@ def column_level_max(w_bits: Any, layout: Layout) -> Array:
   elif layout.cfg.mapping == "dr":
     out = jnp.broadcast_to(lm[None, :], (m, s_alloc)).reshape(-1)
   else:
-    out = jnp.concatenate([jnp.broadcast_to(lm[None, :], (m, s_alloc)).reshape(-1),
-                           jnp.ones((1,), jnp.int32)])
+    out = jnp.concatenate(
+      [jnp.broadcast_to(lm[None, :], (m, s_alloc)).reshape(-1), jnp.ones((1,), jnp.int32)]
+    )
   return out.astype(jnp.float32)
 
 
@@ -408,8 +424,9 @@ def cycle_coeffs(a_bits: Any, layout: Layout) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
-def adc_bounds(w_bits: Any, a_bits: Any, layout: Layout, adc_frac: Any = 1.0
-               ) -> tuple[Array, Array]:
+def adc_bounds(
+  w_bits: Any, a_bits: Any, layout: Layout, adc_frac: Any = 1.0
+) -> tuple[Array, Array]:
   """Input range of the ADC for every (cycle, physical column).
 
   Full scale: ``N`` rows (``ceil(N/2)`` row pairs for ``dr``) at the column's maximum level
@@ -448,7 +465,7 @@ def adc_convert(v: Array, lo: Array, hi: Array, adc_bits: int) -> Array:
   Returns:
     Integer-valued float32 of ``v``'s shape.
   """
-  nl = float(2 ** adc_bits)
+  nl = float(2**adc_bits)
   two = (lo < 0) & (hi > 0)
   span = jnp.where(two, jnp.maximum(-lo, hi), hi - lo)
   nsteps = jnp.where(two, max(nl - 2.0, 1.0), nl - 1.0)
@@ -460,11 +477,10 @@ def adc_convert(v: Array, lo: Array, hi: Array, adc_bits: int) -> Array:
   return jnp.round(q)
 
 
-def adc_step(w_bits: Any, a_bits: Any, layout: Layout, adc_bits: int, adc_frac: Any = 1.0
-             ) -> Array:
+def adc_step(w_bits: Any, a_bits: Any, layout: Layout, adc_bits: int, adc_frac: Any = 1.0) -> Array:
   """``[C, cols_p]`` ADC step in column-sum units (for reports and error bounds)."""
   lo, hi = adc_bounds(w_bits, a_bits, layout, adc_frac)
-  nl = float(2 ** adc_bits)
+  nl = float(2**adc_bits)
   two = (lo < 0) & (hi > 0)
   return jnp.where(two, 2.0 * jnp.maximum(-lo, hi) / max(nl - 2.0, 1.0), (hi - lo) / (nl - 1.0))
 
@@ -525,7 +541,7 @@ def _row_tiles(a: Array, layout: Layout, axis: int) -> Array:
     widths = [(0, 0)] * a.ndim
     widths[axis] = (0, pad)
     a = jnp.pad(a, widths)
-  return a.reshape(*a.shape[:axis], tr, ne, *a.shape[axis + 1:])
+  return a.reshape(*a.shape[:axis], tr, ne, *a.shape[axis + 1 :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,18 +551,18 @@ def _row_tiles(a: Array, layout: Layout, axis: int) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("layout", "noise", "block_elems"))
 def simulate_levels(
-    x: Array,
-    levels: Array,
-    w_bits: Any,
-    a_bits: Any,
-    layout: Layout,
-    *,
-    w_colsum: Array | None = None,
-    adc_frac: Any = 1.0,
-    noise: NoiseConfig | None = None,
-    prog_key: Array | None = None,
-    read_key: Array | None = None,
-    block_elems: int = DEFAULT_BLOCK_ELEMS,
+  x: Array,
+  levels: Array,
+  w_bits: Any,
+  a_bits: Any,
+  layout: Layout,
+  *,
+  w_colsum: Array | None = None,
+  adc_frac: Any = 1.0,
+  noise: NoiseConfig | None = None,
+  prog_key: Array | None = None,
+  read_key: Array | None = None,
+  block_elems: int = DEFAULT_BLOCK_ELEMS,
 ) -> Array:
   """Runs ``R`` matrices, already programmed as cell levels, on ``T`` input vectors each.
 
@@ -570,8 +586,10 @@ def simulate_levels(
   """
   r, t, n = x.shape
   if n != layout.n or levels.shape[-2:] != (layout.rows_p, layout.cols_p):
-    raise ValueError(f"simulate_levels: x {x.shape} / levels {levels.shape} do not match the "
-                     f"layout (n={layout.n}, rows_p={layout.rows_p}, cols_p={layout.cols_p})")
+    raise ValueError(
+      f"simulate_levels: x {x.shape} / levels {levels.shape} do not match the "
+      f"layout (n={layout.n}, rows_p={layout.rows_p}, cols_p={layout.cols_p})"
+    )
   cfg = layout.cfg
   offset = layout.signed_input and cfg.input_scheme == "offset"
   if offset and w_colsum is None:
@@ -585,14 +603,14 @@ def simulate_levels(
     levels = jax.lax.optimization_barrier(levels)
   lv = _row_tiles(levels.astype(jnp.float32), layout, axis=-2)  # [R, tr, ne, cols]
   tr, ne, cols, cyc_n = layout.row_tiles, layout.tile_rows, layout.cols_p, layout.cycles
-  cyc = cycle_coeffs(a_bits, layout)                              # [C]
+  cyc = cycle_coeffs(a_bits, layout)  # [C]
   if cfg.adc_bits is not None:
-    lo, hi = adc_bounds(w_bits, a_bits, layout, adc_frac)         # [C, cols]
+    lo, hi = adc_bounds(w_bits, a_bits, layout, adc_frac)  # [C, cols]
 
   def block(xb: Array, bkey: Array | None) -> Array:
     tb = xb.shape[1]
-    dig = input_digits(xb, a_bits, layout)                        # [R, Tb, C, rows_p]
-    dig = _row_tiles(dig, layout, axis=-1)                        # [R, Tb, C, tr, ne]
+    dig = input_digits(xb, a_bits, layout)  # [R, Tb, C, rows_p]
+    dig = _row_tiles(dig, layout, axis=-1)  # [R, Tb, C, tr, ne]
     dig = jnp.transpose(dig, (0, 3, 1, 2, 4)).reshape(r, tr, tb * cyc_n, ne)
     ps = jnp.einsum("rkun,rknj->rkuj", dig, lv, precision=HIGHEST)
     ps = ps.reshape(r, tr, tb, cyc_n, cols)
@@ -603,8 +621,8 @@ def simulate_levels(
     else:
       ps = jnp.round(ps)
     psi = ps.astype(jnp.int32) * cyc[:, None]
-    acc_cols = psi.sum(axis=(1, 3))                               # [R, Tb, cols]
-    return combine_columns(acc_cols, w_bits, layout)              # [R, Tb, m] int32
+    acc_cols = psi.sum(axis=(1, 3))  # [R, Tb, cols]
+    return combine_columns(acc_cols, w_bits, layout)  # [R, Tb, m] int32
 
   per_token = max(1, r * tr * cyc_n * cols)
   blk = max(1, block_elems // per_token)
@@ -620,7 +638,7 @@ def simulate_levels(
       xb, i = args
       return block(xb, None if read_key is None else jax.random.fold_in(read_key, i))
 
-    out = jax.lax.map(body, (xs, idx))                            # [nb, R, blk, m]
+    out = jax.lax.map(body, (xs, idx))  # [nb, R, blk, m]
     out = jnp.moveaxis(out, 0, 1).reshape(r, nb * blk, layout.m)[:, :t]
   if offset:
     out = out - jnp.left_shift(1, _i32(a_bits) - 1) * w_colsum.astype(jnp.int32)[:, None, :]
@@ -628,8 +646,7 @@ def simulate_levels(
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
-def adc_utilisation(x: Array, levels: Array, w_bits: Any, a_bits: Any, layout: Layout
-                    ) -> Array:
+def adc_utilisation(x: Array, levels: Array, w_bits: Any, a_bits: Any, layout: Layout) -> Array:
   """How much of the full-scale ADC range each analog partial sum uses (for calibration).
 
   Args:
@@ -654,23 +671,25 @@ def adc_utilisation(x: Array, levels: Array, w_bits: Any, a_bits: Any, layout: L
   return jnp.where(ps >= 0, up, down)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "signed_input", "max_w_bits", "max_a_bits",
-                                             "noise", "block_elems"))
+@functools.partial(
+  jax.jit,
+  static_argnames=("cfg", "signed_input", "max_w_bits", "max_a_bits", "noise", "block_elems"),
+)
 def crossbar_mvm(
-    x: Array,
-    w: Array,
-    w_bits: Any,
-    a_bits: Any,
-    cfg: XbarConfig,
-    *,
-    signed_input: bool,
-    max_w_bits: int = DEFAULT_MAX_BITS,
-    max_a_bits: int = DEFAULT_MAX_BITS,
-    adc_frac: Any = 1.0,
-    noise: NoiseConfig | None = None,
-    prog_key: Array | None = None,
-    read_key: Array | None = None,
-    block_elems: int = DEFAULT_BLOCK_ELEMS,
+  x: Array,
+  w: Array,
+  w_bits: Any,
+  a_bits: Any,
+  cfg: XbarConfig,
+  *,
+  signed_input: bool,
+  max_w_bits: int = DEFAULT_MAX_BITS,
+  max_a_bits: int = DEFAULT_MAX_BITS,
+  adc_frac: Any = 1.0,
+  noise: NoiseConfig | None = None,
+  prog_key: Array | None = None,
+  read_key: Array | None = None,
+  block_elems: int = DEFAULT_BLOCK_ELEMS,
 ) -> Array:
   """Bit-sliced, mapped, tiled crossbar MVM of integer operands (the ``mvm`` hook's shape).
 
@@ -693,13 +712,29 @@ def crossbar_mvm(
   Returns:
     ``[R, T, m]`` float32, integer-valued.
   """
-  layout = make_layout(cfg, w.shape[-2], w.shape[-1], signed_input=signed_input,
-                       max_w_bits=max_w_bits, max_a_bits=max_a_bits)
+  layout = make_layout(
+    cfg,
+    w.shape[-2],
+    w.shape[-1],
+    signed_input=signed_input,
+    max_w_bits=max_w_bits,
+    max_a_bits=max_a_bits,
+  )
   levels = slice_levels(w, w_bits, layout)
   colsum = _to_int(w).sum(axis=-2) if (signed_input and cfg.input_scheme == "offset") else None
-  return simulate_levels(x, levels, w_bits, a_bits, layout, w_colsum=colsum, adc_frac=adc_frac,
-                         noise=noise, prog_key=prog_key, read_key=read_key,
-                         block_elems=block_elems)
+  return simulate_levels(
+    x,
+    levels,
+    w_bits,
+    a_bits,
+    layout,
+    w_colsum=colsum,
+    adc_frac=adc_frac,
+    noise=noise,
+    prog_key=prog_key,
+    read_key=read_key,
+    block_elems=block_elems,
+  )
 
 
 def int_matmul(x: Array, w: Array) -> Array:
@@ -764,22 +799,24 @@ def static_noise(noise: NoiseConfig | None) -> NoiseConfig | None:
   try:
     out = NoiseConfig(*(float(v) for v in noise))
   except (TypeError, jax.errors.ConcretizationTypeError):
-    raise TypeError("noise magnitudes must be concrete numbers (they are compile-time "
-                    "constants of the simulator), not traced values") from None
+    raise TypeError(
+      "noise magnitudes must be concrete numbers (they are compile-time "
+      "constants of the simulator), not traced values"
+    ) from None
   return None if out.is_zero() else out
 
 
 def make_mvm_hook(
-    cfg: XbarConfig,
-    *,
-    policy: Any = None,
-    max_bits: int = DEFAULT_MAX_BITS,
-    noise: NoiseConfig | None = None,
-    key: Array | None = None,
-    read_key: Array | None = None,
-    adc_frac: Any = None,
-    straight_through_grad: bool = True,
-    block_elems: int = DEFAULT_BLOCK_ELEMS,
+  cfg: XbarConfig,
+  *,
+  policy: Any = None,
+  max_bits: int = DEFAULT_MAX_BITS,
+  noise: NoiseConfig | None = None,
+  key: Array | None = None,
+  read_key: Array | None = None,
+  adc_frac: Any = None,
+  straight_through_grad: bool = True,
+  block_elems: int = DEFAULT_BLOCK_ELEMS,
 ) -> MvmHook:
   """An ``mvm`` hook for :func:`cimjax.models.forward` that runs every layer on the simulator.
 
@@ -822,9 +859,21 @@ def make_mvm_hook(
     if read_key is not None:
       rk = jax.random.fold_in(read_key, index)
     frac = 1.0 if adc_frac is None else adc_frac[index]
-    y = crossbar_mvm(x, w, w_bits, a_bits, cfg, signed_input=bool(spec.signed_input),
-                     max_w_bits=mw, max_a_bits=ma, adc_frac=frac, noise=noise, prog_key=pk,
-                     read_key=rk, block_elems=block_elems)
+    y = crossbar_mvm(
+      x,
+      w,
+      w_bits,
+      a_bits,
+      cfg,
+      signed_input=bool(spec.signed_input),
+      max_w_bits=mw,
+      max_a_bits=ma,
+      adc_frac=frac,
+      noise=noise,
+      prog_key=pk,
+      read_key=rk,
+      block_elems=block_elems,
+    )
     if straight_through_grad:
       y = straight_through(x, w, jax.lax.stop_gradient(y))
     return y
@@ -872,8 +921,9 @@ def requantize_fixed(acc: Any, mult: Any, shift: Any, lo: int, hi: int) -> np.nd
   prod = a * m
   pos = sh > 0
   rnd = np.where(pos, np.left_shift(np.int64(1), np.maximum(sh - 1, 0)), 0)
-  out = np.where(pos, np.right_shift(prod + rnd, np.maximum(sh, 0)),
-                 np.left_shift(prod, np.maximum(-sh, 0)))
+  out = np.where(
+    pos, np.right_shift(prod + rnd, np.maximum(sh, 0)), np.left_shift(prod, np.maximum(-sh, 0))
+  )
   return np.clip(out, lo, hi)
 
 
@@ -883,11 +933,37 @@ def requantize(acc: Array, scale: Array, lo: Any, hi: Any) -> Array:
 
 
 __all__ = [
-    "DEFAULT_MAX_BITS", "INPUT_SCHEMES", "Layout", "MAPPINGS", "NoiseConfig", "XbarConfig",
-    "adc_bounds", "adc_convert", "adc_step", "adc_utilisation", "column_coeffs",
-    "column_level_max", "combine_columns", "crossbar_mvm", "cycle_coeffs", "digit_bounds",
-    "fixed_point_multiplier", "input_digits", "int_matmul", "layer_keys", "make_layout",
-    "make_mvm_hook", "num_cycles", "num_slices", "requantize", "requantize_fixed",
-    "simulate_levels", "slice_levels", "static_noise", "straight_through", "tile_matrix",
-    "tile_mvm", "untile_matrix",
+  "DEFAULT_MAX_BITS",
+  "INPUT_SCHEMES",
+  "Layout",
+  "MAPPINGS",
+  "NoiseConfig",
+  "XbarConfig",
+  "adc_bounds",
+  "adc_convert",
+  "adc_step",
+  "adc_utilisation",
+  "column_coeffs",
+  "column_level_max",
+  "combine_columns",
+  "crossbar_mvm",
+  "cycle_coeffs",
+  "digit_bounds",
+  "fixed_point_multiplier",
+  "input_digits",
+  "int_matmul",
+  "layer_keys",
+  "make_layout",
+  "make_mvm_hook",
+  "num_cycles",
+  "num_slices",
+  "requantize",
+  "requantize_fixed",
+  "simulate_levels",
+  "slice_levels",
+  "static_noise",
+  "straight_through",
+  "tile_matrix",
+  "tile_mvm",
+  "untile_matrix",
 ]

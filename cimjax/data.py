@@ -52,29 +52,45 @@ from typing import Any
 
 import numpy as np
 
+from cimjax.errors import DataError  # noqa: F401 (re-exported)
+
 DEFAULT_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATA_DIR_ENV = "CIMJAX_DATA_DIR"
 FASHION_FILES = {
-    "train_images": "train-images-idx3-ubyte.gz",
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
+  "train_images": "train-images-idx3-ubyte.gz",
+  "train_labels": "train-labels-idx1-ubyte.gz",
+  "test_images": "t10k-images-idx3-ubyte.gz",
+  "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                   "Sneaker", "Bag", "Ankle boot")
+FASHION_CLASSES = (
+  "T-shirt/top",
+  "Trouser",
+  "Pullover",
+  "Dress",
+  "Coat",
+  "Sandal",
+  "Shirt",
+  "Sneaker",
+  "Bag",
+  "Ankle boot",
+)
 SUBSET_FILE = "fashion_mnist_subset.npz"
 _REPO_TEST_DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 DATASET_NAMES = ("fashion_mnist", "fashion_mnist_subset", "digits")
-_INSTALL_HINT = (f"install it with `apt-get install dataset-fashion-mnist` or set "
-                 f"{DATA_DIR_ENV} to a directory holding the four Fashion-MNIST IDX .gz files")
+_INSTALL_HINT = (
+  f"install it with `apt-get install dataset-fashion-mnist` or set "
+  f"{DATA_DIR_ENV} to a directory holding the four Fashion-MNIST IDX .gz files"
+)
 
 # IDX type codes -> numpy dtypes (big-endian where multi-byte).
-_IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
-               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-class DataError(RuntimeError):
-  """A dataset file is missing, truncated or malformed, or a split request is impossible."""
+_IDX_DTYPES = {
+  0x08: np.dtype(np.uint8),
+  0x09: np.dtype(np.int8),
+  0x0B: np.dtype(">i2"),
+  0x0C: np.dtype(">i4"),
+  0x0D: np.dtype(">f4"),
+  0x0E: np.dtype(">f8"),
+}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -140,8 +156,9 @@ class Splits:
 # IDX files
 
 
-def read_idx(path: str | os.PathLike[str], *, expected_ndim: int | None = None,
-             expected_dtype: Any = np.uint8) -> np.ndarray:
+def read_idx(
+  path: str | os.PathLike[str], *, expected_ndim: int | None = None, expected_dtype: Any = np.uint8
+) -> np.ndarray:
   """Reads an IDX file (gzip-compressed if the name ends in ``.gz``).
 
   IDX layout: two zero bytes, a type code (0x08 = uint8), the number of dimensions, then one
@@ -169,18 +186,21 @@ def read_idx(path: str | os.PathLike[str], *, expected_ndim: int | None = None,
     else:
       raw = p.read_bytes()
   except (OSError, EOFError, gzip.BadGzipFile) as e:
-    raise DataError(f"{p}: cannot read (truncated or corrupt file: {e}); "
-                    f"reinstall it: {_INSTALL_HINT}") from None
+    raise DataError(
+      f"{p}: cannot read (truncated or corrupt file: {e}); reinstall it: {_INSTALL_HINT}"
+    ) from None
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-    raise DataError(f"{p}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'}); "
-                    f"{_INSTALL_HINT}")
+    raise DataError(
+      f"{p}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'}); {_INSTALL_HINT}"
+    )
   dtype = _IDX_DTYPES[raw[2]]
   ndim = raw[3]
   if expected_dtype is not None and dtype != np.dtype(expected_dtype):
     raise DataError(f"{p}: IDX element type {dtype}, expected {np.dtype(expected_dtype)}")
   if expected_ndim is not None and ndim != expected_ndim:
-    raise DataError(f"{p}: IDX magic {raw[:4].hex()} says {ndim} dimensions, expected "
-                    f"{expected_ndim}")
+    raise DataError(
+      f"{p}: IDX magic {raw[:4].hex()} says {ndim} dimensions, expected {expected_ndim}"
+    )
   header = 4 + 4 * ndim
   if len(raw) < header:
     raise DataError(f"{p}: truncated IDX header ({len(raw)} bytes); {_INSTALL_HINT}")
@@ -189,8 +209,10 @@ def read_idx(path: str | os.PathLike[str], *, expected_ndim: int | None = None,
   got = len(raw) - header
   if got != expected:
     what = "truncated" if got < expected else "has trailing bytes"
-    raise DataError(f"{p}: {what}: header says shape {dims} ({expected} data bytes), file has "
-                    f"{got}; {_INSTALL_HINT}")
+    raise DataError(
+      f"{p}: {what}: header says shape {dims} ({expected} data bytes), file has "
+      f"{got}; {_INSTALL_HINT}"
+    )
   arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
   return arr.astype(dtype.newbyteorder("="), copy=True)
 
@@ -219,7 +241,7 @@ def fashion_mnist_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def load_fashion_mnist_raw(
-    data_dir: str | os.PathLike[str] | None = None,
+  data_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Reads the four Fashion-MNIST IDX files.
 
@@ -254,9 +276,13 @@ def subset_path() -> Path:
   return _REPO_TEST_DATA / SUBSET_FILE
 
 
-def write_fashion_subset(path: str | os.PathLike[str], n_train_per_class: int = 200,
-                         n_test_per_class: int = 100, seed: int = 0,
-                         data_dir: str | os.PathLike[str] | None = None) -> Path:
+def write_fashion_subset(
+  path: str | os.PathLike[str],
+  n_train_per_class: int = 200,
+  n_test_per_class: int = 100,
+  seed: int = 0,
+  data_dir: str | os.PathLike[str] | None = None,
+) -> Path:
   """Writes a class-balanced Fashion-MNIST subset as a compressed ``.npz`` (uint8).
 
   Keys ``x_train [N, 28, 28]``, ``y_train [N]``, ``x_test``, ``y_test``, ``train_index``,
@@ -274,8 +300,15 @@ def write_fashion_subset(path: str | os.PathLike[str], n_train_per_class: int = 
   p = Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
   tmp = p.with_name(p.name + ".tmp.npz")
-  np.savez_compressed(tmp, x_train=xtr[itr], y_train=ytr[itr], x_test=xte[ite], y_test=yte[ite],
-                      train_index=itr.astype(np.int64), test_index=ite.astype(np.int64))
+  np.savez_compressed(
+    tmp,
+    x_train=xtr[itr],
+    y_train=ytr[itr],
+    x_test=xte[ite],
+    y_test=yte[ite],
+    train_index=itr.astype(np.int64),
+    test_index=ite.astype(np.int64),
+  )
   os.replace(tmp, p)
   return p
 
@@ -283,8 +316,10 @@ def write_fashion_subset(path: str | os.PathLike[str], n_train_per_class: int = 
 def _load_subset_raw() -> tuple[np.ndarray, ...]:
   p = subset_path()
   if not p.is_file():
-    raise DataError(f"{p}: committed Fashion-MNIST subset not found (it lives in the source "
-                    f"tree under tests/data/, or in ${DATA_DIR_ENV})")
+    raise DataError(
+      f"{p}: committed Fashion-MNIST subset not found (it lives in the source "
+      f"tree under tests/data/, or in ${DATA_DIR_ENV})"
+    )
   try:
     with np.load(p, allow_pickle=False) as z:
       return z["x_train"], z["y_train"], z["x_test"], z["y_test"]
@@ -305,14 +340,17 @@ def _load_digits_raw() -> tuple[np.ndarray, ...]:
   if not (env and path.is_file()):  # a copy in $CIMJAX_DATA_DIR, else scikit-learn's own
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
-      raise DataError(f"the digits dataset needs scikit-learn (pip install scikit-learn) or "
-                      f"a copy of its digits.csv.gz in ${DATA_DIR_ENV}")
+      raise DataError(
+        f"the digits dataset needs scikit-learn (pip install scikit-learn) or "
+        f"a copy of its digits.csv.gz in ${DATA_DIR_ENV}"
+      )
     path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
   if path.is_file():
     table = np.loadtxt(path, delimiter=",")
     raw, target = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
   else:  # a future layout: go through the public loader
     from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
     d = load_digits()
     raw, target = d.images, d.target
   images = np.round(raw * (255.0 / 16.0)).astype(np.uint8)  # [1797, 8, 8], 0..16 -> 0..255
@@ -334,8 +372,9 @@ def _pad_and_channels(x: np.ndarray, image_size: int | None, channels: int | Non
   h, w = x.shape[1:3]
   if image_size:
     if image_size < max(h, w):
-      raise DataError(f"image_size={image_size} is smaller than the images ({h}x{w}); only "
-                      f"padding is supported")
+      raise DataError(
+        f"image_size={image_size} is smaller than the images ({h}x{w}); only padding is supported"
+      )
     top, left = (image_size - h) // 2, (image_size - w) // 2
     x = np.pad(x, ((0, 0), (top, image_size - h - top), (left, image_size - w - left), (0, 0)))
   if channels and channels != 1:
@@ -352,15 +391,15 @@ def _take(n_avail: int, size: int | None, what: str, name: str) -> int:
 
 
 def load_dataset(
-    name: str,
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    train_size: int | None = None,
-    val_size: int | None = None,
-    test_size: int | None = None,
-    split_seed: int = 0,
-    image_size: int | None = None,
-    channels: int | None = None,
+  name: str,
+  *,
+  data_dir: str | os.PathLike[str] | None = None,
+  train_size: int | None = None,
+  val_size: int | None = None,
+  test_size: int | None = None,
+  split_seed: int = 0,
+  image_size: int | None = None,
+  channels: int | None = None,
 ) -> Splits:
   """Loads a dataset as normalised float32 NHWC train/val/test splits.
 
@@ -390,32 +429,42 @@ def load_dataset(
     xtr, ytr, xte, yte = _load_digits_raw()
   else:
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
-  n_val = _take(len(ytr), _DEFAULT_VAL[name] if val_size is None else val_size, "val_size",
-                name)
+  n_val = _take(len(ytr), _DEFAULT_VAL[name] if val_size is None else val_size, "val_size", name)
   perm = np.random.default_rng(split_seed).permutation(len(ytr))
   val_idx = perm[:n_val]
   rest = perm[n_val:]
-  train_idx = rest[:_take(len(rest), train_size, "train_size", name)]
+  train_idx = rest[: _take(len(rest), train_size, "train_size", name)]
   test_idx = np.arange(_take(len(yte), test_size, "test_size", name))
   if len(train_idx) == 0:
-    raise DataError(f"{name}: the train split is empty (train_size={train_size}, "
-                    f"val_size={val_size})")
+    raise DataError(
+      f"{name}: the train split is empty (train_size={train_size}, val_size={val_size})"
+    )
 
   xtr_p = _pad_and_channels(xtr[train_idx], image_size, channels)
   flat = xtr_p.reshape(-1, xtr_p.shape[-1]).astype(np.float64)
   mean = flat.mean(axis=0)
   std = np.maximum(flat.std(axis=0), 1e-6)
 
-  def make(x: np.ndarray, y: np.ndarray, idx: np.ndarray, padded: np.ndarray | None = None
-           ) -> Dataset:
+  def make(
+    x: np.ndarray, y: np.ndarray, idx: np.ndarray, padded: np.ndarray | None = None
+  ) -> Dataset:
     xp = _pad_and_channels(x[idx], image_size, channels) if padded is None else padded
-    imgs = ((xp.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32))
-    return Dataset(images=np.ascontiguousarray(imgs, np.float32),
-                   labels=y[idx].astype(np.int32), index=idx.astype(np.int64))
+    imgs = (xp.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32)
+    return Dataset(
+      images=np.ascontiguousarray(imgs, np.float32),
+      labels=y[idx].astype(np.int32),
+      index=idx.astype(np.int64),
+    )
 
-  return Splits(name=name, train=make(xtr, ytr, train_idx, xtr_p), val=make(xtr, ytr, val_idx),
-                test=make(xte, yte, test_idx), num_classes=10,
-                mean=mean.astype(np.float32), std=std.astype(np.float32))
+  return Splits(
+    name=name,
+    train=make(xtr, ytr, train_idx, xtr_p),
+    val=make(xtr, ytr, val_idx),
+    test=make(xte, yte, test_idx),
+    num_classes=10,
+    mean=mean.astype(np.float32),
+    std=std.astype(np.float32),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,6 +476,7 @@ def _seed_words(key: Any) -> list[int]:
   if isinstance(key, (int, np.integer)):
     return [int(key) & 0xFFFFFFFF, (int(key) >> 32) & 0xFFFFFFFF]
   import jax  # pylint: disable=g-import-not-at-top
+
   if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   return [int(v) for v in np.asarray(key, dtype=np.uint32).reshape(-1)]
@@ -456,8 +506,9 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
   return n // batch_size
 
 
-def epoch_batches(ds: Dataset, batch_size: int, key: Any, epoch: int, *, start: int = 0
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def epoch_batches(
+  ds: Dataset, batch_size: int, key: Any, epoch: int, *, start: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Shuffled fixed-size batches of one epoch (remainder dropped).
 
   Args:
@@ -473,12 +524,13 @@ def epoch_batches(ds: Dataset, batch_size: int, key: Any, epoch: int, *, start: 
   spe = steps_per_epoch(len(ds), batch_size)
   perm = epoch_permutation(key, epoch, len(ds))
   for i in range(start, spe):
-    idx = np.sort(perm[i * batch_size:(i + 1) * batch_size])  # sorted: faster gather
+    idx = np.sort(perm[i * batch_size : (i + 1) * batch_size])  # sorted: faster gather
     yield ds.images[idx], ds.labels[idx]
 
 
-def train_batches(ds: Dataset, batch_size: int, key: Any, start_step: int = 0
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def train_batches(
+  ds: Dataset, batch_size: int, key: Any, start_step: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Endless shuffled batches, epoch after epoch, from global step ``start_step``.
 
   Batch ``s`` is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``, so the data
@@ -491,8 +543,9 @@ def train_batches(ds: Dataset, batch_size: int, key: Any, start_step: int = 0
     epoch, start = epoch + 1, 0
 
 
-def eval_batches(ds: Dataset, batch_size: int
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def eval_batches(
+  ds: Dataset, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Every image exactly once, in order, in fixed-size batches (the last one padded).
 
   Yields:
@@ -509,13 +562,25 @@ def eval_batches(ds: Dataset, batch_size: int
       pad = bs - (hi - lo)
       x = np.concatenate([x, np.repeat(ds.images[:1], pad, axis=0)])
       y = np.concatenate([y, np.repeat(ds.labels[:1], pad)])
-      mask[hi - lo:] = False
+      mask[hi - lo :] = False
     yield x, y, mask
 
 
 __all__ = [
-    "DATASET_NAMES", "DataError", "Dataset", "FASHION_CLASSES", "Splits", "epoch_batches",
-    "epoch_permutation", "eval_batches", "fashion_mnist_dir", "load_dataset",
-    "load_fashion_mnist_raw", "read_idx", "steps_per_epoch", "train_batches", "write_idx",
-    "write_fashion_subset",
+  "DATASET_NAMES",
+  "DataError",
+  "Dataset",
+  "FASHION_CLASSES",
+  "Splits",
+  "epoch_batches",
+  "epoch_permutation",
+  "eval_batches",
+  "fashion_mnist_dir",
+  "load_dataset",
+  "load_fashion_mnist_raw",
+  "read_idx",
+  "steps_per_epoch",
+  "train_batches",
+  "write_idx",
+  "write_fashion_subset",
 ]

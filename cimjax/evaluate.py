@@ -91,13 +91,16 @@ def _batch_data(x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[Array, A
   xp = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
   yp = np.concatenate([y, np.zeros((pad,), y.dtype)]) if pad else y
   wp = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-  return (jnp.asarray(xp.reshape(nb, batch_size, *x.shape[1:]), jnp.float32),
-          jnp.asarray(yp.reshape(nb, batch_size), jnp.int32),
-          jnp.asarray(wp.reshape(nb, batch_size)))
+  return (
+    jnp.asarray(xp.reshape(nb, batch_size, *x.shape[1:]), jnp.float32),
+    jnp.asarray(yp.reshape(nb, batch_size), jnp.int32),
+    jnp.asarray(wp.reshape(nb, batch_size)),
+  )
 
 
-def make_policy_score(module: Any, variables: Any) -> Callable[[Array, Array, Array, Array],
-                                                               tuple[Array, Array]]:
+def make_policy_score(
+  module: Any, variables: Any
+) -> Callable[[Array, Array, Array, Array], tuple[Array, Array]]:
   """The per-candidate function every strategy shares.
 
   Returns:
@@ -122,15 +125,15 @@ def make_policy_score(module: Any, variables: Any) -> Callable[[Array, Array, Ar
 
 
 def make_evaluator(
-    model: Any,
-    variables: Any,
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    strategy: str = "auto",
-    chunk: int = 16,
-    batch_size: int = 500,
-    devices: Sequence[Any] | None = None,
+  model: Any,
+  variables: Any,
+  x: np.ndarray,
+  y: np.ndarray,
+  *,
+  strategy: str = "auto",
+  chunk: int = 16,
+  batch_size: int = 500,
+  devices: Sequence[Any] | None = None,
 ) -> Callable[[Any], EvalResult]:
   """Builds an evaluator of bit policies on a fixed split.
 
@@ -176,8 +179,9 @@ def make_evaluator(
     sharding = None
     if strategy == "shard":
       devs = list(devices if devices is not None else jax.devices())
-      mesh = jax.sharding.Mesh(np.asarray(devs), ("cand",),
-                               axis_types=(jax.sharding.AxisType.Auto,))
+      mesh = jax.sharding.Mesh(
+        np.asarray(devs), ("cand",), axis_types=(jax.sharding.AxisType.Auto,)
+      )
       sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("cand"))
       ndev = len(devs)
       size = _round_up(chunk, ndev)
@@ -191,7 +195,7 @@ def make_evaluator(
       padded = _pad_rows(pols, step)
       cs, ls = [], []
       for start in range(0, padded.shape[0], step):
-        part = padded[start:start + step]
+        part = padded[start : start + step]
         if sharding is not None:
           part = jax.device_put(part, sharding)
         c, l = many(part, xb, yb, wb)
@@ -221,8 +225,9 @@ def make_evaluator(
     if pols.ndim != 3 or pols.shape[-1] != 2:
       raise ValueError(f"policies must be [N, L, 2] or [L, 2]; got shape {tuple(pols.shape)}")
     correct, loss = run(pols)
-    return EvalResult(accuracy=100.0 * correct / num, loss=loss / num,
-                      correct=correct.astype(np.int64))
+    return EvalResult(
+      accuracy=100.0 * correct / num, loss=loss / num, correct=correct.astype(np.int64)
+    )
 
   evaluate.strategy = strategy  # type: ignore[attr-defined]
   evaluate.num_images = num  # type: ignore[attr-defined]
@@ -242,9 +247,11 @@ def _pad_rows(pols: Array, multiple: int) -> Array:
   return jnp.concatenate([pols, jnp.repeat(pols[-1:], target - n, axis=0)])
 
 
-def evaluate_policy(model: Any, variables: Any, x: np.ndarray, y: np.ndarray, policy: Any,
-                    *, batch_size: int = 500) -> tuple[float, float]:
+def evaluate_policy(
+  model: Any, variables: Any, x: np.ndarray, y: np.ndarray, policy: Any, *, batch_size: int = 500
+) -> tuple[float, float]:
   """Single-policy evaluation: ``(accuracy %, mean loss)`` (reference for the strategies)."""
   res = make_evaluator(model, variables, x, y, strategy="loop", batch_size=batch_size)(
-      jnp.asarray(policy)[None])
+    jnp.asarray(policy)[None]
+  )
   return float(res.accuracy[0]), float(res.loss[0])

@@ -35,10 +35,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from pathlib import Path
 import sys
 import tomllib
+from pathlib import Path
 from typing import Any, Literal
+
+from cimjax.errors import HwError  # noqa: F401 (re-exported)
 
 Mapping = Literal["of", "dc", "dr"]
 LatencyMode = Literal["serial", "stationary", "parallel"]
@@ -50,10 +52,6 @@ HW_DIR_ENV = "CIMJAX_HW_DIR"
 _INT_FIELDS = ("rows", "cols", "cell_bits", "dac_bits", "num_crossbars", "batch")
 _TIME_FIELDS = ("t_write_us", "t_exec_us")
 _ENERGY_FIELDS = ("e_dac_pj", "e_cell_read_pj", "e_adc_pj", "e_shift_add_pj", "e_write_pj")
-
-
-class HwError(ValueError):
-  """A hardware target could not be found, parsed or validated."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +142,7 @@ class HardwareTarget:
         fail(f, v, "an integer >= 1")
     if not 1 <= self.cell_bits <= 4:
       fail("cell_bits", self.cell_bits, "an integer in 1..4")
-    if self.adc_bits is not None and (not _is_int(self.adc_bits)
-                                      or not 1 <= self.adc_bits <= 32):
+    if self.adc_bits is not None and (not _is_int(self.adc_bits) or not 1 <= self.adc_bits <= 32):
       fail("adc_bits", self.adc_bits, '"ideal" or an integer in 1..32')
     if self.mapping not in MAPPINGS:
       fail("mapping", self.mapping, " | ".join(f'"{m}"' for m in MAPPINGS))
@@ -191,8 +188,10 @@ def _is_real(v: Any) -> bool:
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(HardwareTarget))
 REQUIRED_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(HardwareTarget)
-    if f.default is dataclasses.MISSING and f.name != "name")
+  f.name
+  for f in dataclasses.fields(HardwareTarget)
+  if f.default is dataclasses.MISSING and f.name != "name"
+)
 
 
 def hw_search_path() -> list[Path]:
@@ -234,13 +233,16 @@ def find_hw(name: str) -> Path:
     if p.is_file():
       return p
   available = ", ".join(list_hw()) or "none"
-  raise HwError(f"unknown hardware target {name!r}; available: {available} "
-                f"(or pass a path to a .toml file; search path: "
-                f"{os.pathsep.join(str(d) for d in hw_search_path())})")
+  raise HwError(
+    f"unknown hardware target {name!r}; available: {available} "
+    f"(or pass a path to a .toml file; search path: "
+    f"{os.pathsep.join(str(d) for d in hw_search_path())})"
+  )
 
 
-def hw_from_dict(data: dict[str, Any], *, default_name: str = "", origin: str = "") -> (
-    HardwareTarget):
+def hw_from_dict(
+  data: dict[str, Any], *, default_name: str = "", origin: str = ""
+) -> HardwareTarget:
   """Builds and validates a target from a flat dict (the parsed TOML).
 
   Args:
@@ -254,18 +256,23 @@ def hw_from_dict(data: dict[str, Any], *, default_name: str = "", origin: str = 
   where = f"{origin}: " if origin else ""
   unknown = sorted(set(data) - set(FIELDS))
   if unknown:
-    raise HwError(f"{where}unknown field(s) {', '.join(map(repr, unknown))}; "
-                  f"allowed fields: {', '.join(FIELDS)}")
+    raise HwError(
+      f"{where}unknown field(s) {', '.join(map(repr, unknown))}; "
+      f"allowed fields: {', '.join(FIELDS)}"
+    )
   missing = [f for f in REQUIRED_FIELDS if f not in data]
   if missing:
-    raise HwError(f"{where}missing required field(s) {', '.join(map(repr, missing))}; "
-                  f"required fields: {', '.join(REQUIRED_FIELDS)}")
+    raise HwError(
+      f"{where}missing required field(s) {', '.join(map(repr, missing))}; "
+      f"required fields: {', '.join(REQUIRED_FIELDS)}"
+    )
   kwargs = dict(data)
   kwargs.setdefault("name", default_name)
   adc = kwargs["adc_bits"]
   if isinstance(adc, str) and adc != "ideal":
-    raise HwError(f"{where}field 'adc_bits' = {adc!r} is invalid; allowed: "
-                  f'"ideal" or an integer in 1..32')
+    raise HwError(
+      f"{where}field 'adc_bits' = {adc!r} is invalid; allowed: \"ideal\" or an integer in 1..32"
+    )
   try:
     return HardwareTarget(**kwargs)
   except HwError as e:

@@ -49,11 +49,20 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
   return write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 2,
-               sort_keys: bool = False, allow_nan: bool = False) -> Path:
+def write_json(
+  path: str | os.PathLike[str],
+  obj: Any,
+  *,
+  indent: int = 2,
+  sort_keys: bool = False,
+  allow_nan: bool = False,
+) -> Path:
   """Atomically writes ``obj`` as JSON (numpy arrays/scalars, paths, sets converted)."""
-  return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys,
-                                     default=_jsonable, allow_nan=allow_nan) + "\n")
+  return write_text(
+    path,
+    json.dumps(obj, indent=indent, sort_keys=sort_keys, default=_jsonable, allow_nan=allow_nan)
+    + "\n",
+  )
 
 
 def _jsonable(obj: Any) -> Any:

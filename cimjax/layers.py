@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from cimjax import quant
+from cimjax.errors import PolicyLengthError  # noqa: F401 (re-exported)
 from cimjax.spec import LayerSpec
 
 Array = jax.Array
@@ -40,8 +41,9 @@ DEFAULT_MAX_BITS = 8
 CALIB_SAMPLES = 65536  # values kept per layer input in calibration mode
 
 
-def _quantize_operands(x: Array, w: Array, a_clip: Array, w_clip: Array, bits: Array,
-                       signed_input: bool) -> tuple[Array, Array, Array, Array]:
+def _quantize_operands(
+  x: Array, w: Array, a_clip: Array, w_clip: Array, bits: Array, signed_input: bool
+) -> tuple[Array, Array, Array, Array]:
   """Integer codes and scales of both operands of a quantized product.
 
   Args:
@@ -58,10 +60,6 @@ def _quantize_operands(x: Array, w: Array, a_clip: Array, w_clip: Array, bits: A
   xq, sx = quant.quantize_act(x, quant.gather_clip(a_clip, a_bits), a_bits, signed=signed_input)
   wq, sw = quant.quantize_weight(w, quant.gather_clip(w_clip, w_bits), w_bits)
   return xq, sx, wq, sw
-
-
-class PolicyLengthError(ValueError):
-  """The policy's number of rows does not match the model's quantizable layers."""
 
 
 @dataclasses.dataclass
@@ -98,7 +96,7 @@ class QuantContext:
     num = self.policy.shape[0]
     if i >= num:
       raise PolicyLengthError(
-          f"policy has {num} rows but the model has more quantizable layers (at least {i + 1})"
+        f"policy has {num} rows but the model has more quantizable layers (at least {i + 1})"
       )
     return i, self.policy[i]
 
@@ -106,13 +104,14 @@ class QuantContext:
     """Checks every policy row was used (call after the forward pass)."""
     if self.policy is not None and self.policy.shape[0] != self.index:
       raise PolicyLengthError(
-          f"policy has {self.policy.shape[0]} rows but the model has {self.index} "
-          "quantizable layers"
+        f"policy has {self.policy.shape[0]} rows but the model has {self.index} quantizable layers"
       )
 
 
 def _clip_table(name: str, module: nn.Module, shape: Sequence[int], init_value: Any) -> Array:
-  return module.param(name, lambda _: jnp.broadcast_to(init_value, tuple(shape)).astype(jnp.float32))
+  return module.param(
+    name, lambda _: jnp.broadcast_to(init_value, tuple(shape)).astype(jnp.float32)
+  )
 
 
 class _QuantOp(nn.Module):
@@ -136,10 +135,18 @@ class _QuantOp(nn.Module):
       for k, v in arrays.items():
         self.sow("cim", k, v)
 
-  def _weight_layer(self, x: Array, kernel: Array, bias: Array | None, ctx: QuantContext,
-                    spec: LayerSpec, index: int, bits: Array | None,
-                    native: Callable[[Array, Array], Array],
-                    hooked: Callable[[Array, Array, MvmFn], Array]) -> Array:
+  def _weight_layer(
+    self,
+    x: Array,
+    kernel: Array,
+    bias: Array | None,
+    ctx: QuantContext,
+    spec: LayerSpec,
+    index: int,
+    bits: Array | None,
+    native: Callable[[Array, Array], Array],
+    hooked: Callable[[Array, Array, MvmFn], Array],
+  ) -> Array:
     """Clip tables, quantization, integer product (native or hook) and dequantization.
 
     Args:
@@ -152,9 +159,12 @@ class _QuantOp(nn.Module):
     self._record(ctx, spec)
     ch = kernel.shape[-1] if self.per_channel else 1
     red = tuple(range(kernel.ndim - 1))
-    w_clip = _clip_table("w_clip", self, (self.max_bits, ch),
-                         jnp.max(jnp.abs(kernel), axis=red) if self.per_channel
-                         else jnp.max(jnp.abs(kernel)))
+    w_clip = _clip_table(
+      "w_clip",
+      self,
+      (self.max_bits, ch),
+      jnp.max(jnp.abs(kernel), axis=red) if self.per_channel else jnp.max(jnp.abs(kernel)),
+    )
     a_clip = self._act_clip()
     self._calib(ctx, "x", x)
     if bits is None:
@@ -174,7 +184,9 @@ class _QuantOp(nn.Module):
     return y
 
 
-def _product(ctx: QuantContext, x: Array, w: Array, native: Callable[[Array, Array], Array]) -> Array:
+def _product(
+  ctx: QuantContext, x: Array, w: Array, native: Callable[[Array, Array], Array]
+) -> Array:
   if ctx.int_dtype == jnp.float32:
     return native(x, w)
   out = native(x.astype(ctx.int_dtype), w.astype(ctx.int_dtype))
@@ -210,21 +222,44 @@ class QuantDense(_QuantOp):
     for d in x.shape[1:-1]:
       tokens *= d
     spec = LayerSpec(
-        name="/".join(self.path), kind="Dense", m=self.features, n=n, invocations=tokens,
-        repeat=1, in_channels=n, out_channels=self.features, kernel=(1, 1), stride=0,
-        groups=1, input_size=n, signed_input=self.signed_input)
+      name="/".join(self.path),
+      kind="Dense",
+      m=self.features,
+      n=n,
+      invocations=tokens,
+      repeat=1,
+      in_channels=n,
+      out_channels=self.features,
+      kernel=(1, 1),
+      stride=0,
+      groups=1,
+      input_size=n,
+      signed_input=self.signed_input,
+    )
     native = lambda a, b: jnp.einsum("...n,nm->...m", a, b, precision=HIGHEST)  # noqa: E731
-    hooked = lambda a, b, mvm: mvm(a.reshape(1, -1, n), b[None]).reshape(  # noqa: E731
-        *x.shape[:-1], self.features)
+    hooked = (
+      lambda a, b, mvm: mvm(a.reshape(1, -1, n), b[None]).reshape(  # noqa: E731
+        *x.shape[:-1], self.features
+      )
+    )
     return self._weight_layer(x, kernel, bias, ctx, spec, index, bits, native, hooked)
 
 
-def conv_patches(x: Array, kernel_size: tuple[int, int], strides: tuple[int, int],
-                 padding: str | Sequence[tuple[int, int]]) -> Array:
+def conv_patches(
+  x: Array,
+  kernel_size: tuple[int, int],
+  strides: tuple[int, int],
+  padding: str | Sequence[tuple[int, int]],
+) -> Array:
   """im2col: ``[B, H, W, C] -> [B, Ho, Wo, C*kh*kw]`` with features ordered (c, kh, kw)."""
   return jax.lax.conv_general_dilated_patches(
-      x, filter_shape=kernel_size, window_strides=strides, padding=padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
+    x,
+    filter_shape=kernel_size,
+    window_strides=strides,
+    padding=padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=HIGHEST,
+  )
 
 
 def conv_kernel_matrices(kernel: Array, groups: int) -> Array:
@@ -239,8 +274,15 @@ def conv_kernel_matrices(kernel: Array, groups: int) -> Array:
   return k.reshape(groups, cg * kh * kw, og)
 
 
-def conv_as_matmul(x: Array, kernel: Array, *, strides: tuple[int, int], padding: Any,
-                   groups: int, mvm: Callable[[Array, Array], Array]) -> Array:
+def conv_as_matmul(
+  x: Array,
+  kernel: Array,
+  *,
+  strides: tuple[int, int],
+  padding: Any,
+  groups: int,
+  mvm: Callable[[Array, Array], Array],
+) -> Array:
   """A (grouped) convolution computed as per-group matrix products ``mvm(x [g,T,n], w [g,n,m])``.
 
   Args:
@@ -290,31 +332,49 @@ class QuantConv(_QuantOp):
 
   def _native(self, a: Array, b: Array) -> Array:
     return jax.lax.conv_general_dilated(
-        a, b, window_strides=self.strides, padding=self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups,
-        precision=HIGHEST)
+      a,
+      b,
+      window_strides=self.strides,
+      padding=self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=self.groups,
+      precision=HIGHEST,
+    )
 
   @nn.compact
   def __call__(self, x: Array, ctx: QuantContext) -> Array:
     """Args: x ``[batch, H, W, C_in]``. Returns ``[batch, H_out, W_out, features]``."""
     c_in = x.shape[-1]
     if c_in % self.groups or self.features % self.groups:
-      raise ValueError(f"{'/'.join(self.path)}: groups={self.groups} must divide in channels "
-                       f"{c_in} and out channels {self.features}")
+      raise ValueError(
+        f"{'/'.join(self.path)}: groups={self.groups} must divide in channels "
+        f"{c_in} and out channels {self.features}"
+      )
     kh, kw = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (kh, kw, c_in // self.groups, self.features),
-                        jnp.float32)
+    kernel = self.param(
+      "kernel", self.kernel_init, (kh, kw, c_in // self.groups, self.features), jnp.float32
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
     index, bits = ctx.take()
     y_shape = jax.eval_shape(self._native, x, kernel).shape
     spec = LayerSpec(
-        name="/".join(self.path), kind="Conv2D", m=self.features // self.groups,
-        n=c_in // self.groups * kh * kw, invocations=y_shape[1] * y_shape[2],
-        repeat=self.groups, in_channels=c_in, out_channels=self.features,
-        kernel=(kh, kw), stride=self.strides[0], groups=self.groups,
-        input_size=x.shape[1] * x.shape[2], signed_input=self.signed_input)
+      name="/".join(self.path),
+      kind="Conv2D",
+      m=self.features // self.groups,
+      n=c_in // self.groups * kh * kw,
+      invocations=y_shape[1] * y_shape[2],
+      repeat=self.groups,
+      in_channels=c_in,
+      out_channels=self.features,
+      kernel=(kh, kw),
+      stride=self.strides[0],
+      groups=self.groups,
+      input_size=x.shape[1] * x.shape[2],
+      signed_input=self.signed_input,
+    )
     hooked = lambda a, b, mvm: conv_as_matmul(  # noqa: E731
-        a, b, strides=self.strides, padding=self.padding, groups=self.groups, mvm=mvm)
+      a, b, strides=self.strides, padding=self.padding, groups=self.groups, mvm=mvm
+    )
     return self._weight_layer(x, kernel, bias, ctx, spec, index, bits, self._native, hooked)
 
 
@@ -345,10 +405,24 @@ class QuantMatMul(_QuantOp):
     b, r, t, n = x.shape
     m = w.shape[-1]
     index, bits = ctx.take()
-    self._record(ctx, LayerSpec(
-        name="/".join(self.path), kind="MatMul", m=m, n=n, invocations=t, repeat=r,
-        in_channels=n, out_channels=m, kernel=(1, 1), stride=0, groups=1,
-        input_size=t * n, signed_input=self.signed_input))
+    self._record(
+      ctx,
+      LayerSpec(
+        name="/".join(self.path),
+        kind="MatMul",
+        m=m,
+        n=n,
+        invocations=t,
+        repeat=r,
+        in_channels=n,
+        out_channels=m,
+        kernel=(1, 1),
+        stride=0,
+        groups=1,
+        input_size=t * n,
+        signed_input=self.signed_input,
+      ),
+    )
     w_clip = _clip_table("w_clip", self, (self.max_bits,), self.w_clip_init)
     a_clip = _clip_table("a_clip", self, (self.max_bits,), self.a_clip_init)
     self._calib(ctx, "x", x)
@@ -360,8 +434,9 @@ class QuantMatMul(_QuantOp):
     xq, sx, wq, sw = _quantize_operands(x, w, a_clip, w_clip, bits, self.signed_input)
     if ctx.mvm is not None:
       spec = ctx.specs[index] if index < len(ctx.specs) else None
-      acc = ctx.mvm(index, spec, xq.reshape(b * r, t, n), wq.reshape(b * r, n, m),
-                    w_bits, a_bits).reshape(b, r, t, m)
+      acc = ctx.mvm(
+        index, spec, xq.reshape(b * r, t, n), wq.reshape(b * r, n, m), w_bits, a_bits
+      ).reshape(b, r, t, m)
     else:
       acc = _product(ctx, xq, wq, native)
     self._capture(ctx, x_int=xq, w_int=wq, acc=acc)

@@ -36,16 +36,13 @@ from cimjax import hw as hw_lib
 from cimjax import io
 from cimjax import policy as policy_lib
 from cimjax import train as train_lib
+from cimjax.errors import PipelineError  # noqa: F401 (re-exported)
 from cimjax.search import accuracy as acc_lib
 from cimjax.search import runner as search_lib
 from cimjax.trace import trace_specs
 
 STAGES = ("fp32", "int8", "anyprec", "search", "finetune", "evaluate", "compile", "report")
 FINETUNE_NAME = "chosen"
-
-
-class PipelineError(RuntimeError):
-  """A stage cannot run (missing prerequisite, bad policy, config changed between runs)."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -78,16 +75,27 @@ def default_config() -> ml_collections.ConfigDict:
   t.bits.cell_bits = 0  # filled from the hardware target
   c.train = t
   c.hw = "rram_64_c2"
-  c.search = ml_collections.ConfigDict(dict(
-      agent="pg", budget=1000, acc_drop=0.5, constraint="both", seed=0, mode="auto",
-      population=0, search_images=2000, final_top_k=64))
+  c.search = ml_collections.ConfigDict(
+    dict(
+      agent="pg",
+      budget=1000,
+      acc_drop=0.5,
+      constraint="both",
+      seed=0,
+      mode="auto",
+      population=0,
+      search_images=2000,
+      final_top_k=64,
+    )
+  )
   c.compile = ml_collections.ConfigDict(dict(num_verify=16, eval_images=2000, input_scheme="twos"))
   c.from_policy = ""
   return c
 
 
-def choose_policy(search_best: np.ndarray, final: dict[str, Any] | None
-                  ) -> tuple[np.ndarray, dict[str, Any]]:
+def choose_policy(
+  search_best: np.ndarray, final: dict[str, Any] | None
+) -> tuple[np.ndarray, dict[str, Any]]:
   """The policy the run fine-tunes: the best *final-split* reward among the re-evaluated ones.
 
   The search's winner is the best of many noisy scores on the search images (winner's curse):
@@ -109,10 +117,15 @@ def choose_policy(search_best: np.ndarray, final: dict[str, Any] | None
   j = max(range(len(cands)), key=lambda i: (cands[i]["reward"], -i))
   c = cands[j]
   return np.asarray(c["policy"], np.int32), {
-      "by": f"{final['name']} reward", "rank_in_search": j, "pool": len(cands),
-      "final_accuracy": c["accuracy"], "final_target": final["acc_target"],
-      "feasible_on_final": c["feasible"], "speedup": c["speedup"],
-      "search_winner_final_accuracy": cands[0]["accuracy"]}
+    "by": f"{final['name']} reward",
+    "rank_in_search": j,
+    "pool": len(cands),
+    "final_accuracy": c["accuracy"],
+    "final_target": final["acc_target"],
+    "feasible_on_final": c["feasible"],
+    "speedup": c["speedup"],
+    "search_winner_final_accuracy": cands[0]["accuracy"],
+  }
 
 
 def _json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -148,8 +161,9 @@ class Pipeline:
     log: a function printing one progress line.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path,
-               log: Callable[[str], None] = print):
+  def __init__(
+    self, config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[str], None] = print
+  ):
     self.config = prepare(config)
     self.workdir = Path(workdir)
     self.log = log
@@ -159,8 +173,9 @@ class Pipeline:
     self.given_policy = None
     if self.config.from_policy:  # fail early, before any training
       specs = trace_specs(self.model)
-      self.given_policy = policy_lib.load_policy(self.config.from_policy, len(specs),
-                                                 layer_names=[s.name for s in specs])
+      self.given_policy = policy_lib.load_policy(
+        self.config.from_policy, len(specs), layer_names=[s.name for s in specs]
+      )
 
   # -- shared state --------------------------------------------------------------------------
   @property
@@ -187,10 +202,15 @@ class Pipeline:
     if path.is_file():
       old = json.loads(path.read_text())
       if old != cur:
-        diff = sorted(k for k in set(_flatten(old)) | set(_flatten(cur))
-                      if _flatten(old).get(k) != _flatten(cur).get(k))
-        raise PipelineError(f"{self.workdir} holds a run with another config (fields "
-                            f"{', '.join(diff[:5])}); use a new --workdir")
+        diff = sorted(
+          k
+          for k in set(_flatten(old)) | set(_flatten(cur))
+          if _flatten(old).get(k) != _flatten(cur).get(k)
+        )
+        raise PipelineError(
+          f"{self.workdir} holds a run with another config (fields "
+          f"{', '.join(diff[:5])}); use a new --workdir"
+        )
     else:
       io.write_json(path, cur)
 
@@ -244,8 +264,11 @@ class Pipeline:
     sc = self.config.search
     if self.given_policy is not None:
       pol = self.given_policy
-      result = {"chosen_policy": np.asarray(pol).tolist(), "source": str(self.config.from_policy),
-                "searched": False}
+      result = {
+        "chosen_policy": np.asarray(pol).tolist(),
+        "source": str(self.config.from_policy),
+        "searched": False,
+      }
       policy_lib.save_policy(d / "chosen_policy.npy", pol)
       return result
     src = self.stage_dir("anyprec")
@@ -255,20 +278,45 @@ class Pipeline:
     val = self.splits.val
     n_search = min(int(sc.search_images), len(val) - 1) if sc.search_images > 0 else len(val) // 2
     bs = self.config.train.eval_batch_size
-    search_acc = acc_lib.DataAccuracy(self.model, variables, val.images[:n_search],
-                                      val.labels[:n_search], batch_size=bs, name="val_search")
-    final_acc = acc_lib.DataAccuracy(self.model, variables, val.images[n_search:],
-                                     val.labels[n_search:], batch_size=bs, name="val_final")
-    cfg = search_lib.SearchConfig(agent=sc.agent, budget=int(sc.budget), acc_drop=float(sc.acc_drop),
-                                  constraint=sc.constraint, seed=int(sc.seed), mode=sc.mode,
-                                  population=int(sc.population), final_top_k=int(sc.final_top_k))
-    res = search_lib.run_search(self.model, specs, tables, search_acc, cfg, hw=self.hw,
-                                final_accuracy=final_acc, workdir=d)
+    search_acc = acc_lib.DataAccuracy(
+      self.model,
+      variables,
+      val.images[:n_search],
+      val.labels[:n_search],
+      batch_size=bs,
+      name="val_search",
+    )
+    final_acc = acc_lib.DataAccuracy(
+      self.model,
+      variables,
+      val.images[n_search:],
+      val.labels[n_search:],
+      batch_size=bs,
+      name="val_final",
+    )
+    cfg = search_lib.SearchConfig(
+      agent=sc.agent,
+      budget=int(sc.budget),
+      acc_drop=float(sc.acc_drop),
+      constraint=sc.constraint,
+      seed=int(sc.seed),
+      mode=sc.mode,
+      population=int(sc.population),
+      final_top_k=int(sc.final_top_k),
+    )
+    res = search_lib.run_search(
+      self.model, specs, tables, search_acc, cfg, hw=self.hw, final_accuracy=final_acc, workdir=d
+    )
     chosen, pick = choose_policy(res.best_policy, res.final)
     policy_lib.save_policy(d / "chosen_policy.npy", chosen)
-    result = {"chosen_policy": np.asarray(chosen).tolist(), "searched": True,
-              "summary": res.summary(), "search_images": n_search,
-              "final_images": len(val) - n_search, "chosen": pick}
+    result = {
+      "chosen_policy": np.asarray(chosen).tolist(),
+      "searched": True,
+      "summary": res.summary(),
+      "search_images": n_search,
+      "final_images": len(val) - n_search,
+      "chosen": pick,
+    }
     return result
 
   def chosen_policy(self) -> np.ndarray:
@@ -278,25 +326,31 @@ class Pipeline:
     return np.asarray(_read(d)["chosen_policy"], np.int32)
 
   def stage_finetune(self) -> dict[str, Any]:
-    return train_lib.run_stage(self.config.train, "finetune", self.workdir,
-                               policy=self.chosen_policy(), policy_name=FINETUNE_NAME,
-                               splits=self.splits)
+    return train_lib.run_stage(
+      self.config.train,
+      "finetune",
+      self.workdir,
+      policy=self.chosen_policy(),
+      policy_name=FINETUNE_NAME,
+      splits=self.splits,
+    )
 
   def stage_evaluate(self) -> dict[str, Any]:
     specs = trace_specs(self.model)
     pol = self.chosen_policy()
     t = self.config.train
     out: dict[str, Any] = {"policy": pol.tolist()}
-    for name, stage, p in (("fp32", "fp32", None),
-                           ("int8", "int8", policy_lib.uniform_policy(len(specs), 8, 8)),
-                           ("anyprec_proxy", "anyprec", pol),
-                           ("mixed", "finetune", pol)):
+    for name, stage, p in (
+      ("fp32", "fp32", None),
+      ("int8", "int8", policy_lib.uniform_policy(len(specs), 8, 8)),
+      ("anyprec_proxy", "anyprec", pol),
+      ("mixed", "finetune", pol),
+    ):
       d = self.stage_dir(stage)
       if not _done(d):
         raise PipelineError(f"stage evaluate needs the finished {stage} stage in {d}")
       v = train_lib.load_variables(d, self.model)
-      out[name] = train_lib.evaluate_policy(v, self.model, self.splits, t, p,
-                                            ("val", "test"))
+      out[name] = train_lib.evaluate_policy(v, self.model, self.splits, t, p, ("val", "test"))
     return out
 
   def stage_compile(self) -> dict[str, Any]:
@@ -306,20 +360,31 @@ class Pipeline:
     cc = self.config.compile
     n_eval = min(int(cc.eval_images), len(test))
     res = compile_lib.compile_and_verify(
-        self.model, v, self.chosen_policy(), self.hw, workdir=d,
-        verify_inputs=test.images[:int(cc.num_verify)], input_scheme=cc.input_scheme,
-        model_kwargs=dict(self.config.train.model_kwargs),
-        eval_data=(test.images[:n_eval], test.labels[:n_eval]) if n_eval else None)
-    result = {"verify": res.summary["verify"], "accuracy": res.accuracy,
-              "eval_images": n_eval, "total_latency_us": res.summary["total_latency_us"],
-              "total_energy_pj": res.summary["total_energy_pj"],
-              "total_tiles": res.summary["total_tiles"],
-              "cost_model_mismatches": res.summary["cost_model_mismatches"],
-              "program": str(res.path)}
+      self.model,
+      v,
+      self.chosen_policy(),
+      self.hw,
+      workdir=d,
+      verify_inputs=test.images[: int(cc.num_verify)],
+      input_scheme=cc.input_scheme,
+      model_kwargs=dict(self.config.train.model_kwargs),
+      eval_data=(test.images[:n_eval], test.labels[:n_eval]) if n_eval else None,
+    )
+    result = {
+      "verify": res.summary["verify"],
+      "accuracy": res.accuracy,
+      "eval_images": n_eval,
+      "total_latency_us": res.summary["total_latency_us"],
+      "total_energy_pj": res.summary["total_energy_pj"],
+      "total_tiles": res.summary["total_tiles"],
+      "cost_model_mismatches": res.summary["cost_model_mismatches"],
+      "program": str(res.path),
+    }
     return result
 
   def stage_report(self) -> dict[str, Any]:
     from cimjax import report as report_lib  # pylint: disable=g-import-not-at-top
+
     return report_lib.write_report(self)
 
 

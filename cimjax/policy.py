@@ -18,29 +18,27 @@ CIM-AQ's own names (``"no_constraint"``, ``"input_output_constraint"``, ``"weigh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import functools
 import os
-from pathlib import Path
 import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cimjax.errors import PolicyError  # noqa: F401 (re-exported)
+
 Constraint = Literal["none", "io", "weight", "both"]
 CONSTRAINTS: tuple[str, ...] = ("none", "io", "weight", "both")
 _ALIASES = {
-    "no_constraint": "none",
-    "input_output_constraint": "io",
-    "weight_constraint": "weight",
-    "both_constraints": "both",
+  "no_constraint": "none",
+  "input_output_constraint": "io",
+  "weight_constraint": "weight",
+  "both_constraints": "both",
 }
-
-
-class PolicyError(ValueError):
-  """A policy does not fit the model, the bit range or the constraint, or cannot be read."""
 
 
 def normalize_constraint(constraint: str | None) -> str:
@@ -60,18 +58,26 @@ def normalize_constraint(constraint: str | None) -> str:
 
 def _check_range(min_bits: int, max_bits: int) -> None:
   if not (isinstance(min_bits, int) and isinstance(max_bits, int)) or not (
-      1 <= min_bits <= max_bits):
-    raise PolicyError(f"bit range {min_bits!r}..{max_bits!r} is invalid; need integers "
-                      f"1 <= min_bits <= max_bits")
+    1 <= min_bits <= max_bits
+  ):
+    raise PolicyError(
+      f"bit range {min_bits!r}..{max_bits!r} is invalid; need integers 1 <= min_bits <= max_bits"
+    )
 
 
 def _forced(layer: int, num_layers: int, constraint: str) -> bool:
   return constraint in ("io", "both") and layer in (0, num_layers - 1)
 
 
-def allowed_bits(layer: int, num_layers: int, constraint: str | None = "none",
-                 cell_bits: int | None = None, min_bits: int = 2, max_bits: int = 8,
-                 io_bits: int = 8) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def allowed_bits(
+  layer: int,
+  num_layers: int,
+  constraint: str | None = "none",
+  cell_bits: int | None = None,
+  min_bits: int = 2,
+  max_bits: int = 8,
+  io_bits: int = 8,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """The weight and activation bit-widths allowed at one layer.
 
   Args:
@@ -96,24 +102,35 @@ def allowed_bits(layer: int, num_layers: int, constraint: str | None = "none",
     raise PolicyError(f"layer {layer} outside 0..{num_layers - 1}")
   if _forced(layer, num_layers, c):
     if not min_bits <= io_bits <= max_bits:
-      raise PolicyError(f"io_bits = {io_bits} outside the allowed range "
-                        f"{min_bits}..{max_bits}")
+      raise PolicyError(f"io_bits = {io_bits} outside the allowed range {min_bits}..{max_bits}")
     return (io_bits,), (io_bits,)
   a_bits = tuple(range(min_bits, max_bits + 1))
   w_bits = a_bits
   if c in ("weight", "both"):
-    if cell_bits is None or isinstance(cell_bits, bool) or not isinstance(cell_bits, int) or (
-        cell_bits < 1):
+    if (
+      cell_bits is None
+      or isinstance(cell_bits, bool)
+      or not isinstance(cell_bits, int)
+      or (cell_bits < 1)
+    ):
       raise PolicyError(f"constraint {c!r} needs cell_bits, an integer >= 1; got {cell_bits!r}")
     w_bits = tuple(b for b in a_bits if b % cell_bits == 0)
     if not w_bits:
-      raise PolicyError(f"no weight bit-width in {min_bits}..{max_bits} is a multiple of "
-                        f"cell_bits = {cell_bits} (constraint {c!r})")
+      raise PolicyError(
+        f"no weight bit-width in {min_bits}..{max_bits} is a multiple of "
+        f"cell_bits = {cell_bits} (constraint {c!r})"
+      )
   return w_bits, a_bits
 
 
-def action_mask(num_layers: int, constraint: str | None = "none", cell_bits: int | None = None,
-                min_bits: int = 2, max_bits: int = 8, io_bits: int = 8) -> np.ndarray:
+def action_mask(
+  num_layers: int,
+  constraint: str | None = "none",
+  cell_bits: int | None = None,
+  min_bits: int = 2,
+  max_bits: int = 8,
+  io_bits: int = 8,
+) -> np.ndarray:
   """The allowed (w, a) pairs of every layer.
 
   Args:
@@ -135,8 +152,7 @@ def action_mask(num_layers: int, constraint: str | None = "none", cell_bits: int
     raise PolicyError(f"num_layers = {num_layers!r}; allowed: an integer >= 1")
   mask = np.zeros((num_layers, max_bits, max_bits), dtype=bool)
   for l in range(num_layers):
-    w_bits, a_bits = allowed_bits(l, num_layers, constraint, cell_bits, min_bits, max_bits,
-                                  io_bits)
+    w_bits, a_bits = allowed_bits(l, num_layers, constraint, cell_bits, min_bits, max_bits, io_bits)
     mask[l, np.asarray(w_bits)[:, None] - 1, np.asarray(a_bits)[None, :] - 1] = True
   return mask
 
@@ -147,10 +163,17 @@ def _layer_label(l: int, layer_names: Sequence[str] | None) -> str:
   return f"layer {l}"
 
 
-def validate_policy(policy: Any, num_layers: int | None = None, *, min_bits: int = 2,
-                    max_bits: int = 8, layer_names: Sequence[str] | None = None,
-                    constraint: str | None = None, cell_bits: int | None = None,
-                    io_bits: int = 8) -> np.ndarray:
+def validate_policy(
+  policy: Any,
+  num_layers: int | None = None,
+  *,
+  min_bits: int = 2,
+  max_bits: int = 8,
+  layer_names: Sequence[str] | None = None,
+  constraint: str | None = None,
+  cell_bits: int | None = None,
+  io_bits: int = 8,
+) -> np.ndarray:
   """Checks a policy and returns it as an int32 ``[L, 2]`` NumPy array.
 
   Args:
@@ -176,29 +199,36 @@ def validate_policy(policy: Any, num_layers: int | None = None, *, min_bits: int
     arr = np.asarray(policy)
   except Exception as e:  # ragged lists and the like
     raise PolicyError(f"policy is not an array: {e}") from None
-  if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer)
-                                 or np.issubdtype(arr.dtype, np.floating)):
+  if arr.dtype == object or not (
+    np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+  ):
     raise PolicyError(f"policy must hold integers, got dtype {arr.dtype}")
   expected = f"[{num_layers}, 2]" if num_layers is not None else "[L, 2]"
   if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < 1:
-    raise PolicyError(f"policy has shape {list(arr.shape)}; expected {expected} "
-                      f"(weight bits, activation bits) per layer")
+    raise PolicyError(
+      f"policy has shape {list(arr.shape)}; expected {expected} "
+      f"(weight bits, activation bits) per layer"
+    )
   if num_layers is not None and arr.shape[0] != num_layers:
-    raise PolicyError(f"policy has {arr.shape[0]} layers; the model has {num_layers} "
-                      f"(expected shape {expected})")
+    raise PolicyError(
+      f"policy has {arr.shape[0]} layers; the model has {num_layers} (expected shape {expected})"
+    )
   kinds = ("weight", "activation")
   if np.issubdtype(arr.dtype, np.floating):
     bad = ~np.isfinite(arr) | (arr != np.round(arr))
     if bad.any():
       l, j = map(int, np.argwhere(bad)[0])
-      raise PolicyError(f"{_layer_label(l, layer_names)}: {kinds[j]} bits {float(arr[l, j])} "
-                        f"is not an integer")
+      raise PolicyError(
+        f"{_layer_label(l, layer_names)}: {kinds[j]} bits {float(arr[l, j])} is not an integer"
+      )
   for l in range(arr.shape[0]):
     for j in range(2):
       v = arr[l, j]
       if not min_bits <= v <= max_bits:
-        raise PolicyError(f"{_layer_label(l, layer_names)}: {kinds[j]} bits {int(v)} outside "
-                          f"the allowed range {min_bits}..{max_bits}")
+        raise PolicyError(
+          f"{_layer_label(l, layer_names)}: {kinds[j]} bits {int(v)} outside "
+          f"the allowed range {min_bits}..{max_bits}"
+        )
   out = arr.astype(np.int32)
   c = normalize_constraint(constraint)
   if c != "none":
@@ -209,11 +239,15 @@ def validate_policy(policy: Any, num_layers: int | None = None, *, min_bits: int
       if w not in w_ok or a not in a_ok:
         label = _layer_label(l, layer_names)
         if _forced(l, num, c):
-          raise PolicyError(f"{label}: bits ({w}, {a}) violate constraint {c!r}: the first and "
-                            f"last layers must be ({io_bits}, {io_bits})")
-        raise PolicyError(f"{label}: weight bits {w} violate constraint {c!r}: allowed weight "
-                          f"bits {', '.join(map(str, w_ok))} (multiples of cell_bits = "
-                          f"{cell_bits})")
+          raise PolicyError(
+            f"{label}: bits ({w}, {a}) violate constraint {c!r}: the first and "
+            f"last layers must be ({io_bits}, {io_bits})"
+          )
+        raise PolicyError(
+          f"{label}: weight bits {w} violate constraint {c!r}: allowed weight "
+          f"bits {', '.join(map(str, w_ok))} (multiples of cell_bits = "
+          f"{cell_bits})"
+        )
   return out
 
 
@@ -247,8 +281,9 @@ def random_policies(key: jax.Array, mask: Any, n: int) -> jax.Array:
   return jnp.stack([w, a], axis=-1).astype(jnp.int32)
 
 
-def load_policy(path: str | os.PathLike[str], num_layers: int | None = None,
-                **validate_kwargs: Any) -> np.ndarray:
+def load_policy(
+  path: str | os.PathLike[str], num_layers: int | None = None, **validate_kwargs: Any
+) -> np.ndarray:
   """Loads a CIM-AQ style ``.npy`` policy (no pickles) and validates it.
 
   Args:
@@ -269,8 +304,9 @@ def load_policy(path: str | os.PathLike[str], num_layers: int | None = None,
   try:
     arr = np.load(p, allow_pickle=False)
   except ValueError as e:
-    raise PolicyError(f"{p}: not a plain .npy integer array (pickled or object data is "
-                      f"refused): {e}") from None
+    raise PolicyError(
+      f"{p}: not a plain .npy integer array (pickled or object data is refused): {e}"
+    ) from None
   except OSError as e:
     raise PolicyError(f"{p}: cannot read policy: {e}") from None
   if not isinstance(arr, np.ndarray):  # e.g. an .npz archive

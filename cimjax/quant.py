@@ -82,7 +82,7 @@ def step_size(clip: Array, bits: Bits, *, signed: bool, narrow: bool) -> Array:
 
 
 def quantize(
-    x: Array, clip: Array, bits: Bits, *, signed: bool, narrow: bool
+  x: Array, clip: Array, bits: Bits, *, signed: bool, narrow: bool
 ) -> tuple[Array, Array]:
   """Quantize ``x`` to integer codes with a straight-through estimator.
 
@@ -106,9 +106,7 @@ def quantize(
   return q, step
 
 
-def fake_quant(
-    x: Array, clip: Array, bits: Bits, *, signed: bool, narrow: bool
-) -> Array:
+def fake_quant(x: Array, clip: Array, bits: Bits, *, signed: bool, narrow: bool) -> Array:
   """Quantize then dequantize: ``q * step`` (see :func:`quantize`)."""
   q, step = quantize(x, clip, bits, signed=signed, narrow=narrow)
   return q * step
@@ -139,13 +137,13 @@ def gather_clip(table: Array, bits: Bits) -> Array:
 
 
 def mse_optimal_clip(
-    x: np.ndarray,
-    bits: int,
-    *,
-    signed: bool,
-    narrow: bool,
-    axis: int | None = None,
-    num_candidates: int = 64,
+  x: np.ndarray,
+  bits: int,
+  *,
+  signed: bool,
+  narrow: bool,
+  axis: int | None = None,
+  num_candidates: int = 64,
 ) -> np.ndarray:
   """Clipping range minimising the quantization MSE of ``x`` at ``bits`` (calibration).
 

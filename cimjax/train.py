@@ -64,11 +64,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from cimjax.optim import standard_promotion
 from cimjax import checkpoint as ckpt_lib
 from cimjax import data as data_lib
 from cimjax import quant
+from cimjax.errors import ConfigError, StageError  # noqa: F401 (re-exported)
 from cimjax.models import MODEL_NAMES, ModelDef, forward, get_model
+from cimjax.optim import standard_promotion
 from cimjax.trace import trace_specs
 
 Array = jax.Array
@@ -76,14 +77,6 @@ PyTree = Any
 STAGES = ("fp32", "int8", "anyprec", "finetune")
 OPTIMIZERS = ("sgd", "adamw")
 _STAGE_INDEX = {s: i for i, s in enumerate(STAGES)}
-
-
-class ConfigError(ValueError):
-  """A config field has a bad value (the message names the field)."""
-
-
-class StageError(RuntimeError):
-  """A stage cannot run: missing prerequisite stage, bad policy, incompatible workdir."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,13 +122,19 @@ def as_variables(state_or_variables: TrainState | Mapping[str, PyTree]) -> dict[
   return dict(state_or_variables)
 
 
-def create_state(params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation,
-                 key: Array) -> TrainState:
+def create_state(
+  params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation, key: Array
+) -> TrainState:
   """A fresh stage state: new optimizer state, step 0."""
   with jax.numpy_dtype_promotion("standard"):
     opt_state = tx.init(params)
-  return TrainState(params=params, batch_stats=batch_stats or {}, opt_state=opt_state,
-                    step=jnp.zeros((), jnp.int32), key=jnp.asarray(key, jnp.uint32))
+  return TrainState(
+    params=params,
+    batch_stats=batch_stats or {},
+    opt_state=opt_state,
+    step=jnp.zeros((), jnp.int32),
+    key=jnp.asarray(key, jnp.uint32),
+  )
 
 
 def _leaf_name(path: tuple[Any, ...]) -> str:
@@ -151,11 +150,13 @@ def decay_mask(params: PyTree) -> PyTree:
 def clip_mask(params: PyTree) -> PyTree:
   """True for the clip tables (``w_clip``, ``a_clip``)."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: _leaf_name(p) in ("w_clip", "a_clip"), params)
+    lambda p, _: _leaf_name(p) in ("w_clip", "a_clip"), params
+  )
 
 
-def make_schedule(lr: float, num_steps: int, warmup_steps: int = 0,
-                  end_lr_frac: float = 0.0) -> optax.Schedule:
+def make_schedule(
+  lr: float, num_steps: int, warmup_steps: int = 0, end_lr_frac: float = 0.0
+) -> optax.Schedule:
   """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine decay to
   ``lr * end_lr_frac`` at ``num_steps``."""
   num_steps = max(int(num_steps), 1)
@@ -163,17 +164,27 @@ def make_schedule(lr: float, num_steps: int, warmup_steps: int = 0,
   if warmup_steps == 0:
     sched = optax.cosine_decay_schedule(lr, num_steps, alpha=end_lr_frac)
   else:
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, num_steps,
-                                               end_value=lr * end_lr_frac)
+    sched = optax.warmup_cosine_decay_schedule(
+      0.0, lr, warmup_steps, num_steps, end_value=lr * end_lr_frac
+    )
   # optax mixes the int32 step count with Python floats, which strict dtype promotion
   # (tests/conftest.py) refuses: hand it a float32 count (exact below 2^24 steps).
   return lambda count: sched(jnp.asarray(count, jnp.float32))
 
 
-def make_optimizer(optimizer: str, lr: float, num_steps: int, *, warmup_steps: int = 0,
-                   weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = True,
-                   end_lr_frac: float = 0.0, clip_lr_mult: float = 1.0,
-                   grad_clip_norm: float = 0.0) -> optax.GradientTransformation:
+def make_optimizer(
+  optimizer: str,
+  lr: float,
+  num_steps: int,
+  *,
+  warmup_steps: int = 0,
+  weight_decay: float = 0.0,
+  momentum: float = 0.9,
+  nesterov: bool = True,
+  end_lr_frac: float = 0.0,
+  clip_lr_mult: float = 1.0,
+  grad_clip_norm: float = 0.0,
+) -> optax.GradientTransformation:
   """Builds the optax optimizer of a stage.
 
   Args:
@@ -239,12 +250,26 @@ def uniform(num_layers: int, w_bits: int, a_bits: int | None = None) -> Array:
   return jnp.tile(jnp.asarray([[w_bits, a_bits]], jnp.int32), (num_layers, 1))
 
 
-def bits_mask(num_layers: int, *, min_bits: int = 2, max_bits: int = 8, constraint: str = "none",
-              cell_bits: int | None = None, table_bits: int = 8) -> np.ndarray:
+def bits_mask(
+  num_layers: int,
+  *,
+  min_bits: int = 2,
+  max_bits: int = 8,
+  constraint: str = "none",
+  cell_bits: int | None = None,
+  table_bits: int = 8,
+) -> np.ndarray:
   """Allowed (w, a) pairs ``bool [L, table_bits, table_bits]`` (see cimjax.policy.action_mask)."""
   from cimjax import policy as policy_lib  # pylint: disable=g-import-not-at-top
-  mask = policy_lib.action_mask(num_layers, constraint, cell_bits=cell_bits or None,
-                                min_bits=min_bits, max_bits=max_bits, io_bits=max_bits)
+
+  mask = policy_lib.action_mask(
+    num_layers,
+    constraint,
+    cell_bits=cell_bits or None,
+    min_bits=min_bits,
+    max_bits=max_bits,
+    io_bits=max_bits,
+  )
   if mask.shape[1] < table_bits:
     pad = table_bits - mask.shape[1]
     mask = np.pad(mask, ((0, 0), (0, pad), (0, pad)))
@@ -287,8 +312,9 @@ def sample_policies(key: Array, weights: Any, n: int) -> Array:
   w = jnp.asarray(weights, jnp.float32)
   num_layers, b1, b2 = w.shape
   logits = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
-  idx = jax.random.categorical(key, logits.reshape(num_layers, b1 * b2), axis=-1,
-                               shape=(n, num_layers))
+  idx = jax.random.categorical(
+    key, logits.reshape(num_layers, b1 * b2), axis=-1, shape=(n, num_layers)
+  )
   return jnp.stack([idx // b2 + 1, idx % b2 + 1], axis=-1).astype(jnp.int32)
 
 
@@ -327,36 +353,46 @@ class Trainer:
       several times slower steps): for tests and runs of a few dozen steps.
   """
 
-  def __init__(self, model: ModelDef, tx: optax.GradientTransformation, *,
-               label_smoothing: float = 0.0, max_policy: Any = None,
-               anyprec: AnyPrecConfig = AnyPrecConfig(), fast_compile: bool = False):
+  def __init__(
+    self,
+    model: ModelDef,
+    tx: optax.GradientTransformation,
+    *,
+    label_smoothing: float = 0.0,
+    max_policy: Any = None,
+    anyprec: AnyPrecConfig = AnyPrecConfig(),
+    fast_compile: bool = False,
+  ):
     self.model = model
     self.module = model.module
     self.tx = tx
     self.label_smoothing = float(label_smoothing)
     self.num_layers = len(trace_specs(model))
-    self.max_policy = (uniform(self.num_layers, 8) if max_policy is None
-                       else jnp.asarray(max_policy, jnp.int32))
+    self.max_policy = (
+      uniform(self.num_layers, 8) if max_policy is None else jnp.asarray(max_policy, jnp.int32)
+    )
     self.anyprec = anyprec
     self.trace_counts: dict[str, int] = {"train_step": 0, "anyprec_step": 0}
     self.train_step = _jit(self._train_step, fast_compile)
     self.anyprec_step = _jit(self._anyprec_step, fast_compile)
 
-  def _apply(self, params: PyTree, batch_stats: PyTree, x: Array, policy: Array | None
-             ) -> tuple[Array, PyTree]:
-    logits, st = forward(self.module, variables_dict(params, batch_stats), x, policy,
-                         train=True)
+  def _apply(
+    self, params: PyTree, batch_stats: PyTree, x: Array, policy: Array | None
+  ) -> tuple[Array, PyTree]:
+    logits, st = forward(self.module, variables_dict(params, batch_stats), x, policy, train=True)
     return logits, st.get("batch_stats", batch_stats)
 
   def _update(self, state: TrainState, grads: PyTree, batch_stats: PyTree) -> TrainState:
     with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
-                         step=state.step + 1)
+    return state.replace(
+      params=params, batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1
+    )
 
-  def _train_step(self, state: TrainState, batch: tuple[Array, Array],
-                  policy: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
+  def _train_step(
+    self, state: TrainState, batch: tuple[Array, Array], policy: Array | None = None
+  ) -> tuple[TrainState, dict[str, Array]]:
     """One step on one policy (None: float).
 
     Args:
@@ -379,8 +415,9 @@ class Trainer:
     acc = jnp.mean(jnp.argmax(logits, -1) == y)
     return self._update(state, grads, bs), {"loss": loss, "accuracy": acc}
 
-  def _anyprec_step(self, state: TrainState, batch: tuple[Array, Array], policies: Array
-                    ) -> tuple[TrainState, dict[str, Array]]:
+  def _anyprec_step(
+    self, state: TrainState, batch: tuple[Array, Array], policies: Array
+  ) -> tuple[TrainState, dict[str, Array]]:
     """One any-precision step: the mean loss over the max-bits policy and ``policies``.
 
     Args:
@@ -449,15 +486,16 @@ def _eval_fn(module: nn.Module, fast_compile: bool) -> Callable[..., tuple[Array
     correct = jnp.sum((jnp.argmax(logits, -1) == y).astype(jnp.float32) * m)
     loss = jnp.sum(cross_entropy(logits, y) * m)
     return correct, loss
+
   return _jit(fn, fast_compile)
 
 
 @functools.lru_cache(maxsize=32)
 def _bn_fn(module: nn.Module, fast_compile: bool) -> Callable[..., PyTree]:
   def fn(params, batch_stats, x, policy):
-    _, st = forward(module, {"params": params, "batch_stats": batch_stats}, x, policy,
-                    train=True)
+    _, st = forward(module, {"params": params, "batch_stats": batch_stats}, x, policy, train=True)
     return st["batch_stats"]
+
   return _jit(fn, fast_compile)
 
 
@@ -465,6 +503,7 @@ def _bn_fn(module: nn.Module, fast_compile: bool) -> Callable[..., PyTree]:
 def _calib_fn(module: nn.Module) -> Callable[..., PyTree]:
   def fn(variables, x):
     return forward(module, variables, x, None, calibrate=True)[1]["calib"]
+
   return _jit(fn, True)  # runs once per stage: compile fast
 
 
@@ -472,9 +511,15 @@ def _module(model: ModelDef | nn.Module) -> nn.Module:
   return getattr(model, "module", model)
 
 
-def evaluate(state_or_variables: TrainState | Mapping[str, PyTree], model: ModelDef | nn.Module,
-             split: data_lib.Dataset, policy: Any = None, *, batch_size: int = 1000,
-             fast_compile: bool = False) -> dict[str, float]:
+def evaluate(
+  state_or_variables: TrainState | Mapping[str, PyTree],
+  model: ModelDef | nn.Module,
+  split: data_lib.Dataset,
+  policy: Any = None,
+  *,
+  batch_size: int = 1000,
+  fast_compile: bool = False,
+) -> dict[str, float]:
   """Accuracy and mean loss of one policy over a whole split (batched over data, jitted).
 
   Batch-norm models use the running statistics in ``state_or_variables`` as they are; call
@@ -507,9 +552,14 @@ def evaluate(state_or_variables: TrainState | Mapping[str, PyTree], model: Model
   return {"accuracy": correct / n, "loss": loss / n, "count": n}
 
 
-def recalibrate_bn(state_or_variables: TrainState | Mapping[str, PyTree],
-                   model: ModelDef | nn.Module, policy: Any, batches: Iterable[Any], *,
-                   fast_compile: bool = False) -> TrainState | dict[str, PyTree]:
+def recalibrate_bn(
+  state_or_variables: TrainState | Mapping[str, PyTree],
+  model: ModelDef | nn.Module,
+  policy: Any,
+  batches: Iterable[Any],
+  *,
+  fast_compile: bool = False,
+) -> TrainState | dict[str, PyTree]:
   """Re-estimates batch-norm running statistics for ``policy`` (exact population averages).
 
   Runs the forward pass in training mode on each batch and averages the per-batch means and
@@ -591,8 +641,13 @@ def _first(v: Any) -> np.ndarray:
   return np.asarray(v[0] if isinstance(v, (tuple, list)) else v)
 
 
-def calibrate_clips(variables: Mapping[str, PyTree], model: ModelDef, images: Any, *,
-                    bits: Iterable[int] | None = None) -> PyTree:
+def calibrate_clips(
+  variables: Mapping[str, PyTree],
+  model: ModelDef,
+  images: Any,
+  *,
+  bits: Iterable[int] | None = None,
+) -> PyTree:
   """MSE-optimal clip tables for every quantized layer and bit-width row.
 
   Weights: per output channel (or per tensor, as the table's shape says) from the kernel,
@@ -611,8 +666,9 @@ def calibrate_clips(variables: Mapping[str, PyTree], model: ModelDef, images: An
     ``params`` with new ``w_clip``/``a_clip`` tables (all finite and positive).
   """
   specs = trace_specs(model)
-  calib = flax.core.unfreeze(jax.device_get(_calib_fn(model.module)(dict(variables),
-                                                                     jnp.asarray(images))))
+  calib = flax.core.unfreeze(
+    jax.device_get(_calib_fn(model.module)(dict(variables), jnp.asarray(images)))
+  )
   params = jax.tree.map(np.asarray, flax.core.unfreeze(variables["params"]))
   for spec in specs:
     path = spec.name.split("/")
@@ -628,8 +684,9 @@ def calibrate_clips(variables: Mapping[str, PyTree], model: ModelDef, images: An
     w2d = np.asarray(w_src).reshape(-1, w_src.shape[-1]) if per_channel else np.asarray(w_src)
     for b in rows:
       wb = max(b, 2)  # a 1-bit narrow range has the single code 0: reuse the 2-bit clip
-      wc = quant.mse_optimal_clip(w2d, wb, signed=True, narrow=True,
-                                  axis=1 if per_channel else None)
+      wc = quant.mse_optimal_clip(
+        w2d, wb, signed=True, narrow=True, axis=1 if per_channel else None
+      )
       w_tab[b - 1] = np.reshape(wc, w_tab.shape[1:]) if w_tab.ndim == 2 else wc
       a_tab[b - 1] = quant.mse_optimal_clip(x, b, signed=spec.signed_input, narrow=False)
     p["w_clip"] = jnp.asarray(np.maximum(w_tab, 1e-6))
@@ -641,8 +698,9 @@ def calibrate_clips(variables: Mapping[str, PyTree], model: ModelDef, images: An
 # Configs
 
 
-def stage_config(epochs: float, lr: float, optimizer: str = "adamw", **kw: Any
-                 ) -> ml_collections.ConfigDict:
+def stage_config(
+  epochs: float, lr: float, optimizer: str = "adamw", **kw: Any
+) -> ml_collections.ConfigDict:
   """Optimizer and length of one stage (fields documented in :func:`default_config`)."""
   c = ml_collections.ConfigDict()
   c.epochs = float(epochs)
@@ -684,9 +742,18 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = "small_cnn"
   c.model_kwargs = ml_collections.ConfigDict()
-  c.data = ml_collections.ConfigDict(dict(
-      name="fashion_mnist", data_dir="", train_size=-1, val_size=-1, test_size=-1,
-      split_seed=0, image_size=0, channels=0))
+  c.data = ml_collections.ConfigDict(
+    dict(
+      name="fashion_mnist",
+      data_dir="",
+      train_size=-1,
+      val_size=-1,
+      test_size=-1,
+      split_seed=0,
+      image_size=0,
+      channels=0,
+    )
+  )
   c.seed = 0
   c.batch_size = 128
   c.eval_batch_size = 1000
@@ -699,14 +766,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.throttle_s = 0.0
   c.bn_recal_batches = 10
   c.calib_images = 512
-  c.bits = ml_collections.ConfigDict(dict(min_bits=2, max_bits=8, constraint="none",
-                                          cell_bits=0))
+  c.bits = ml_collections.ConfigDict(dict(min_bits=2, max_bits=8, constraint="none", cell_bits=0))
   c.eval_bits = (8, 6, 4, 3, 2)
   c.fp32 = stage_config(6, 2e-3, "adamw", warmup_epochs=0.2)
   c.int8 = stage_config(1, 2e-4, "adamw")
-  c.anyprec = stage_config(2, 5e-4, "adamw", num_policies=1, include_min=True, sandwich=True,
-                           distill=False, distill_weight=1.0, temperature=1.0,
-                           recalibrate_clips=True)
+  c.anyprec = stage_config(
+    2,
+    5e-4,
+    "adamw",
+    num_policies=1,
+    include_min=True,
+    sandwich=True,
+    distill=False,
+    distill_weight=1.0,
+    temperature=1.0,
+    recalibrate_clips=True,
+  )
   c.finetune = stage_config(1, 2e-4, "adamw", source="auto")
   return c
 
@@ -755,8 +830,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise _err(f"{s}.label_smoothing", sc.label_smoothing, "0 <= x < 1")
   a = config.anyprec
   if a.num_policies < 0 or (a.num_policies == 0 and not a.include_min and not a.sandwich):
-    raise _err("anyprec.num_policies", a.num_policies, "an integer >= 0 (with at least one "
-               "policy a step)")
+    raise _err(
+      "anyprec.num_policies", a.num_policies, "an integer >= 0 (with at least one policy a step)"
+    )
   if a.distill and not a.sandwich:
     raise _err("anyprec.distill", a.distill, "False unless anyprec.sandwich is True")
   if config.finetune.source not in ("auto", "anyprec", "int8"):
@@ -772,19 +848,30 @@ def load_splits(config: ml_collections.ConfigDict) -> data_lib.Splits:
   d = config.data
   opt = lambda v: None if v < 0 else v  # noqa: E731
   return data_lib.load_dataset(
-      d.name, data_dir=d.data_dir or None, train_size=opt(d.train_size),
-      val_size=opt(d.val_size), test_size=opt(d.test_size), split_seed=d.split_seed,
-      image_size=d.image_size or None, channels=d.channels or None)
+    d.name,
+    data_dir=d.data_dir or None,
+    train_size=opt(d.train_size),
+    val_size=opt(d.val_size),
+    test_size=opt(d.test_size),
+    split_seed=d.split_seed,
+    image_size=d.image_size or None,
+    channels=d.channels or None,
+  )
 
 
 def build_model(config: ml_collections.ConfigDict, splits: data_lib.Splits) -> ModelDef:
   """The zoo model of the config, with its input shape taken from the data."""
-  kw = {k: (tuple(v) if isinstance(v, list) else v)
-        for k, v in config.model_kwargs.to_dict().items()}
+  kw = {
+    k: (tuple(v) if isinstance(v, list) else v) for k, v in config.model_kwargs.to_dict().items()
+  }
   model = get_model(config.model, num_classes=splits.num_classes, **kw)
   if tuple(model.input_shape) != tuple(splits.input_shape):
-    logging.info("model %s expects %s; using the data's shape %s", config.model,
-                 model.input_shape, splits.input_shape)
+    logging.info(
+      "model %s expects %s; using the data's shape %s",
+      config.model,
+      model.input_shape,
+      splits.input_shape,
+    )
     model = dataclasses.replace(model, input_shape=tuple(splits.input_shape))
   return model
 
@@ -802,9 +889,11 @@ def abstract_variables(model: ModelDef) -> dict[str, PyTree]:
 
 
 @functools.lru_cache(maxsize=32)
-def _init_fn(module: nn.Module, input_shape: tuple[int, ...]
-             ) -> tuple[Callable[[Array], PyTree], Callable[[Array], PyTree]]:
+def _init_fn(
+  module: nn.Module, input_shape: tuple[int, ...]
+) -> tuple[Callable[[Array], PyTree], Callable[[Array], PyTree]]:
   from cimjax.layers import QuantContext  # pylint: disable=g-import-not-at-top
+
   x = jnp.zeros((1, *input_shape), jnp.float32)
   # One compiled program instead of one small compilation per initializer, without the
   # expensive XLA passes: it runs once (0.6 s instead of 3-5 s on the 2-core CPU).
@@ -812,8 +901,7 @@ def _init_fn(module: nn.Module, input_shape: tuple[int, ...]
   return fn, fn.lower(jax.random.PRNGKey(0)).compile(compiler_options=_FAST_COMPILE)
 
 
-def stage_dir(workdir: str | os.PathLike[str], stage: str, policy_name: str | None = None
-              ) -> Path:
+def stage_dir(workdir: str | os.PathLike[str], stage: str, policy_name: str | None = None) -> Path:
   """``workdir/<stage>`` (``workdir/finetune/<policy_name>`` for fine-tuning)."""
   d = Path(workdir) / stage
   return d / policy_name if stage == "finetune" and policy_name else d
@@ -827,13 +915,15 @@ def is_done(sdir: str | os.PathLike[str]) -> bool:
 def save_variables(path: str | os.PathLike[str], variables: Mapping[str, PyTree]) -> None:
   """Exports final model variables (params, batch_stats) with orbax (overwrites)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   with ocp.StandardCheckpointer() as c:
     c.save(Path(path).absolute(), dict(variables), force=True)
     c.wait_until_finished()
 
 
-def load_variables(path: str | os.PathLike[str], model: ModelDef | None = None
-                   ) -> dict[str, PyTree]:
+def load_variables(
+  path: str | os.PathLike[str], model: ModelDef | None = None
+) -> dict[str, PyTree]:
   """Loads variables written by :func:`save_variables` (a stage's ``variables/``).
 
   Args:
@@ -841,6 +931,7 @@ def load_variables(path: str | os.PathLike[str], model: ModelDef | None = None
     model: optional; gives the restore target (shapes, dtypes) so nothing is guessed.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   p = Path(path).absolute()
   if (p / "variables").is_dir():
     p = p / "variables"
@@ -851,8 +942,10 @@ def load_variables(path: str | os.PathLike[str], model: ModelDef | None = None
       target = None
       meta = c.metadata(p)
       tree = getattr(meta, "item_metadata", meta)
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree.tree
-                            if hasattr(tree, "tree") else tree)
+      target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+        tree.tree if hasattr(tree, "tree") else tree,
+      )
     else:
       target = abstract_variables(model)
     return dict(c.restore(p, ckpt_lib.abstract_like(target)))
@@ -901,10 +994,16 @@ class _Progress:
     if enabled and sys.stderr.isatty():
       from rich import progress as rp  # pylint: disable=g-import-not-at-top
       from rich.console import Console  # pylint: disable=g-import-not-at-top
+
       self.bar = rp.Progress(
-          rp.TextColumn("[bold]{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-          rp.TimeElapsedColumn(), rp.TimeRemainingColumn(), rp.TextColumn("{task.fields[info]}"),
-          console=Console(stderr=True))
+        rp.TextColumn("[bold]{task.description}"),
+        rp.BarColumn(),
+        rp.MofNCompleteColumn(),
+        rp.TimeElapsedColumn(),
+        rp.TimeRemainingColumn(),
+        rp.TextColumn("{task.fields[info]}"),
+        console=Console(stderr=True),
+      )
       self.bar.start()
       self.task = self.bar.add_task(description, total=total, completed=completed, info="")
 
@@ -934,8 +1033,7 @@ def _stage_key(seed: int, stage: str) -> Array:
   return jax.random.fold_in(jax.random.PRNGKey(seed), _STAGE_INDEX[stage])
 
 
-def _recal_batches(splits: data_lib.Splits, config: ml_collections.ConfigDict
-                   ) -> list[np.ndarray]:
+def _recal_batches(splits: data_lib.Splits, config: ml_collections.ConfigDict) -> list[np.ndarray]:
   bs = min(config.batch_size, len(splits.train))
   it = data_lib.epoch_batches(splits.train, bs, config.seed + 7919, 0)
   return [x for x, _ in itertools.islice(it, config.bn_recal_batches)]
@@ -948,61 +1046,124 @@ _TRAINERS: dict[Any, Trainer] = {}
 def _policy_sampler(k: int, include_min: bool) -> Callable[..., Array]:
   """``(key, step, mask, min_policy) -> [K (+1), L, 2]``: the anyprec stage's policies of a
   step, a pure function of ``fold_in(key, step)``."""
+
   def fn(key, step, mask, min_policy):
     pols = sample_policies(jax.random.fold_in(key, step), mask, k)
     if include_min:
       pols = jnp.concatenate([pols, min_policy[None]], axis=0)
     return pols
+
   return _jit(fn, True)
 
 
-def _stage_trainer(model: ModelDef, sc: ml_collections.ConfigDict, num_steps: int, spe: int,
-                   max_pol: Array, ap: ml_collections.ConfigDict, fast: bool) -> Trainer:
+def _stage_trainer(
+  model: ModelDef,
+  sc: ml_collections.ConfigDict,
+  num_steps: int,
+  spe: int,
+  max_pol: Array,
+  ap: ml_collections.ConfigDict,
+  fast: bool,
+) -> Trainer:
   """The stage's optimizer and jitted steps, reused by later runs of the same stage setup in
   this process (a resumed or repeated stage does not compile again)."""
   warmup = int(round(sc.warmup_epochs * spe))
-  opt = tuple(sc[f] for f in ("optimizer", "lr", "end_lr_frac", "weight_decay", "momentum",
-                               "nesterov", "label_smoothing", "clip_lr_mult", "grad_clip_norm"))
+  opt = tuple(
+    sc[f]
+    for f in (
+      "optimizer",
+      "lr",
+      "end_lr_frac",
+      "weight_decay",
+      "momentum",
+      "nesterov",
+      "label_smoothing",
+      "clip_lr_mult",
+      "grad_clip_norm",
+    )
+  )
   recipe = tuple(ap[f] for f in ("sandwich", "distill", "distill_weight", "temperature"))
-  key = (model.module, tuple(model.input_shape), opt, num_steps, warmup,
-         tuple(np.asarray(max_pol).ravel().tolist()), recipe, fast)
+  key = (
+    model.module,
+    tuple(model.input_shape),
+    opt,
+    num_steps,
+    warmup,
+    tuple(np.asarray(max_pol).ravel().tolist()),
+    recipe,
+    fast,
+  )
   if key not in _TRAINERS:
-    tx = make_optimizer(sc.optimizer, sc.lr, num_steps, warmup_steps=warmup,
-                        weight_decay=sc.weight_decay, momentum=sc.momentum,
-                        nesterov=sc.nesterov, end_lr_frac=sc.end_lr_frac,
-                        clip_lr_mult=sc.clip_lr_mult, grad_clip_norm=sc.grad_clip_norm)
+    tx = make_optimizer(
+      sc.optimizer,
+      sc.lr,
+      num_steps,
+      warmup_steps=warmup,
+      weight_decay=sc.weight_decay,
+      momentum=sc.momentum,
+      nesterov=sc.nesterov,
+      end_lr_frac=sc.end_lr_frac,
+      clip_lr_mult=sc.clip_lr_mult,
+      grad_clip_norm=sc.grad_clip_norm,
+    )
     if len(_TRAINERS) >= 8:
       _TRAINERS.pop(next(iter(_TRAINERS)))
-    _TRAINERS[key] = Trainer(model, tx, label_smoothing=sc.label_smoothing, max_policy=max_pol,
-                             anyprec=AnyPrecConfig(sandwich=ap.sandwich, distill=ap.distill,
-                                                   distill_weight=ap.distill_weight,
-                                                   temperature=ap.temperature),
-                             fast_compile=fast)
+    _TRAINERS[key] = Trainer(
+      model,
+      tx,
+      label_smoothing=sc.label_smoothing,
+      max_policy=max_pol,
+      anyprec=AnyPrecConfig(
+        sandwich=ap.sandwich,
+        distill=ap.distill,
+        distill_weight=ap.distill_weight,
+        temperature=ap.temperature,
+      ),
+      fast_compile=fast,
+    )
   return _TRAINERS[key]
 
 
-def evaluate_policy(variables: Mapping[str, PyTree], model: ModelDef, splits: data_lib.Splits,
-                    config: ml_collections.ConfigDict, policy: Any,
-                    split_names: Sequence[str] = ("val", "test"),
-                    recal: bool = True) -> dict[str, float]:
+def evaluate_policy(
+  variables: Mapping[str, PyTree],
+  model: ModelDef,
+  splits: data_lib.Splits,
+  config: ml_collections.ConfigDict,
+  policy: Any,
+  split_names: Sequence[str] = ("val", "test"),
+  recal: bool = True,
+) -> dict[str, float]:
   """Accuracy of ``policy`` on named splits, batch norm re-estimated first (if any)."""
   v = dict(variables)
   if recal and v.get("batch_stats"):
-    v = recalibrate_bn(v, model, policy, _recal_batches(splits, config),
-                       fast_compile=config.fast_compile)
+    v = recalibrate_bn(
+      v, model, policy, _recal_batches(splits, config), fast_compile=config.fast_compile
+    )
   out = {}
   for s in split_names:
     if len(splits[s]):
-      r = evaluate(v, model, splits[s], policy, batch_size=config.eval_batch_size,
-                   fast_compile=config.fast_compile)
+      r = evaluate(
+        v,
+        model,
+        splits[s],
+        policy,
+        batch_size=config.eval_batch_size,
+        fast_compile=config.fast_compile,
+      )
       out[s] = r["accuracy"]
       out[f"{s}_loss"] = r["loss"]
   return out
 
 
-def run_stage(config: ml_collections.ConfigDict, stage: str, workdir: str | os.PathLike[str],
-              *, policy: Any = None, policy_name: str | None = None,
-              splits: data_lib.Splits | None = None) -> dict[str, Any]:
+def run_stage(
+  config: ml_collections.ConfigDict,
+  stage: str,
+  workdir: str | os.PathLike[str],
+  *,
+  policy: Any = None,
+  policy_name: str | None = None,
+  splits: data_lib.Splits | None = None,
+) -> dict[str, Any]:
   """Runs (or resumes, or skips if finished) one training stage.
 
   Layout: ``workdir/<stage>/`` holds ``checkpoints/`` (orbax, every ``checkpoint_every``
@@ -1050,8 +1211,10 @@ def run_stage(config: ml_collections.ConfigDict, stage: str, workdir: str | os.P
     if source == "auto":
       source = "anyprec" if is_done(stage_dir(workdir, "anyprec")) else "int8"
   if source is not None and not is_done(stage_dir(workdir, source)):
-    raise StageError(f"stage {stage} needs the finished {source} stage in "
-                     f"{stage_dir(workdir, source)}; run --stage={source} first")
+    raise StageError(
+      f"stage {stage} needs the finished {source} stage in "
+      f"{stage_dir(workdir, source)}; run --stage={source} first"
+    )
 
   t_start = time.time()
   if splits is None:
@@ -1065,15 +1228,22 @@ def run_stage(config: ml_collections.ConfigDict, stage: str, workdir: str | os.P
   num_steps = _num_steps(sc, spe)
 
   b = config.bits
-  mask = bits_mask(num_layers, min_bits=b.min_bits, max_bits=b.max_bits,
-                   constraint=b.constraint, cell_bits=b.cell_bits or None)
+  mask = bits_mask(
+    num_layers,
+    min_bits=b.min_bits,
+    max_bits=b.max_bits,
+    constraint=b.constraint,
+    cell_bits=b.cell_bits or None,
+  )
   max_pol = extreme_policy(mask, "max")
   min_pol = extreme_policy(mask, "min")
   if stage == "finetune":
     from cimjax import policy as policy_lib  # pylint: disable=g-import-not-at-top
+
     try:
-      pol = policy_lib.validate_policy(policy, num_layers, min_bits=1, max_bits=8,
-                                       layer_names=[s.name for s in specs])
+      pol = policy_lib.validate_policy(
+        policy, num_layers, min_bits=1, max_bits=8, layer_names=[s.name for s in specs]
+      )
     except policy_lib.PolicyError as e:
       raise StageError(f"bad policy for {config.model}: {e}") from None
     train_policy = jnp.asarray(pol, jnp.int32)
@@ -1086,17 +1256,24 @@ def run_stage(config: ml_collections.ConfigDict, stage: str, workdir: str | os.P
   trainer = _stage_trainer(model, sc, num_steps, spe, max_pol, ap, config.fast_compile)
   tx = trainer.tx
   key = _stage_key(config.seed, stage)
-  meta = {"stage": stage, "num_steps": num_steps, "config": config.to_dict(),
-          "policy": None if stage != "finetune" else np.asarray(train_policy).tolist(),
-          "source": source, "model": model.name, "input_shape": list(model.input_shape),
-          "layers": [s.name for s in specs]}
+  meta = {
+    "stage": stage,
+    "num_steps": num_steps,
+    "config": config.to_dict(),
+    "policy": None if stage != "finetune" else np.asarray(train_policy).tolist(),
+    "source": source,
+    "model": model.name,
+    "input_shape": list(model.input_shape),
+    "layers": [s.name for s in specs],
+  }
   ckpt = ckpt_lib.Checkpointer(sdir / "checkpoints", max_to_keep=config.max_to_keep)
   extra: dict[str, Any] = {}
   latest = ckpt.latest_step()
   if latest is not None:
     av = abstract_variables(model)
-    target = jax.eval_shape(lambda p, b: create_state(p, b, tx, key), av["params"],
-                            av.get("batch_stats", {}))
+    target = jax.eval_shape(
+      lambda p, b: create_state(p, b, tx, key), av["params"], av.get("batch_stats", {})
+    )
     state, saved = ckpt.restore(target, latest)
     _check_resume(saved, meta, sdir)
     extra = saved.get("extra", {})
@@ -1109,19 +1286,28 @@ def run_stage(config: ml_collections.ConfigDict, stage: str, workdir: str | os.P
     params, batch_stats = v["params"], v.get("batch_stats", {})
     # int8: every row from the FP32 weights. anyprec (and finetune straight from int8): the
     # rows INT8 QAT did not train, from the INT8 weights; an anyprec source's rows are trained.
-    if stage == "int8" or (stage == "anyprec" and ap.recalibrate_clips) or (
-        stage == "finetune" and source == "int8"):
+    if (
+      stage == "int8"
+      or (stage == "anyprec" and ap.recalibrate_clips)
+      or (stage == "finetune" and source == "int8")
+    ):
       calib_x = _calib_images(splits, config)
       rows = None if stage == "int8" else [r for r in range(1, 9) if r != 8]
       params = calibrate_clips(variables_dict(params, batch_stats), model, calib_x, bits=rows)
       if stage == "int8":
-        ptq = evaluate_policy(variables_dict(params, batch_stats), model, splits, config,
-                              train_policy, ("val",))
+        ptq = evaluate_policy(
+          variables_dict(params, batch_stats), model, splits, config, train_policy, ("val",)
+        )
         extra["ptq_val_w8a8"] = ptq.get("val")
         logging.info("int8 post-training (calibrated, no QAT) val accuracy: %s", ptq.get("val"))
     if stage == "finetune" and batch_stats:
-      v2 = recalibrate_bn(variables_dict(params, batch_stats), model, train_policy,
-                          _recal_batches(splits, config), fast_compile=config.fast_compile)
+      v2 = recalibrate_bn(
+        variables_dict(params, batch_stats),
+        model,
+        train_policy,
+        _recal_batches(splits, config),
+        fast_compile=config.fast_compile,
+      )
       batch_stats = v2["batch_stats"]
     state = create_state(params, batch_stats, tx, key)
 
@@ -1131,36 +1317,56 @@ def run_stage(config: ml_collections.ConfigDict, stage: str, workdir: str | os.P
     mask_j = jnp.asarray(mask)
 
     def step_fn(state, batch):
-      return trainer.anyprec_step(state, batch,
-                                  policies_at(state.key, state.step, mask_j, min_pol))
+      return trainer.anyprec_step(state, batch, policies_at(state.key, state.step, mask_j, min_pol))
   else:
+
     def step_fn(state, batch):
       return trainer.train_step(state, batch, train_policy)
 
-  writer = MetricsWriter(sdir / "metrics.jsonl",
-                         resume_step=None if latest is None else int(state.step))
+  writer = MetricsWriter(
+    sdir / "metrics.jsonl", resume_step=None if latest is None else int(state.step)
+  )
 
   def eval_fn(state):
     v = state.variables
     if len(splits.val) == 0:
       return {}
-    r = evaluate(v, model, splits.val, train_policy, batch_size=config.eval_batch_size,
-                 fast_compile=config.fast_compile)
-    return {f"val_accuracy_{_policy_label(train_policy)}": r["accuracy"],
-            f"val_loss_{_policy_label(train_policy)}": r["loss"]}
+    r = evaluate(
+      v,
+      model,
+      splits.val,
+      train_policy,
+      batch_size=config.eval_batch_size,
+      fast_compile=config.fast_compile,
+    )
+    return {
+      f"val_accuracy_{_policy_label(train_policy)}": r["accuracy"],
+      f"val_loss_{_policy_label(train_policy)}": r["loss"],
+    }
 
   def save(state, done: bool):
-    ckpt.save(int(state.step), state, {**meta, "step": int(state.step), "done": done,
-                                       "extra": extra})
+    ckpt.save(
+      int(state.step), state, {**meta, "step": int(state.step), "done": done, "extra": extra}
+    )
 
   train_t0 = time.time()
-  state, stats = fit(step_fn, state, splits.train, num_steps=num_steps, batch_size=bs,
-                     data_seed=[config.seed, _STAGE_INDEX[stage]], writer=writer,
-                     save_fn=save, checkpoint_every=config.checkpoint_every,
-                     log_every=config.log_every, eval_fn=eval_fn,
-                     eval_every=config.eval_every if config.eval_every != 0 else spe,
-                     progress=config.progress, description=stage,
-                     throttle_s=config.throttle_s)
+  state, stats = fit(
+    step_fn,
+    state,
+    splits.train,
+    num_steps=num_steps,
+    batch_size=bs,
+    data_seed=[config.seed, _STAGE_INDEX[stage]],
+    writer=writer,
+    save_fn=save,
+    checkpoint_every=config.checkpoint_every,
+    log_every=config.log_every,
+    eval_fn=eval_fn,
+    eval_every=config.eval_every if config.eval_every != 0 else spe,
+    progress=config.progress,
+    description=stage,
+    throttle_s=config.throttle_s,
+  )
   train_time = time.time() - train_t0
   if ckpt.latest_step() != num_steps:
     save(state, True)
@@ -1174,19 +1380,29 @@ def run_stage(config: ml_collections.ConfigDict, stage: str, workdir: str | os.P
     evals["w8a8"] = evaluate_policy(state.variables, model, splits, config, train_policy)
   elif stage == "anyprec":
     for e in sorted(set(config.eval_bits), reverse=True):
-      evals[f"w{e}a{e}"] = evaluate_policy(state.variables, model, splits, config,
-                                           uniform(num_layers, e))
+      evals[f"w{e}a{e}"] = evaluate_policy(
+        state.variables, model, splits, config, uniform(num_layers, e)
+      )
   else:
     evals["policy"] = evaluate_policy(state.variables, model, splits, config, train_policy)
   result = {
-      "stage": stage, "model": model.name, "dataset": splits.name, "source": source,
-      "steps": num_steps, "epochs": num_steps / spe, "batch_size": bs,
-      "train_images": len(splits.train), "val_images": len(splits.val),
-      "test_images": len(splits.test), "train_time_s": round(train_time, 2),
-      "stage_time_s": round(time.time() - t_start, 2),
-      "images_per_s": stats.get("images_per_s"), "final_train_loss": stats.get("loss"),
-      "eval": evals, **extra,
-      "policy": meta["policy"],
+    "stage": stage,
+    "model": model.name,
+    "dataset": splits.name,
+    "source": source,
+    "steps": num_steps,
+    "epochs": num_steps / spe,
+    "batch_size": bs,
+    "train_images": len(splits.train),
+    "val_images": len(splits.val),
+    "test_images": len(splits.test),
+    "train_time_s": round(train_time, 2),
+    "stage_time_s": round(time.time() - t_start, 2),
+    "images_per_s": stats.get("images_per_s"),
+    "final_train_loss": stats.get("loss"),
+    "eval": evals,
+    **extra,
+    "policy": meta["policy"],
   }
   writer.write({"step": num_steps, "final": True, "eval": evals})
   writer.close()
@@ -1196,24 +1412,34 @@ def run_stage(config: ml_collections.ConfigDict, stage: str, workdir: str | os.P
   return result
 
 
-_RESUME_IGNORED = ("progress", "log_every", "throttle_s", "fast_compile", "checkpoint_every",
-                   "max_to_keep",
-                   "eval_every", "eval_batch_size")
+_RESUME_IGNORED = (
+  "progress",
+  "log_every",
+  "throttle_s",
+  "fast_compile",
+  "checkpoint_every",
+  "max_to_keep",
+  "eval_every",
+  "eval_batch_size",
+)
 
 
 def _check_resume(saved: Mapping[str, Any], meta: Mapping[str, Any], sdir: Path) -> None:
   """A resumed stage must use the config it started with (bar logging fields and the other
   stages' settings)."""
-  old, new = dict(saved.get("config", {})), json.loads(json.dumps(meta["config"],
-                                                                  default=_to_py))
+  old, new = dict(saved.get("config", {})), json.loads(json.dumps(meta["config"], default=_to_py))
   others = set(STAGES) - {meta["stage"]}
-  diff = sorted(k for k in set(old) | set(new)
-                if k not in _RESUME_IGNORED and k not in others and old.get(k) != new.get(k))
-  if diff or saved.get("policy") != meta["policy"] or saved.get("num_steps") != meta[
-      "num_steps"]:
+  diff = sorted(
+    k
+    for k in set(old) | set(new)
+    if k not in _RESUME_IGNORED and k not in others and old.get(k) != new.get(k)
+  )
+  if diff or saved.get("policy") != meta["policy"] or saved.get("num_steps") != meta["num_steps"]:
     what = ", ".join(diff) or "policy/num_steps"
-    raise StageError(f"{sdir} holds checkpoints of a run with a different config ({what}); "
-                     f"use another --workdir or the same config")
+    raise StageError(
+      f"{sdir} holds checkpoints of a run with a different config ({what}); "
+      f"use another --workdir or the same config"
+    )
 
 
 def _calib_images(splits: data_lib.Splits, config: ml_collections.ConfigDict) -> np.ndarray:
@@ -1222,13 +1448,24 @@ def _calib_images(splits: data_lib.Splits, config: ml_collections.ConfigDict) ->
   return splits.train.images[np.sort(perm[:n])]
 
 
-def fit(step_fn: Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, dict]],
-        state: TrainState, train: data_lib.Dataset, *, num_steps: int, batch_size: int,
-        data_seed: Any, writer: MetricsWriter | None = None,
-        save_fn: Callable[[TrainState, bool], None] | None = None, checkpoint_every: int = 0,
-        log_every: int = 50, eval_fn: Callable[[TrainState], dict] | None = None,
-        eval_every: int = 0, progress: bool = True, description: str = "train",
-        throttle_s: float = 0.0) -> tuple[TrainState, dict[str, float]]:
+def fit(
+  step_fn: Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, dict]],
+  state: TrainState,
+  train: data_lib.Dataset,
+  *,
+  num_steps: int,
+  batch_size: int,
+  data_seed: Any,
+  writer: MetricsWriter | None = None,
+  save_fn: Callable[[TrainState, bool], None] | None = None,
+  checkpoint_every: int = 0,
+  log_every: int = 50,
+  eval_fn: Callable[[TrainState], dict] | None = None,
+  eval_every: int = 0,
+  progress: bool = True,
+  description: str = "train",
+  throttle_s: float = 0.0,
+) -> tuple[TrainState, dict[str, float]]:
   """The training loop: a Python loop of jitted steps from ``state.step`` to ``num_steps``.
 
   Batch ``s`` is a pure function of ``(data_seed, s)`` (see :func:`cimjax.data.train_batches`),
@@ -1283,14 +1520,22 @@ def fit(step_fn: Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, d
         last = rec
         if writer:
           writer.write({"kind": "train", **rec})
-        bar.update(done, f"loss {rec['loss']:.4f} acc {rec.get('accuracy', 0):.3f} "
-                         f"{rec['images_per_s']:.0f} img/s")
-        logging.info("%s step %d/%d loss %.4f acc %.4f %.0f img/s", description, done,
-                     num_steps, rec["loss"], rec.get("accuracy", float("nan")),
-                     rec["images_per_s"])
+        bar.update(
+          done,
+          f"loss {rec['loss']:.4f} acc {rec.get('accuracy', 0):.3f} "
+          f"{rec['images_per_s']:.0f} img/s",
+        )
+        logging.info(
+          "%s step %d/%d loss %.4f acc %.4f %.0f img/s",
+          description,
+          done,
+          num_steps,
+          rec["loss"],
+          rec.get("accuracy", float("nan")),
+          rec["images_per_s"],
+        )
         window, t_win, n_win = [], time.time(), 0
-      if eval_fn is not None and eval_every > 0 and (done % eval_every == 0 or
-                                                     done == num_steps):
+      if eval_fn is not None and eval_every > 0 and (done % eval_every == 0 or done == num_steps):
         t0 = time.time()
         ev = eval_fn(state)
         if ev:
@@ -1308,12 +1553,42 @@ def fit(step_fn: Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, d
 
 
 __all__ = [
-    "AnyPrecConfig", "ConfigError", "MetricsWriter", "STAGES", "StageError", "TrainState",
-    "Trainer", "abstract_variables", "as_variables", "bits_mask", "build_model",
-    "calibrate_clips", "clip_mask", "create_state", "cross_entropy", "decay_mask",
-    "default_config", "distill_loss", "evaluate", "evaluate_policy", "extreme_policy", "fit",
-    "init_variables", "is_done", "load_splits", "load_variables", "make_optimizer",
-    "make_schedule", "recalibrate_bn", "run_stage", "sample_policies", "save_variables",
-    "stage_config", "stage_dir", "standard_promotion", "uniform", "validate_config",
-    "variables_dict",
+  "AnyPrecConfig",
+  "ConfigError",
+  "MetricsWriter",
+  "STAGES",
+  "StageError",
+  "TrainState",
+  "Trainer",
+  "abstract_variables",
+  "as_variables",
+  "bits_mask",
+  "build_model",
+  "calibrate_clips",
+  "clip_mask",
+  "create_state",
+  "cross_entropy",
+  "decay_mask",
+  "default_config",
+  "distill_loss",
+  "evaluate",
+  "evaluate_policy",
+  "extreme_policy",
+  "fit",
+  "init_variables",
+  "is_done",
+  "load_splits",
+  "load_variables",
+  "make_optimizer",
+  "make_schedule",
+  "recalibrate_bn",
+  "run_stage",
+  "sample_policies",
+  "save_variables",
+  "stage_config",
+  "stage_dir",
+  "standard_promotion",
+  "uniform",
+  "validate_config",
+  "variables_dict",
 ]

@@ -1,4 +1,3 @@
-
 from cimjax.cli import bench_eval
 
 if __name__ == "__main__":

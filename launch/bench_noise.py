@@ -31,22 +31,26 @@ import tempfile
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
-_VARIABLES = flags.DEFINE_string("variables", None, "Trained variables (stage dir or "
-                                 "variables/ dir).")
-_MODEL_KWARGS = flags.DEFINE_string("model_kwargs", '{"channels": [16, 32, 32], "hidden": 64}',
-                                   "JSON options of the small CNN (as in the train config).")
+_VARIABLES = flags.DEFINE_string(
+  "variables", None, "Trained variables (stage dir or variables/ dir)."
+)
+_MODEL_KWARGS = flags.DEFINE_string(
+  "model_kwargs",
+  '{"channels": [16, 32, 32], "hidden": 64}',
+  "JSON options of the small CNN (as in the train config).",
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where programs are written (optional).")
 _HW = flags.DEFINE_string("hw", "rram_256_c4", "Hardware target.")
 _POLICY = flags.DEFINE_string("policy", "4,4", "Uniform W,A bits.")
 _ADC_BITS = flags.DEFINE_string("adc_bits", "8,6,4", "Comma-separated ADC resolutions.")
-_VARIATIONS = flags.DEFINE_string("variations", "0,0.02,0.05,0.1",
-                                  "Comma-separated relative conductance std.")
-_ADC_MODE = flags.DEFINE_enum("adc_mode", "calibrated", ["calibrated", "max"],
-                              "ADC range: calibrated per layer or full scale.")
+_VARIATIONS = flags.DEFINE_string(
+  "variations", "0,0.02,0.05,0.1", "Comma-separated relative conductance std."
+)
+_ADC_MODE = flags.DEFINE_enum(
+  "adc_mode", "calibrated", ["calibrated", "max"], "ADC range: calibrated per layer or full scale."
+)
 _CHIPS = flags.DEFINE_integer("chips", 2, "Chips (programming-noise keys) per evaluation.")
 _FT_STEPS = flags.DEFINE_integer("ft_steps", 300, "Noise-aware fine-tuning steps (0: skip).")
 _FT_LR = flags.DEFINE_float("ft_lr", 1e-4, "Fine-tuning learning rate (Adam).")
@@ -65,9 +69,21 @@ def _floats(text: str, name: str) -> list[float]:
     raise app.UsageError(f"--{name}={text!r}: expected comma-separated numbers") from None
 
 
-def finetune_noise_aware(model: Any, variables: dict[str, Any], policy: Any, cfg: Any,
-                         noise: Any, adc_frac: Any, images: Any, labels: Any, *, steps: int,
-                         lr: float, batch: int, seed: int) -> dict[str, Any]:
+def finetune_noise_aware(
+  model: Any,
+  variables: dict[str, Any],
+  policy: Any,
+  cfg: Any,
+  noise: Any,
+  adc_frac: Any,
+  images: Any,
+  labels: Any,
+  *,
+  steps: int,
+  lr: float,
+  batch: int,
+  seed: int,
+) -> dict[str, Any]:
   """Fine-tunes ``variables`` with the crossbar (ADC + noise) in the forward pass.
 
   Each step draws a fresh chip (programming-noise key) and read key, so the model learns the
@@ -92,6 +108,7 @@ def finetune_noise_aware(model: Any, variables: dict[str, Any], policy: Any, cfg
   import jax.numpy as jnp
   import numpy as np
   import optax
+
   from cimjax import crossbar as xb
   from cimjax import models
 
@@ -105,12 +122,12 @@ def finetune_noise_aware(model: Any, variables: dict[str, Any], policy: Any, cfg
 
   @jax.jit
   def step(params, opt_state, x, y, key):
-    hook = xb.make_mvm_hook(cfg, policy=pol, noise=noise, key=key,
-                            read_key=jax.random.fold_in(key, 1), adc_frac=frac)
+    hook = xb.make_mvm_hook(
+      cfg, policy=pol, noise=noise, key=key, read_key=jax.random.fold_in(key, 1), adc_frac=frac
+    )
 
     def loss_fn(p):
-      logits, _ = models.forward(model.module, {"params": p, **rest}, x, jnp.asarray(pol),
-                                 mvm=hook)
+      logits, _ = models.forward(model.module, {"params": p, **rest}, x, jnp.asarray(pol), mvm=hook)
       return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -122,25 +139,52 @@ def finetune_noise_aware(model: Any, variables: dict[str, Any], policy: Any, cfg
   key = jax.random.key(seed)
   for s in range(steps):
     idx = rng.integers(0, len(labels), batch)
-    params, opt_state, loss = step(params, opt_state, jnp.asarray(images[idx]),
-                                   jnp.asarray(labels[idx]), jax.random.fold_in(key, s))
+    params, opt_state, loss = step(
+      params,
+      opt_state,
+      jnp.asarray(images[idx]),
+      jnp.asarray(labels[idx]),
+      jax.random.fold_in(key, s),
+    )
     if s % 100 == 0:
       logging.info("finetune step %d loss %.4f", s, float(loss))
   return {"params": params, **rest}
 
 
-def crossbar_accuracy(program: Any, model: Any, images: Any, labels: Any, *, adc_bits: int,
-                      adc_frac: Any, noise: Any, chips: list[int], eval_batch: int
-                      ) -> list[float]:
+def crossbar_accuracy(
+  program: Any,
+  model: Any,
+  images: Any,
+  labels: Any,
+  *,
+  adc_bits: int,
+  adc_frac: Any,
+  noise: Any,
+  chips: list[int],
+  eval_batch: int,
+) -> list[float]:
   """Test accuracy on each chip (one programming-noise key per chip)."""
   import jax
+
   from cimjax import compile as cc
+
   out = []
   for c in chips:
     key = None if noise is None else jax.random.key(10_000 + c)
-    out.append(cc.evaluate_accuracy(program, images, labels, model=model, adc_bits=adc_bits,
-                                    adc_frac=adc_frac, noise=noise, key=key,
-                                    batch_size=eval_batch, read_seed=20_000 + c))
+    out.append(
+      cc.evaluate_accuracy(
+        program,
+        images,
+        labels,
+        model=model,
+        adc_bits=adc_bits,
+        adc_frac=adc_frac,
+        noise=noise,
+        key=key,
+        batch_size=eval_batch,
+        read_seed=20_000 + c,
+      )
+    )
     if noise is None:  # deterministic: one chip is enough
       break
   return out
@@ -148,13 +192,12 @@ def crossbar_accuracy(program: Any, model: Any, images: Any, labels: Any, *, adc
 
 def run(argv: list[str]) -> dict[str, Any]:
   import numpy as np
+
   from cimjax import compile as cc
   from cimjax import crossbar as xb
-  from cimjax import data
+  from cimjax import data, models, trace
   from cimjax import hw as hw_lib
-  from cimjax import models
   from cimjax import policy as policy_lib
-  from cimjax import trace
   from cimjax.noise import NoiseConfig
 
   if len(argv) > 1:
@@ -172,14 +215,20 @@ def run(argv: list[str]) -> dict[str, Any]:
     pol = policy_lib.validate_policy(policy_lib.uniform_policy(num, w, a), num)
     variables = cc.restore_variables(_VARIABLES.value, model)
     splits = data.load_dataset("fashion_mnist", val_size=5000)
-  except (hw_lib.HwError, cc.ProgramError, policy_lib.PolicyError, data.DataError,
-          ValueError, TypeError) as e:
+  except (
+    hw_lib.HwError,
+    cc.ProgramError,
+    policy_lib.PolicyError,
+    data.DataError,
+    ValueError,
+    TypeError,
+  ) as e:
     raise app.UsageError(f"{type(e).__name__}: {e}") from None
   test = splits["test"]
   n = len(test.labels) if _TEST_IMAGES.value < 0 else min(_TEST_IMAGES.value, len(test.labels))
   xte, yte = test.images[:n], test.labels[:n]
   train = splits["train"]
-  calib = train.images[:_CALIB_IMAGES.value]
+  calib = train.images[: _CALIB_IMAGES.value]
   chips = list(range(_CHIPS.value))
   t0 = time.time()
 
@@ -187,43 +236,84 @@ def run(argv: list[str]) -> dict[str, Any]:
     prog = cc.compile_model(model, v, pol, hw, model_kwargs=kwargs)
     if _WORKDIR.value:
       cc.save_program(prog, os.path.join(_WORKDIR.value, f"program_{tag}"))
-    frac = cc.calibrate_adc(prog, calib, model=model) if _ADC_MODE.value == "calibrated" \
-        else None
+    frac = cc.calibrate_adc(prog, calib, model=model) if _ADC_MODE.value == "calibrated" else None
     return prog, frac
 
   base_prog, base_frac = compile_calibrated(variables, "base")
   rep = cc.verify(base_prog, xte[:4], model=model)
-  fq = cc.evaluate_accuracy(base_prog, xte, yte, simulate=False, model=model,
-                            batch_size=_EVAL_BATCH.value)
-  ideal = cc.evaluate_accuracy(base_prog, xte, yte, model=model, adc_bits=None,
-                               batch_size=_EVAL_BATCH.value)
+  fq = cc.evaluate_accuracy(
+    base_prog, xte, yte, simulate=False, model=model, batch_size=_EVAL_BATCH.value
+  )
+  ideal = cc.evaluate_accuracy(
+    base_prog, xte, yte, model=model, adc_bits=None, batch_size=_EVAL_BATCH.value
+  )
   logging.warning("fake-quant %.4f, crossbar ideal %.4f, verify ok=%s", fq, ideal, rep.ok)
   rows = []
   for adc in adc_list:
     for var in variations:
       noise = NoiseConfig(variation=var) if var > 0 else None
-      accs = crossbar_accuracy(base_prog, model, xte, yte, adc_bits=adc, adc_frac=base_frac,
-                               noise=noise, chips=chips, eval_batch=_EVAL_BATCH.value)
-      row = {"adc_bits": adc, "variation": var, "acc": float(np.mean(accs)),
-             "acc_chips": accs}
+      accs = crossbar_accuracy(
+        base_prog,
+        model,
+        xte,
+        yte,
+        adc_bits=adc,
+        adc_frac=base_frac,
+        noise=noise,
+        chips=chips,
+        eval_batch=_EVAL_BATCH.value,
+      )
+      row = {"adc_bits": adc, "variation": var, "acc": float(np.mean(accs)), "acc_chips": accs}
       if _FT_STEPS.value > 0:
         cfg = xb.XbarConfig.from_hw(hw, adc_bits=adc)
-        ft = finetune_noise_aware(model, variables, pol, cfg, noise, base_frac, train.images,
-                                  train.labels, steps=_FT_STEPS.value, lr=_FT_LR.value,
-                                  batch=_FT_BATCH.value, seed=_SEED.value + 17 * adc)
+        ft = finetune_noise_aware(
+          model,
+          variables,
+          pol,
+          cfg,
+          noise,
+          base_frac,
+          train.images,
+          train.labels,
+          steps=_FT_STEPS.value,
+          lr=_FT_LR.value,
+          batch=_FT_BATCH.value,
+          seed=_SEED.value + 17 * adc,
+        )
         prog, frac = compile_calibrated(ft, f"ft_adc{adc}_var{var:g}")
-        accs_ft = crossbar_accuracy(prog, model, xte, yte, adc_bits=adc, adc_frac=frac,
-                                    noise=noise, chips=[c + 100 for c in chips],
-                                    eval_batch=_EVAL_BATCH.value)
+        accs_ft = crossbar_accuracy(
+          prog,
+          model,
+          xte,
+          yte,
+          adc_bits=adc,
+          adc_frac=frac,
+          noise=noise,
+          chips=[c + 100 for c in chips],
+          eval_batch=_EVAL_BATCH.value,
+        )
         row.update({"acc_ft": float(np.mean(accs_ft)), "acc_ft_chips": accs_ft})
       rows.append(row)
       logging.warning("adc %d variation %.3f: %s (%.0f s)", adc, var, row, time.time() - t0)
-  return {"model": "small_cnn", "model_kwargs": kwargs, "hw": hw.name, "mapping": hw.mapping,
-          "policy": [w, a], "adc_mode": _ADC_MODE.value, "test_images": int(n),
-          "chips": len(chips), "ft_steps": _FT_STEPS.value, "ft_lr": _FT_LR.value,
-          "ft_batch": _FT_BATCH.value, "fake_quant_acc": fq, "crossbar_ideal_acc": ideal,
-          "verify_ok": rep.ok, "base_adc_frac": None if base_frac is None else
-          [float(f) for f in base_frac], "rows": rows, "seconds": time.time() - t0}
+  return {
+    "model": "small_cnn",
+    "model_kwargs": kwargs,
+    "hw": hw.name,
+    "mapping": hw.mapping,
+    "policy": [w, a],
+    "adc_mode": _ADC_MODE.value,
+    "test_images": int(n),
+    "chips": len(chips),
+    "ft_steps": _FT_STEPS.value,
+    "ft_lr": _FT_LR.value,
+    "ft_batch": _FT_BATCH.value,
+    "fake_quant_acc": fq,
+    "crossbar_ideal_acc": ideal,
+    "verify_ok": rep.ok,
+    "base_adc_frac": None if base_frac is None else [float(f) for f in base_frac],
+    "rows": rows,
+    "seconds": time.time() - t0,
+  }
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -231,12 +321,15 @@ def format_table(res: dict[str, Any]) -> str:
   adcs = sorted({r["adc_bits"] for r in res["rows"]}, reverse=True)
   by = {(r["adc_bits"], r["variation"]): r for r in res["rows"]}
   head = "| ADC bits | " + " | ".join(f"var {100 * v:g}%" for v in vars_) + " |"
-  lines = [f"Fashion-MNIST test accuracy (%), small CNN {res['policy'][0]}/{res['policy'][1]} "
-           f"on {res['hw']} ({res['mapping']}), ADC {res['adc_mode']}, "
-           f"{res['test_images']} images, {res['chips']} chips; fake-quant "
-           f"{100 * res['fake_quant_acc']:.2f}, crossbar ideal "
-           f"{100 * res['crossbar_ideal_acc']:.2f}. Cells: before / after noise-aware FT.",
-           head, "|" + "---|" * (len(vars_) + 1)]
+  lines = [
+    f"Fashion-MNIST test accuracy (%), small CNN {res['policy'][0]}/{res['policy'][1]} "
+    f"on {res['hw']} ({res['mapping']}), ADC {res['adc_mode']}, "
+    f"{res['test_images']} images, {res['chips']} chips; fake-quant "
+    f"{100 * res['fake_quant_acc']:.2f}, crossbar ideal "
+    f"{100 * res['crossbar_ideal_acc']:.2f}. Cells: before / after noise-aware FT.",
+    head,
+    "|" + "---|" * (len(vars_) + 1),
+  ]
   for adc in adcs:
     cells = []
     for v in vars_:

@@ -26,8 +26,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "Input vectors per MVM batch (layer benches).")
@@ -38,6 +37,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (medi
 def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
   """(compile + first call seconds, median seconds of ``repeats`` further calls)."""
   import jax
+
   t0 = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - t0
@@ -54,6 +54,7 @@ def bench_layer(n: int, m: int, tokens: int, repeats: int) -> list[dict[str, Any
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from cimjax import crossbar as xb
   from cimjax.noise import NoiseConfig
 
@@ -66,26 +67,47 @@ def bench_layer(n: int, m: int, tokens: int, repeats: int) -> list[dict[str, Any
   want = np.asarray(jnp.einsum("rtn,rnm->rtm", x, w, precision=jax.lax.Precision.HIGHEST))
   ref = jax.jit(xb.int_matmul)
   cases = [
-      ("int matmul (reference)", lambda: ref(x, w), None),
-      ("crossbar, ideal ADC", lambda: xb.crossbar_mvm(x, w, 8, 8, cfg, signed_input=False),
-       "exact"),
-      ("crossbar, 6-bit ADC", lambda: xb.crossbar_mvm(x, w, 8, 8, cfg.replace(adc_bits=6),
-                                                      signed_input=False), None),
-      ("crossbar, 6-bit ADC + noise", lambda: xb.crossbar_mvm(
-          x, w, 8, 8, cfg.replace(adc_bits=6), signed_input=False,
-          noise=NoiseConfig(variation=0.05, stuck_at_0=5e-4, stuck_at_1=5e-4, read_noise=0.5),
-          prog_key=jax.random.key(0), read_key=jax.random.key(1)), None),
+    ("int matmul (reference)", lambda: ref(x, w), None),
+    ("crossbar, ideal ADC", lambda: xb.crossbar_mvm(x, w, 8, 8, cfg, signed_input=False), "exact"),
+    (
+      "crossbar, 6-bit ADC",
+      lambda: xb.crossbar_mvm(x, w, 8, 8, cfg.replace(adc_bits=6), signed_input=False),
+      None,
+    ),
+    (
+      "crossbar, 6-bit ADC + noise",
+      lambda: xb.crossbar_mvm(
+        x,
+        w,
+        8,
+        8,
+        cfg.replace(adc_bits=6),
+        signed_input=False,
+        noise=NoiseConfig(variation=0.05, stuck_at_0=5e-4, stuck_at_1=5e-4, read_noise=0.5),
+        prog_key=jax.random.key(0),
+        read_key=jax.random.key(1),
+      ),
+      None,
+    ),
   ]
   out = []
   for name, fn, check in cases:
     first, med = _time(fn, repeats)
     if check == "exact":
       assert np.array_equal(np.asarray(fn()), want), "simulator is not bit-exact"
-    out.append({"bench": f"layer {n}x{m}", "case": name, "tokens": tokens,
-                "tiles": lay.row_tiles * lay.col_tiles, "cycles": lay.cycles,
-                "compile_s": first, "seconds": med, "mvm_per_s": tokens / med,
-                "tile_cycles_per_s": (tokens * tile_cycles / med) if "crossbar" in name
-                else None})
+    out.append(
+      {
+        "bench": f"layer {n}x{m}",
+        "case": name,
+        "tokens": tokens,
+        "tiles": lay.row_tiles * lay.col_tiles,
+        "cycles": lay.cycles,
+        "compile_s": first,
+        "seconds": med,
+        "mvm_per_s": tokens / med,
+        "tile_cycles_per_s": (tokens * tile_cycles / med) if "crossbar" in name else None,
+      }
+    )
   return out
 
 
@@ -94,12 +116,14 @@ def bench_resnet20(batch: int, repeats: int) -> list[dict[str, Any]]:
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from cimjax import crossbar as xb
   from cimjax import layers, models, trace
 
   md = models.get_model("resnet20")
   v = jax.jit(lambda k: md.module.init(k, jnp.zeros((1, 32, 32, 3)), layers.QuantContext()))(
-      jax.random.key(0))
+    jax.random.key(0)
+  )
   num = len(trace.trace_specs(md))
   pol = np.full((num, 2), 8, np.int32)
   x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
@@ -109,11 +133,22 @@ def bench_resnet20(batch: int, repeats: int) -> list[dict[str, Any]]:
   sim = jax.jit(lambda v, x: models.forward(md.module, v, x, jnp.asarray(pol), mvm=hook)[0])
   macs = sum(s.macs for s in trace.trace_specs(md)) * batch
   out = []
-  for name, fn in (("fake-quant forward (reference)", lambda: fq(v, x)),
-                   ("crossbar forward, ideal ADC", lambda: sim(v, x))):
+  for name, fn in (
+    ("fake-quant forward (reference)", lambda: fq(v, x)),
+    ("crossbar forward, ideal ADC", lambda: sim(v, x)),
+  ):
     first, med = _time(fn, repeats)
-    out.append({"bench": "resnet20 forward", "case": name, "batch": batch, "compile_s": first,
-                "seconds": med, "images_per_s": batch / med, "gmacs_per_s": macs / med / 1e9})
+    out.append(
+      {
+        "bench": "resnet20 forward",
+        "case": name,
+        "batch": batch,
+        "compile_s": first,
+        "seconds": med,
+        "images_per_s": batch / med,
+        "gmacs_per_s": macs / med / 1e9,
+      }
+    )
   a, b = np.asarray(fq(v, x)), np.asarray(sim(v, x))
   out[-1]["max_abs_logit_diff"] = float(np.abs(a - b).max())
   return out
@@ -135,8 +170,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if "reference" in r["case"]:
       ref[r["bench"]] = thr
     rel = f"{thr / ref[r['bench']]:.3g}x" if r["bench"] in ref else "-"
-    lines.append((r["bench"], r["case"], f"{r['seconds'] * 1e3:.2f} ms", f"{thr:.4g} {unit}{extra}",
-                  rel))
+    lines.append(
+      (r["bench"], r["case"], f"{r['seconds'] * 1e3:.2f} ms", f"{thr:.4g} {unit}{extra}", rel)
+    )
   widths = [max(len(h), *(len(l[j]) for l in lines)) for j, h in enumerate(head)]
   fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
   return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(l) for l in lines])
@@ -146,15 +182,27 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax
+
   rows = []
   rows += bench_layer(256, 256, _TOKENS.value, _REPEATS.value)
   rows += bench_layer(256, 64, _TOKENS.value, _REPEATS.value)
   rows += bench_resnet20(_BATCH.value, _REPEATS.value)
   dev = jax.devices()[0]
-  meta = {"device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-          "jax": jax.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(),
-          "config": {"rows": 256, "cols": 256, "cell_bits": 4, "dac_bits": 1, "mapping": "dc",
-                     "w_bits": 8, "a_bits": 8}}
+  meta = {
+    "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+    "jax": jax.__version__,
+    "cpu_count": os.cpu_count(),
+    "machine": platform.machine(),
+    "config": {
+      "rows": 256,
+      "cols": 256,
+      "cell_bits": 4,
+      "dac_bits": 1,
+      "mapping": "dc",
+      "w_bits": 8,
+      "a_bits": 8,
+    },
+  }
   print(f"device {meta['device']}, jax {meta['jax']}, {meta['cpu_count']} CPUs")
   print(format_table(rows))
   if _OUT.value:

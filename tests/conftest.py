@@ -24,9 +24,11 @@ def repo_root():
 def small_cnn_rram_64_c2():
   """``(model, specs, hw, tables)``: the small CNN on the small-array target (NumPy tables)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from cimjax import cost as cost_lib  # pylint: disable=g-import-not-at-top
   from cimjax import hw as hw_lib  # pylint: disable=g-import-not-at-top
   from cimjax import models, trace  # pylint: disable=g-import-not-at-top
+
   m = models.get_model("small_cnn")
   specs = trace.trace_specs(m)
   hw = hw_lib.load_hw("rram_64_c2")

@@ -12,8 +12,13 @@ from cimjax.search import runner
 
 
 def _task():
-  s = {"models": ["small_cnn"], "targets": ["rram_64_c2"], "constraint": "both",
-       "synthetic_kind": "additive", "acc_drop": 0.5}
+  s = {
+    "models": ["small_cnn"],
+    "targets": ["rram_64_c2"],
+    "constraint": "both",
+    "synthetic_kind": "additive",
+    "acc_drop": 0.5,
+  }
   (task,) = bs.synthetic_tasks(s)
   return task
 
@@ -27,7 +32,7 @@ def test_run_cache_reuses_a_run_and_reruns_when_the_agent_config_changes(tmp_pat
   acc_ref = task.accuracy.acc8
   first = bs.run_one(task, "random", 0, 48, 0.5, tmp_path, acc_ref)
   pg1 = bs.run_one(task, "pg", 0, 48, 0.5, tmp_path, acc_ref)
-  assert len(_files(tmp_path)) == 4                       # .json + .npz a run
+  assert len(_files(tmp_path)) == 4  # .json + .npz a run
   assert pg1["evals_used"] == 48 and first["evals_used"] == 48
   # the same runs again: read back, not re-run (same wall time, same history, no new file)
   again = bs.run_one(task, "random", 0, 48, 0.5, tmp_path, acc_ref)
@@ -39,8 +44,7 @@ def test_run_cache_reuses_a_run_and_reruns_when_the_agent_config_changes(tmp_pat
   # a changed PG default: PG's cached run is stale and re-run; random's key does not hold PG's
   # configuration, so its run is still reused
   changed = dataclasses.replace(pg_lib.PGConfig(), entropy_coef=0.05)
-  monkeypatch.setattr(search, "SearchConfig",
-                      functools.partial(runner.SearchConfig, pg=changed))
+  monkeypatch.setattr(search, "SearchConfig", functools.partial(runner.SearchConfig, pg=changed))
   pg2 = bs.run_one(task, "pg", 0, 48, 0.5, tmp_path, acc_ref)
   assert pg2["wall_s"] != pg1["wall_s"]
   assert len(_files(tmp_path)) == 6

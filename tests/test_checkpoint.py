@@ -16,15 +16,20 @@ import numpy as np
 import optax
 import pytest
 
-from cimjax import checkpoint
-from cimjax import train
+from cimjax import checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _tree():
-  params = {"conv": {"kernel": jnp.arange(6.0).reshape(2, 3), "w_clip": jnp.ones((8, 3)),
-                     "bias": jnp.zeros(3)}, "bn": {"scale": jnp.ones(3, jnp.bfloat16)}}
+  params = {
+    "conv": {
+      "kernel": jnp.arange(6.0).reshape(2, 3),
+      "w_clip": jnp.ones((8, 3)),
+      "bias": jnp.zeros(3),
+    },
+    "bn": {"scale": jnp.ones(3, jnp.bfloat16)},
+  }
   tx = optax.chain(optax.add_decayed_weights(1e-4, mask=train.decay_mask), optax.sgd(0.1, 0.9))
   return train.create_state(params, {}, tx, jax.random.PRNGKey(3))
 
@@ -68,8 +73,7 @@ def test_restore_mismatch_and_missing(tmp_path):
 
 
 def test_write_json_atomic(tmp_path):
-  p = checkpoint.write_json_atomic(tmp_path / "d" / "r.json", {"a": np.float32(1.5),
-                                                                "b": (1, 2)})
+  p = checkpoint.write_json_atomic(tmp_path / "d" / "r.json", {"a": np.float32(1.5), "b": (1, 2)})
   assert json.loads(p.read_text()) == {"a": 1.5, "b": [1, 2]}
   assert [f.name for f in p.parent.iterdir()] == ["r.json"]  # no temporaries left
 
@@ -90,15 +94,30 @@ _OVERRIDES = ["--config.checkpoint_every=5"]  # 40 steps
 def test_sigkill_then_resume_identical(tmp_path):
   """SIGKILL the launcher right after its first checkpoint; the rerun matches a clean run."""
   wd = tmp_path / "killed"
-  cmd = [sys.executable, "-m", "launch.train", "--config=train/tiny.py", f"--workdir={wd}",
-         "--stage=fp32", *_OVERRIDES]
+  cmd = [
+    sys.executable,
+    "-m",
+    "launch.train",
+    "--config=train/tiny.py",
+    f"--workdir={wd}",
+    "--stage=fp32",
+    *_OVERRIDES,
+  ]
   # The resumed process reuses the killed one's compiled programs (same binaries, so the same
   # numerics): a persistent compilation cache shared by the two subprocesses.
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  proc = subprocess.Popen(cmd + ["--config.throttle_s=0.2"], cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  env = dict(
+    os.environ,
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
+  proc = subprocess.Popen(
+    cmd + ["--config.throttle_s=0.2"],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   ckdir = wd / "fp32" / "checkpoints"
   try:
     deadline = time.time() + 120
@@ -137,29 +156,38 @@ def test_variables_saved_on_another_device_topology_load(tmp_path, repo_root):
   """Saved here (8 host devices, arrays on device 3), loaded in a 1-device process: what a
   model trained on one machine and searched or compiled on another (CPU -> GPU) does."""
   from cimjax import models
+
   assert len(jax.devices()) == 8
   model = models.get_model("small_cnn")
   abstract = train.abstract_variables(model)
   rng = np.random.default_rng(0)
   host = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), abstract)
-  train.save_variables(tmp_path / "variables",
-                       jax.tree.map(lambda a: jax.device_put(a, jax.devices()[3]), host))
+  train.save_variables(
+    tmp_path / "variables", jax.tree.map(lambda a: jax.device_put(a, jax.devices()[3]), host)
+  )
   np.savez(tmp_path / "expected.npz", *jax.tree.leaves(host))
   code = (
-      "import sys, numpy as np, jax\n"
-      "from cimjax import models, train, compile as cc\n"
-      "assert len(jax.devices()) == 1\n"
-      "m = models.get_model('small_cnn')\n"
-      "exp = np.load(sys.argv[1] + '/expected.npz')\n"
-      "for v in (train.load_variables(sys.argv[1], m), train.load_variables(sys.argv[1]),\n"
-      "          cc.restore_variables(sys.argv[1], m)):\n"
-      "  got = jax.tree.leaves(v)\n"
-      "  assert len(got) == len(exp.files)\n"
-      "  for i, g in enumerate(got):\n"
-      "    np.testing.assert_array_equal(np.asarray(g), exp[f'arr_{i}'])\n"
-      "print('ok')\n")
+    "import sys, numpy as np, jax\n"
+    "from cimjax import models, train, compile as cc\n"
+    "assert len(jax.devices()) == 1\n"
+    "m = models.get_model('small_cnn')\n"
+    "exp = np.load(sys.argv[1] + '/expected.npz')\n"
+    "for v in (train.load_variables(sys.argv[1], m), train.load_variables(sys.argv[1]),\n"
+    "          cc.restore_variables(sys.argv[1], m)):\n"
+    "  got = jax.tree.leaves(v)\n"
+    "  assert len(got) == len(exp.files)\n"
+    "  for i, g in enumerate(got):\n"
+    "    np.testing.assert_array_equal(np.asarray(g), exp[f'arr_{i}'])\n"
+    "print('ok')\n"
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=repo_root, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", code, str(tmp_path)],
+    cwd=repo_root,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

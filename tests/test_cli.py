@@ -9,8 +9,17 @@ import pytest
 
 from cimjax import cli
 
-MODULES = ("run", "bench", "bench_eval", "bench_search", "compile", "cost", "proxy_validity",
-           "search", "train")
+MODULES = (
+  "run",
+  "bench",
+  "bench_eval",
+  "bench_search",
+  "compile",
+  "cost",
+  "proxy_validity",
+  "search",
+  "train",
+)
 GLOBAL_FLAG_MODULES = ("run", "bench", "bench_eval", "compile", "cost", "proxy_validity")
 
 
@@ -37,6 +46,7 @@ def test_parser_rejects_unknown_and_bad_flags_with_status_2(module, capsys):
 
 def test_parser_reports_bad_value_naming_the_flag(capsys):
   from cimjax.cli import compile as cc
+
   parse = cli.flags_parser(cc.FLAGS, "cimjax-compile")
   with pytest.raises(SystemExit) as e:
     parse(["cimjax-compile", "--seed=abc"])
@@ -47,6 +57,7 @@ def test_parser_reports_bad_value_naming_the_flag(capsys):
 
 def test_parser_keeps_positional_arguments_and_parses_values():
   from cimjax.cli import cost
+
   parse = cli.flags_parser(cost.FLAGS, "cimjax-cost")
   rest = parse(["cimjax-cost", "--hw=rram_256_c4", "--json", "extra"])
   assert rest == ["cimjax-cost", "extra"]
@@ -57,7 +68,13 @@ def test_parser_keeps_positional_arguments_and_parses_values():
 @pytest.mark.parametrize("module", ["cost", "compile"])
 def test_help_lists_the_module_flags(module, repo_root):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", f"launch.{module}", "--help"], cwd=repo_root,
-                        env=env, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", f"launch.{module}", "--help"],
+    cwd=repo_root,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "--hw" in proc.stdout and "--uniform" in proc.stdout

@@ -8,36 +8,59 @@ import sys
 import numpy as np
 import pytest
 
-SMALL_CNN_LAYERS = 5   # conv1, conv2, conv3, fc1, fc2
+SMALL_CNN_LAYERS = 5  # conv1, conv2, conv3, fc1, fc2
 
 
 def run_cli(repo_root, *args, timeout=120):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("CIMJAX_HW_DIR", None)
-  return subprocess.run([sys.executable, "-m", "launch.cost", *args], cwd=repo_root, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "launch.cost", *args],
+    cwd=repo_root,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def check_report(d, num_layers):
-  assert set(d) == {"model", "hw", "layers", "total_latency_us", "baseline_latency_us",
-                    "speedup", "total_energy_pj"}
+  assert set(d) == {
+    "model",
+    "hw",
+    "layers",
+    "total_latency_us",
+    "baseline_latency_us",
+    "speedup",
+    "total_energy_pj",
+  }
   assert len(d["layers"]) == num_layers
   for r in d["layers"]:
-    assert set(r) == {"name", "type", "m", "n", "invocations", "repeat", "w_bits", "a_bits",
-                      "tiles", "latency_us", "energy_pj"}
+    assert set(r) == {
+      "name",
+      "type",
+      "m",
+      "n",
+      "invocations",
+      "repeat",
+      "w_bits",
+      "a_bits",
+      "tiles",
+      "latency_us",
+      "energy_pj",
+    }
     assert r["type"] in ("Conv2D", "Dense", "MatMul") and r["tiles"] >= 1
-  assert d["total_latency_us"] == pytest.approx(sum(r["latency_us"] for r in d["layers"]),
-                                                rel=1e-12)
-  assert d["total_energy_pj"] == pytest.approx(sum(r["energy_pj"] for r in d["layers"]),
-                                               rel=1e-12)
-  assert d["speedup"] == pytest.approx(d["baseline_latency_us"] / d["total_latency_us"],
-                                       rel=1e-12)
+  assert d["total_latency_us"] == pytest.approx(
+    sum(r["latency_us"] for r in d["layers"]), rel=1e-12
+  )
+  assert d["total_energy_pj"] == pytest.approx(sum(r["energy_pj"] for r in d["layers"]), rel=1e-12)
+  assert d["speedup"] == pytest.approx(d["baseline_latency_us"] / d["total_latency_us"], rel=1e-12)
 
 
 def test_json_default_is_uniform_8_8_on_rram_128_c2(repo_root):
   proc = run_cli(repo_root, "--json")
   assert proc.returncode == 0, proc.stderr
-  d = json.loads(proc.stdout)   # exactly one JSON object on stdout
+  d = json.loads(proc.stdout)  # exactly one JSON object on stdout
   assert d["model"] == "small_cnn" and d["hw"] == "rram_128_c2"
   check_report(d, SMALL_CNN_LAYERS)
   assert all((r["w_bits"], r["a_bits"]) == (8, 8) for r in d["layers"])
@@ -72,13 +95,13 @@ def test_table_output_and_hw_path(repo_root):
 
 
 ERROR_CASES = [
-    (("--model=resnet99",), "--model: unknown model 'resnet99'"),
-    (("--hw=no_such_target",), "--hw: unknown hardware target 'no_such_target'; available:"),
-    (("--hw=/no/such/target.toml",), "--hw: hardware target file not found"),
-    (("--policy=/no/such/policy.npy",), "--policy: policy file not found"),
-    (("--uniform=9,8",), "--uniform: layer 0 (conv1): weight bits 9 outside the allowed range"),
-    (("--uniform=8",), "--uniform='8': expected two integers W,A"),
-    (("--policy=x.npy", "--uniform=4,4"), "--policy and --uniform are mutually exclusive"),
+  (("--model=resnet99",), "--model: unknown model 'resnet99'"),
+  (("--hw=no_such_target",), "--hw: unknown hardware target 'no_such_target'; available:"),
+  (("--hw=/no/such/target.toml",), "--hw: hardware target file not found"),
+  (("--policy=/no/such/policy.npy",), "--policy: policy file not found"),
+  (("--uniform=9,8",), "--uniform: layer 0 (conv1): weight bits 9 outside the allowed range"),
+  (("--uniform=8",), "--uniform='8': expected two integers W,A"),
+  (("--policy=x.npy", "--uniform=4,4"), "--policy and --uniform are mutually exclusive"),
 ]
 
 

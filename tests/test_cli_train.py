@@ -28,8 +28,13 @@ def _one_error_line(err):
 
 
 def test_fp32_stage_runs_and_prints_result(tmp_path, capsys):
-  rc, out, err = _run(capsys, f"--workdir={tmp_path}", "--stage=fp32", "--config.batch_size=64",
-                      "--config.checkpoint_every=0")
+  rc, out, err = _run(
+    capsys,
+    f"--workdir={tmp_path}",
+    "--stage=fp32",
+    "--config.batch_size=64",
+    "--config.checkpoint_every=0",
+  )
   assert rc == 0, err
   result = json.loads(out.strip().splitlines()[-1])
   assert result["stage"] == "fp32" and result["steps"] == 40
@@ -48,7 +53,9 @@ def test_missing_prerequisite(tmp_path, capsys):
   assert "needs the finished int8 stage" in _one_error_line(err)
 
 
-@pytest.mark.parametrize("args, expect", [
+@pytest.mark.parametrize(
+  "args, expect",
+  [
     (["--config.nope=1"], "unknown config field 'nope'"),
     (["--config.fp32.nope=1"], "unknown config field 'nope'"),
     (["--config.fp32.lr=abc"], "--config.fp32.lr=abc"),
@@ -56,18 +63,21 @@ def test_missing_prerequisite(tmp_path, capsys):
     (["--config.data.name=cifar"], "config.data.name = 'cifar'"),
     (["--stage=int9"], "--stage=int9"),
     (["--bogus=1"], "bogus"),
-])
+  ],
+)
 def test_bad_flags_and_config_fields(tmp_path, capsys, args, expect):
-  base = [f"--workdir={tmp_path}"] + ([] if any(a.startswith("--stage") for a in args)
-                                      else ["--stage=fp32"])
+  base = [f"--workdir={tmp_path}"] + (
+    [] if any(a.startswith("--stage") for a in args) else ["--stage=fp32"]
+  )
   rc, _, err = _run(capsys, *base, *args)
   assert rc == 2
   assert expect in _one_error_line(err)
 
 
 def test_missing_config_file(tmp_path, capsys):
-  rc = cli.main(["launch.train", "--config=train/no_such.py", f"--workdir={tmp_path}",
-                 "--stage=fp32"])
+  rc = cli.main(
+    ["launch.train", "--config=train/no_such.py", f"--workdir={tmp_path}", "--stage=fp32"]
+  )
   assert rc == 2
   assert "config file not found: train/no_such.py" in _one_error_line(capsys.readouterr()[1])
 
@@ -84,8 +94,9 @@ def test_policy_errors(tmp_path, capsys):
   garbage.write_bytes(b"not an npy file")
   rc, _, err = _run(capsys, f"--workdir={tmp_path}", "--stage=finetune", f"--policy={garbage}")
   assert rc == 2 and "--policy" in _one_error_line(err)
-  rc, _, err = _run(capsys, f"--workdir={tmp_path}", "--stage=finetune",
-                    f"--policy={tmp_path / 'missing.npy'}")
+  rc, _, err = _run(
+    capsys, f"--workdir={tmp_path}", "--stage=finetune", f"--policy={tmp_path / 'missing.npy'}"
+  )
   assert rc == 2 and "not found" in _one_error_line(err)
   good = tmp_path / "p.npy"
   np.save(good, np.full((5, 2), 4))
@@ -102,9 +113,21 @@ def test_policy_errors(tmp_path, capsys):
 
 def test_launcher_subprocess_exit_code(tmp_path):
   out = subprocess.run(
-      [sys.executable, "-m", "launch.train", "--config=train/tiny.py", f"--workdir={tmp_path}",
-       "--stage=fp32", "--config.not_a_field=3"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "launch.train",
+      "--config=train/tiny.py",
+      f"--workdir={tmp_path}",
+      "--stage=fp32",
+      "--config.not_a_field=3",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode == 2
-  assert out.stderr.strip() == ("launch.train: error: --config.not_a_field: unknown config "
-                                "field 'not_a_field'")
+  assert out.stderr.strip() == (
+    "launch.train: error: --config.not_a_field: unknown config field 'not_a_field'"
+  )

@@ -3,35 +3,39 @@
 import json
 import os
 
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from cimjax import compile as cc
-from cimjax import cost
+from cimjax import cost, layers, models, trace
 from cimjax import hw as hw_lib
-from cimjax import layers
-from cimjax import models
-from cimjax import trace
 from cimjax.noise import NoiseConfig
 
 ZOO = ("small_cnn", "resnet20", "resnet18", "vgg16", "vit_b32")
 SMALL_ZOO = {  # small input sizes for numerics (random weights)
-    "small_cnn": {},
-    "small_cnn_narrow": {"channels": (4, 8, 8), "hidden": 16},
-    # The ViT code path (patch conv, QKV, Q.K^T and A.V on dynamic crossbars, MLP, head) at a
-    # width that compiles fast; the full-width depth-2 model runs in the slow tests.
-    "vit_b32_narrow": {"image_size": 64, "depth": 1, "hidden": 64, "num_heads": 4,
-                       "mlp_dim": 128},
-    "resnet20": {},
-    "resnet18": {"image_size": 32},
-    "vgg16": {"image_size": 32, "hidden": (64, 64)},
-    "vit_b32": {"image_size": 64, "depth": 2},
+  "small_cnn": {},
+  "small_cnn_narrow": {"channels": (4, 8, 8), "hidden": 16},
+  # The ViT code path (patch conv, QKV, Q.K^T and A.V on dynamic crossbars, MLP, head) at a
+  # width that compiles fast; the full-width depth-2 model runs in the slow tests.
+  "vit_b32_narrow": {"image_size": 64, "depth": 1, "hidden": 64, "num_heads": 4, "mlp_dim": 128},
+  "resnet20": {},
+  "resnet18": {"image_size": 32},
+  "vgg16": {"image_size": 32, "hidden": (64, 64)},
+  "vit_b32": {"image_size": 64, "depth": 2},
 }
-COST_FIELDS = ("latency_us", "latency_write_us", "energy_pj", "e_dac_pj", "e_read_pj",
-               "e_adc_pj", "e_shift_add_pj", "e_write_pj")
+COST_FIELDS = (
+  "latency_us",
+  "latency_write_us",
+  "energy_pj",
+  "e_dac_pj",
+  "e_read_pj",
+  "e_adc_pj",
+  "e_shift_add_pj",
+  "e_write_pj",
+)
 
 
 def init_vars(md, seed=0):
@@ -41,8 +45,7 @@ def init_vars(md, seed=0):
   (activations), batch-norm and layer-norm statistics and scales near 1, other leaves small.
   """
   x = jnp.zeros((1, *md.input_shape), jnp.float32)
-  shapes = jax.eval_shape(lambda k: md.module.init(k, x, layers.QuantContext()),
-                          jax.random.key(0))
+  shapes = jax.eval_shape(lambda k: md.module.init(k, x, layers.QuantContext()), jax.random.key(0))
   flat = traverse_util.flatten_dict(dict(shapes), sep="/")
   rng = np.random.default_rng(seed)
   out = {}
@@ -58,8 +61,8 @@ def init_vars(md, seed=0):
       v = rng.normal(size=s.shape) * 0.1
     out[k] = v.astype(np.float32)
   for k in out:
-    if k.endswith("/w_clip") and k[:-len("w_clip")] + "kernel" in out:
-      kern = out[k[:-len("w_clip")] + "kernel"]
+    if k.endswith("/w_clip") and k[: -len("w_clip")] + "kernel" in out:
+      kern = out[k[: -len("w_clip")] + "kernel"]
       amax = np.abs(kern).reshape(-1, kern.shape[-1]).max(0)
       ch = out[k].shape[-1]
       amax = amax if ch == amax.shape[0] else amax.max(keepdims=True)
@@ -86,9 +89,13 @@ def assert_walk_matches(specs, hw, pairs):
   for w, a in pairs:
     plans, sched, walked = cc.compile_geometry(specs, np.tile([[w, a]], (num, 1)), hw)
     for f in COST_FIELDS:
-      np.testing.assert_allclose(getattr(walked, f), getattr(t, f)[:, w - 1, a - 1], rtol=1e-12,
-                                 atol=0, err_msg=f"{hw.name} {hw.mapping} {hw.latency_mode} "
-                                                 f"w{w} a{a}: {f}")
+      np.testing.assert_allclose(
+        getattr(walked, f),
+        getattr(t, f)[:, w - 1, a - 1],
+        rtol=1e-12,
+        atol=0,
+        err_msg=f"{hw.name} {hw.mapping} {hw.latency_mode} w{w} a{a}: {f}",
+      )
     np.testing.assert_array_equal(np.array([p.tiles for p in plans]), t.tiles[:, w - 1, a - 1])
     reps = np.array([s.repeat for s in specs])
     np.testing.assert_array_equal(walked.tiles_programmed, t.tiles[:, w - 1, a - 1] * reps)
@@ -105,30 +112,34 @@ def test_schedule_walk_equals_cost_model_every_layer_and_bit_pair(zoo_specs, nam
   assert_walk_matches(zoo_specs[name], hw, ALL_PAIRS)
 
 
-@pytest.mark.parametrize("mode,crossbars,batch", [("stationary", 1, 16), ("parallel", 3, 4),
-                                                  ("parallel", 64, 1)])
+@pytest.mark.parametrize(
+  "mode,crossbars,batch", [("stationary", 1, 16), ("parallel", 3, 4), ("parallel", 64, 1)]
+)
 @pytest.mark.parametrize("hw_name", ["rram_64_c2", "rram_128_c2"])
-def test_schedule_walk_equals_cost_model_latency_modes(zoo_specs, hw_name, mode, crossbars,
-                                                       batch):
+def test_schedule_walk_equals_cost_model_latency_modes(zoo_specs, hw_name, mode, crossbars, batch):
   pairs = [(2, 2), (3, 8), (5, 4), (8, 8)]
   for name in ("small_cnn", "resnet20", "vit_b32"):
     for mapping in ("of", "dc", "dr"):
-      hw = hw_lib.load_hw(hw_name).replace(mapping=mapping, latency_mode=mode,
-                                           num_crossbars=crossbars, batch=batch)
+      hw = hw_lib.load_hw(hw_name).replace(
+        mapping=mapping, latency_mode=mode, num_crossbars=crossbars, batch=batch
+      )
       assert_walk_matches(zoo_specs[name], hw, pairs)
 
 
 def test_small_crossbar_targets_every_bit_pair(zoo_specs):
   for name in ("small_cnn", "resnet20"):
     for mapping in ("of", "dc", "dr"):
-      assert_walk_matches(zoo_specs[name], hw_lib.load_hw("rram_64_c2").replace(mapping=mapping),
-                          ALL_PAIRS)
+      assert_walk_matches(
+        zoo_specs[name], hw_lib.load_hw("rram_64_c2").replace(mapping=mapping), ALL_PAIRS
+      )
 
 
 def test_schedule_structure():
   from cimjax.spec import LayerSpec
-  hw = hw_lib.load_hw("rram_64_c2").replace(mapping="dc", latency_mode="parallel",
-                                            num_crossbars=4, batch=2)
+
+  hw = hw_lib.load_hw("rram_64_c2").replace(
+    mapping="dc", latency_mode="parallel", num_crossbars=4, batch=2
+  )
   spec = LayerSpec("conv", "Conv2D", m=40, n=150, invocations=9, repeat=2)
   plan = cc.plan_layer(spec, 5, 3, hw)
   assert (plan.slices, plan.slice_shifts, plan.slice_bits) == (3, (0, 2, 4), (2, 2, 1))
@@ -152,8 +163,9 @@ def test_schedule_structure():
 # Compile + verify (bit-exact) over the zoo
 
 
-def compile_and_check(name, mapping, seed, input_scheme="twos", hw_name="rram_256_c4",
-                      batch=1, variant=None):
+def compile_and_check(
+  name, mapping, seed, input_scheme="twos", hw_name="rram_256_c4", batch=1, variant=None
+):
   kw = SMALL_ZOO[variant or name]
   md = models.get_model(name, **kw)
   v = init_vars(md, seed)
@@ -169,21 +181,32 @@ def compile_and_check(name, mapping, seed, input_scheme="twos", hw_name="rram_25
   return prog, md, v, x
 
 
-@pytest.mark.parametrize("name,variant,mapping,scheme,hw_name", [
+@pytest.mark.parametrize(
+  "name,variant,mapping,scheme,hw_name",
+  [
     ("small_cnn", "small_cnn_narrow", "of", "offset", "rram_64_c2"),
     ("vit_b32", "vit_b32_narrow", "dr", "twos", "rram_128_c2"),
-])
+  ],
+)
 def test_verify_bit_exact(name, variant, mapping, scheme, hw_name):
-  compile_and_check(name, mapping, seed=3, input_scheme=scheme, hw_name=hw_name,
-                    variant=variant)
+  compile_and_check(name, mapping, seed=3, input_scheme=scheme, hw_name=hw_name, variant=variant)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,mapping,scheme", [
-    ("resnet18", "of", "twos"), ("vgg16", "dr", "offset"), ("vit_b32", "of", "offset"),
-    ("resnet20", "dr", "offset"), ("small_cnn", "dc", "twos"), ("resnet18", "dc", "offset"),
-    ("vgg16", "dc", "twos"), ("vit_b32", "dc", "twos"), ("resnet20", "dc", "twos"),
-])
+@pytest.mark.parametrize(
+  "name,mapping,scheme",
+  [
+    ("resnet18", "of", "twos"),
+    ("vgg16", "dr", "offset"),
+    ("vit_b32", "of", "offset"),
+    ("resnet20", "dr", "offset"),
+    ("small_cnn", "dc", "twos"),
+    ("resnet18", "dc", "offset"),
+    ("vgg16", "dc", "twos"),
+    ("vit_b32", "dc", "twos"),
+    ("resnet20", "dc", "twos"),
+  ],
+)
 def test_verify_bit_exact_slow(name, mapping, scheme):
   """Every zoo model at the sizes of the brief, two random policies/inputs each."""
   compile_and_check(name, mapping, seed=5, input_scheme=scheme, batch=2)
@@ -195,7 +218,7 @@ def test_program_contents_small_cnn():
   pol = np.array([[8, 8], [4, 3], [2, 5], [6, 2], [7, 7]], np.int32)
   hw = hw_lib.load_hw("rram_64_c2")  # dc, 64x64, 2-bit cells
   prog = cc.compile_model(md, v, pol, hw)
-  p = prog.layers[1]   # conv2: 4 -> 8 channels, 3x3
+  p = prog.layers[1]  # conv2: 4 -> 8 channels, 3x3
   assert (p.m, p.n, p.w_bits, p.a_bits, p.slices, p.cycles) == (8, 36, 4, 3, 2, 3)
   levels = prog.layer_array(1, "levels")
   assert levels.dtype == np.uint8 and levels.shape == (1, 1, 1, 64, 64)
@@ -204,18 +227,21 @@ def test_program_contents_small_cnn():
   w_int = prog.layer_array(1, "w_int")
   assert w_int.shape == (1, 36, 8) and np.abs(w_int).max() <= 7
   # The levels hold |w| slices in paired columns: reconstruct the integer weights.
-  lv = levels[0, 0, 0, :36, :32].astype(np.int64).reshape(36, 8, 2, 2)   # [n, m, slice, +/-]
+  lv = levels[0, 0, 0, :36, :32].astype(np.int64).reshape(36, 8, 2, 2)  # [n, m, slice, +/-]
   rec = ((lv[..., 0] - lv[..., 1]) * np.array([1, 4])).sum(-1)
   np.testing.assert_array_equal(rec, w_int[0])
   np.testing.assert_array_equal(prog.layer_array(1, "w_colsum"), w_int.sum(1))
   scale = prog.layer_array(1, "out_scale")
-  np.testing.assert_allclose(prog.layer_array(1, "out_mult") * 2.0 ** -prog.layer_array(
-      1, "out_shift").astype(np.float64), scale, rtol=1e-8)
+  np.testing.assert_allclose(
+    prog.layer_array(1, "out_mult") * 2.0 ** -prog.layer_array(1, "out_shift").astype(np.float64),
+    scale,
+    rtol=1e-8,
+  )
   rows = prog.summary()
   assert [r["tiles"] for r in rows] == [p.total_tiles for p in prog.layers]
   assert prog.total_latency_us == pytest.approx(
-      cost.policy_cost(cost.cost_tables(trace.trace_specs(md), hw, xp=np).latency_us, pol),
-      rel=1e-12)
+    cost.policy_cost(cost.cost_tables(trace.trace_specs(md), hw, xp=np).latency_us, pol), rel=1e-12
+  )
   with pytest.raises(cc.ProgramError, match="policy"):
     cc.compile_model(md, v, pol[:3], hw)
   with pytest.raises(cc.ProgramError, match="layer 0 \\(conv1\\): weight bits 9"):
@@ -231,8 +257,9 @@ def small_program():
   md = models.get_model("small_cnn", channels=(4, 8, 8), hidden=16)
   v = init_vars(md, 1)
   pol = random_policy(5, 1)
-  prog = cc.compile_model(md, v, pol, hw_lib.load_hw("rram_128_c2"),
-                          model_kwargs={"channels": [4, 8, 8], "hidden": 16})
+  prog = cc.compile_model(
+    md, v, pol, hw_lib.load_hw("rram_128_c2"), model_kwargs={"channels": [4, 8, 8], "hidden": 16}
+  )
   return prog, md, v
 
 
@@ -240,7 +267,7 @@ def test_save_load_roundtrip_and_rerun(small_program, tmp_path):
   prog, md, v = small_program
   path = cc.save_program(prog, tmp_path / "prog")
   assert sorted(os.listdir(path)) == [cc.ARRAYS, cc.MANIFEST]
-  assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]   # no temporaries left
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporaries left
   man = json.loads((path / cc.MANIFEST).read_text())
   assert man["format"] == cc.FORMAT and man["hw"]["name"] == "rram_128_c2"
   assert len(man["layers"]) == 5 and all(len(m["sha256"]) == 64 for m in man["arrays"].values())
@@ -336,9 +363,15 @@ def test_executor_nonidealities_and_calibration(small_program):
 def test_verify_reports_mismatches(small_program):
   prog, md, v = small_program
   x = jax.random.normal(jax.random.key(5), (2, 28, 28, 1))
-  bad = cc.CimProgram(hw=prog.hw, policy=prog.policy, layers=prog.layers,
-                      schedule=prog.schedule, arrays=dict(prog.arrays), model=prog.model,
-                      model_kwargs=prog.model_kwargs)
+  bad = cc.CimProgram(
+    hw=prog.hw,
+    policy=prog.policy,
+    layers=prog.layers,
+    schedule=prog.schedule,
+    arrays=dict(prog.arrays),
+    model=prog.model,
+    model_kwargs=prog.model_kwargs,
+  )
   lv = bad.arrays["layer002/levels"].copy()
   lv[0, 0, 0, 0, 0] = (lv[0, 0, 0, 0, 0] + 1) % 4
   bad.arrays["layer002/levels"] = lv
@@ -353,14 +386,23 @@ def test_verify_reports_mismatches(small_program):
 
 def test_compile_and_verify_writes_workdir(tmp_path):
   from cimjax import data
+
   md = models.get_model("small_cnn", channels=(4, 8, 8), hidden=16)
   v = init_vars(md, 2)
   pol = np.full((5, 2), 4, np.int32)
   test = data.load_dataset("fashion_mnist_subset")["test"]
-  res = cc.compile_and_verify(md, v, pol, "rram_256_c4", workdir=tmp_path, num_verify=2,
-                              model_kwargs={"channels": [4, 8, 8], "hidden": 16},
-                              adc_bits=6, eval_data=(test.images[:100], test.labels[:100]),
-                              eval_batch=50)
+  res = cc.compile_and_verify(
+    md,
+    v,
+    pol,
+    "rram_256_c4",
+    workdir=tmp_path,
+    num_verify=2,
+    model_kwargs={"channels": [4, 8, 8], "hidden": 16},
+    adc_bits=6,
+    eval_data=(test.images[:100], test.labels[:100]),
+    eval_batch=50,
+  )
   assert res.report.ok and res.path == tmp_path / "program"
   assert set(res.accuracy) == {"fake_quant", "crossbar"}
   rep = json.loads((tmp_path / "compile_report.json").read_text())
@@ -371,6 +413,7 @@ def test_compile_and_verify_writes_workdir(tmp_path):
 
 def test_restore_variables_from_a_stage_directory(tmp_path):
   import orbax.checkpoint as ocp
+
   md = models.get_model("small_cnn", channels=(4, 8, 8), hidden=16)
   v = init_vars(md, 3)
   with ocp.StandardCheckpointer() as c:
@@ -380,7 +423,8 @@ def test_restore_variables_from_a_stage_directory(tmp_path):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(v)):
     np.testing.assert_array_equal(np.asarray(a), b)
   with pytest.raises(cc.ProgramError, match="cannot restore"):
-    cc.restore_variables(tmp_path / "stage", models.get_model("small_cnn", channels=(2, 8, 8),
-                                                              hidden=16))
+    cc.restore_variables(
+      tmp_path / "stage", models.get_model("small_cnn", channels=(2, 8, 8), hidden=16)
+    )
   with pytest.raises(cc.ProgramError, match="directory not found"):
     cc.restore_variables(tmp_path / "nope", md)

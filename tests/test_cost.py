@@ -5,11 +5,12 @@ import itertools
 import math
 
 import chex
-from hypothesis import given, settings, strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cimjax import cost
 from cimjax import hw as hw_lib
@@ -24,13 +25,30 @@ B = 8
 
 
 def vgg16_specs():
-  cfg = [(3, 64, 224), (64, 64, 224), (64, 128, 112), (128, 128, 112), (128, 256, 56),
-         (256, 256, 56), (256, 256, 56), (256, 512, 28), (512, 512, 28), (512, 512, 28),
-         (512, 512, 14), (512, 512, 14), (512, 512, 14)]
-  specs = [LayerSpec(f"conv{i + 1}", "Conv2D", m=co, n=ci * 9, invocations=h * h)
-           for i, (ci, co, h) in enumerate(cfg)]
-  specs += [LayerSpec("fc1", "Dense", 4096, 25088, 1), LayerSpec("fc2", "Dense", 4096, 4096, 1),
-            LayerSpec("fc3", "Dense", 1000, 4096, 1)]
+  cfg = [
+    (3, 64, 224),
+    (64, 64, 224),
+    (64, 128, 112),
+    (128, 128, 112),
+    (128, 256, 56),
+    (256, 256, 56),
+    (256, 256, 56),
+    (256, 512, 28),
+    (512, 512, 28),
+    (512, 512, 28),
+    (512, 512, 14),
+    (512, 512, 14),
+    (512, 512, 14),
+  ]
+  specs = [
+    LayerSpec(f"conv{i + 1}", "Conv2D", m=co, n=ci * 9, invocations=h * h)
+    for i, (ci, co, h) in enumerate(cfg)
+  ]
+  specs += [
+    LayerSpec("fc1", "Dense", 4096, 25088, 1),
+    LayerSpec("fc2", "Dense", 4096, 4096, 1),
+    LayerSpec("fc3", "Dense", 1000, 4096, 1),
+  ]
   return specs
 
 
@@ -38,12 +56,12 @@ def vit_b32_specs():
   specs = [LayerSpec("embed", "Conv2D", 768, 3 * 32 * 32, 49)]
   for b in range(1, 13):
     specs += [
-        LayerSpec(f"block{b}/attn/qkv", "Dense", 2304, 768, 50),
-        LayerSpec(f"block{b}/attn/qk", "MatMul", 50, 64, 50, repeat=12),
-        LayerSpec(f"block{b}/attn/av", "MatMul", 64, 50, 50, repeat=12),
-        LayerSpec(f"block{b}/attn/out", "Dense", 768, 768, 50),
-        LayerSpec(f"block{b}/mlp1", "Dense", 3072, 768, 50),
-        LayerSpec(f"block{b}/mlp2", "Dense", 768, 3072, 50),
+      LayerSpec(f"block{b}/attn/qkv", "Dense", 2304, 768, 50),
+      LayerSpec(f"block{b}/attn/qk", "MatMul", 50, 64, 50, repeat=12),
+      LayerSpec(f"block{b}/attn/av", "MatMul", 64, 50, 50, repeat=12),
+      LayerSpec(f"block{b}/attn/out", "Dense", 768, 768, 50),
+      LayerSpec(f"block{b}/mlp1", "Dense", 3072, 768, 50),
+      LayerSpec(f"block{b}/mlp2", "Dense", 768, 3072, 50),
     ]
   specs.append(LayerSpec("head", "Dense", 1000, 768, 1))
   return specs
@@ -51,9 +69,17 @@ def vit_b32_specs():
 
 def random_specs(seed=0, num=12):
   rng = np.random.default_rng(seed)
-  return [LayerSpec(f"l{i}", "Dense", int(rng.integers(1, 1500)), int(rng.integers(1, 3000)),
-                    int(rng.integers(1, 400)), repeat=int(rng.integers(1, 5)))
-          for i in range(num)]
+  return [
+    LayerSpec(
+      f"l{i}",
+      "Dense",
+      int(rng.integers(1, 1500)),
+      int(rng.integers(1, 3000)),
+      int(rng.integers(1, 400)),
+      repeat=int(rng.integers(1, 5)),
+    )
+    for i in range(num)
+  ]
 
 
 GEOMETRIES = {"vgg16": vgg16_specs, "vit_b32": vit_b32_specs, "random": random_specs}
@@ -94,15 +120,29 @@ def reference_entry(s, w, a, hw):
   if hw.latency_mode != "serial":
     e_write = e_write / hw.batch
   energy = e_dac + e_read + e_adc + e_sa + e_write
-  return dict(latency_us=lat, energy_pj=energy, tiles=tiles, execs=execs, cycles=cycles,
-              latency_write_us=wlat, e_dac_pj=e_dac, e_read_pj=e_read, e_adc_pj=e_adc,
-              e_shift_add_pj=e_sa, e_write_pj=e_write)
+  return dict(
+    latency_us=lat,
+    energy_pj=energy,
+    tiles=tiles,
+    execs=execs,
+    cycles=cycles,
+    latency_write_us=wlat,
+    e_dac_pj=e_dac,
+    e_read_pj=e_read,
+    e_adc_pj=e_adc,
+    e_shift_add_pj=e_sa,
+    e_write_pj=e_write,
+  )
 
 
 def reference_tables(specs, hw, max_bits=B):
-  out = {f: np.zeros((len(specs), max_bits, max_bits),
-                     np.int64 if f in ("tiles", "execs", "cycles") else np.float64)
-         for f in cost.CostTables._fields}
+  out = {
+    f: np.zeros(
+      (len(specs), max_bits, max_bits),
+      np.int64 if f in ("tiles", "execs", "cycles") else np.float64,
+    )
+    for f in cost.CostTables._fields
+  }
   for l, s in enumerate(specs):
     for w in range(1, max_bits + 1):
       for a in range(1, max_bits + 1):
@@ -148,16 +188,25 @@ def test_serial_tables_exact(geometry, mapping, c4):
       assert_tables_equal(cost.cost_tables(specs, hw, xp=np), ref)
 
 
-@pytest.mark.parametrize("mode,num_crossbars,batch", [
-    ("stationary", 1, 1), ("stationary", 1, 7), ("stationary", 3, 64),
-    ("parallel", 1, 1), ("parallel", 4, 1), ("parallel", 13, 3), ("parallel", 10_000, 16),
-])
+@pytest.mark.parametrize(
+  "mode,num_crossbars,batch",
+  [
+    ("stationary", 1, 1),
+    ("stationary", 1, 7),
+    ("stationary", 3, 64),
+    ("parallel", 1, 1),
+    ("parallel", 4, 1),
+    ("parallel", 13, 3),
+    ("parallel", 10_000, 16),
+  ],
+)
 def test_other_modes_exact(mode, num_crossbars, batch):
   specs = vit_b32_specs()[:8] + random_specs(1, 5)
   for name in ("rram_128_c2", "rram_64_c2"):
     for mapping in ("of", "dr"):
-      hw = hw_lib.load_hw(name).replace(latency_mode=mode, num_crossbars=num_crossbars,
-                                        batch=batch, mapping=mapping)
+      hw = hw_lib.load_hw(name).replace(
+        latency_mode=mode, num_crossbars=num_crossbars, batch=batch, mapping=mapping
+      )
       assert_tables_equal(cost.cost_tables(specs, hw, xp=np), reference_tables(specs, hw))
 
 
@@ -228,35 +277,50 @@ def test_parallel_many_crossbars_is_one_round(c4):
   t = cost.cost_tables(specs, hw, xp=np)
   inv = np.array([s.invocations for s in specs])[:, None, None]
   cycles = np.arange(1, B + 1)[None, None, :]
-  np.testing.assert_allclose(t.latency_us, hw.t_write_us + inv * cycles * hw.t_exec_us
-                             + 0 * t.latency_us, rtol=1e-12)
+  np.testing.assert_allclose(
+    t.latency_us, hw.t_write_us + inv * cycles * hw.t_exec_us + 0 * t.latency_us, rtol=1e-12
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # Hypothesis properties.
 
 spec_st = st.builds(
-    lambda m, n, inv, rep: LayerSpec("x", "Dense", m, n, inv, repeat=rep),
-    st.integers(1, 5000), st.integers(1, 5000), st.integers(1, 3000), st.integers(1, 16))
+  lambda m, n, inv, rep: LayerSpec("x", "Dense", m, n, inv, repeat=rep),
+  st.integers(1, 5000),
+  st.integers(1, 5000),
+  st.integers(1, 3000),
+  st.integers(1, 16),
+)
 hw_st = st.builds(
-    lambda base, rows, cols, c, d, mapping, tw, te: base.replace(
-        rows=rows, cols=cols, cell_bits=c, dac_bits=d, mapping=mapping, t_write_us=tw,
-        t_exec_us=te),
-    st.just(hw_lib.load_hw("rram_128_c2")), st.sampled_from([16, 64, 100, 128, 256, 512]),
-    st.sampled_from([16, 64, 100, 128, 256, 512]), st.integers(1, 4), st.integers(1, 3),
-    st.sampled_from(["of", "dc", "dr"]), st.floats(0.0, 100.0), st.floats(0.01, 10.0))
+  lambda base, rows, cols, c, d, mapping, tw, te: base.replace(
+    rows=rows, cols=cols, cell_bits=c, dac_bits=d, mapping=mapping, t_write_us=tw, t_exec_us=te
+  ),
+  st.just(hw_lib.load_hw("rram_128_c2")),
+  st.sampled_from([16, 64, 100, 128, 256, 512]),
+  st.sampled_from([16, 64, 100, 128, 256, 512]),
+  st.integers(1, 4),
+  st.integers(1, 3),
+  st.sampled_from(["of", "dc", "dr"]),
+  st.floats(0.0, 100.0),
+  st.floats(0.01, 10.0),
+)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(spec_st, min_size=1, max_size=4), hw_st,
-       st.sampled_from(["serial", "stationary", "parallel"]), st.integers(1, 64),
-       st.integers(1, 64))
+@given(
+  st.lists(spec_st, min_size=1, max_size=4),
+  hw_st,
+  st.sampled_from(["serial", "stationary", "parallel"]),
+  st.integers(1, 64),
+  st.integers(1, 64),
+)
 def test_latency_monotone_and_energy_positive(specs, hw, mode, p, batch):
   hw = hw.replace(latency_mode=mode, num_crossbars=p, batch=batch)
   t = cost.cost_tables(specs, hw, xp=np)
   for table in (t.latency_us, t.energy_pj, t.tiles, t.execs):
-    assert (np.diff(table, axis=1) >= 0).all()   # non-decreasing in w
-    assert (np.diff(table, axis=2) >= 0).all()   # non-decreasing in a
+    assert (np.diff(table, axis=1) >= 0).all()  # non-decreasing in w
+    assert (np.diff(table, axis=2) >= 0).all()  # non-decreasing in a
   assert (t.energy_pj > 0).all() and (t.latency_us > 0).all()
   for f in ("e_dac_pj", "e_read_pj", "e_adc_pj", "e_shift_add_pj", "e_write_pj"):
     assert (getattr(t, f) > 0).all(), f
@@ -279,7 +343,6 @@ def test_parallel_p1_and_stationary_batch1_equal_serial(specs, hw):
 
 
 class PolicyCostTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_policy_cost_matches_python_sum(self):
     specs = vit_b32_specs()
@@ -331,8 +394,12 @@ def test_vmap_and_jit_over_hardware_parameters(vgg, c4):
 
   @jax.jit
   def sweep(te, rows):
-    return cost.cost_tables_from_arrays(geom, **{**params, "t_exec_us": te, "rows": rows},
-                                        mapping=c4.mapping, latency_mode=c4.latency_mode)
+    return cost.cost_tables_from_arrays(
+      geom,
+      **{**params, "t_exec_us": te, "rows": rows},
+      mapping=c4.mapping,
+      latency_mode=c4.latency_mode,
+    )
 
   out = jax.vmap(sweep)(te, rows)
   chex.assert_shape(out.latency_us, (3, 16, B, B))
@@ -357,10 +424,9 @@ def test_expected_cost_uniform_equals_exact_mean_over_all_policies():
   table, mask = _small_problem()
   per_layer = [np.argwhere(mask[l]) + 1 for l in range(len(mask))]
   pols = np.array([np.stack(c) for c in itertools.product(*per_layer)])
-  assert len(pols) == 14 ** 3
+  assert len(pols) == 14**3
   exact_mean = cost.policy_cost(table, pols).mean()
-  got = jax.jit(cost.expected_cost)(jnp.asarray(table, jnp.float32), jnp.zeros(mask.shape),
-                                    mask)
+  got = jax.jit(cost.expected_cost)(jnp.asarray(table, jnp.float32), jnp.zeros(mask.shape), mask)
   np.testing.assert_allclose(got, exact_mean, rtol=1e-5)
 
 
@@ -383,8 +449,12 @@ def test_expected_cost_gradient_closed_form_and_finite_differences():
   table, mask = _small_problem()
   t64 = np.asarray(table, np.float64)
   logits = np.asarray(jax.random.normal(jax.random.key(3), table.shape), np.float64)
-  grad = np.asarray(jax.jit(jax.grad(cost.expected_cost, argnums=1))(
-      jnp.asarray(table, jnp.float32), jnp.asarray(logits, jnp.float32), mask), np.float64)
+  grad = np.asarray(
+    jax.jit(jax.grad(cost.expected_cost, argnums=1))(
+      jnp.asarray(table, jnp.float32), jnp.asarray(logits, jnp.float32), mask
+    ),
+    np.float64,
+  )
   # Closed form: dE/dz[l, k] = p[l, k] * (c[l, k] - E_l), zero where masked.
   z = np.where(mask, logits, -np.inf).reshape(5, -1)
   p = np.exp(z - z.max(axis=1, keepdims=True))
@@ -416,8 +486,9 @@ def test_expected_cost_factored_matches_joint():
   wl, al = jax.random.normal(kw, (5, B)), jax.random.normal(ka, (5, B))
   joint = wl[:, :, None] + al[:, None, :]
   expected = jax.jit(cost.expected_cost)
-  np.testing.assert_allclose(jax.jit(cost.expected_cost_factored)(t32, wl, al, mask),
-                             expected(t32, joint, mask), rtol=1e-5)
+  np.testing.assert_allclose(
+    jax.jit(cost.expected_cost_factored)(t32, wl, al, mask), expected(t32, joint, mask), rtol=1e-5
+  )
   g = jax.jit(jax.grad(cost.expected_cost_factored, argnums=(1, 2)))(t32, wl, al, mask)
   assert all(np.isfinite(x).all() for x in g)
   # vmap over a population of logits.

@@ -14,11 +14,13 @@ def _fake_fashion_dir(tmp_path, n_train=60, n_test=20):
   rng = np.random.default_rng(0)
   d = tmp_path / "fmnist"
   d.mkdir()
-  data.write_idx(d / data.FASHION_FILES["train_images"],
-                 rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8))
+  data.write_idx(
+    d / data.FASHION_FILES["train_images"], rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)
+  )
   data.write_idx(d / data.FASHION_FILES["train_labels"], np.arange(n_train) % 10)
-  data.write_idx(d / data.FASHION_FILES["test_images"],
-                 rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8))
+  data.write_idx(
+    d / data.FASHION_FILES["test_images"], rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8)
+  )
   data.write_idx(d / data.FASHION_FILES["test_labels"], np.arange(n_test) % 10)
   return d
 
@@ -191,10 +193,12 @@ def test_shuffle_depends_only_on_key_and_epoch(subset):
     np.testing.assert_array_equal(ya, yb)
   assert not np.array_equal(a[0][1], c[0][1]) and not np.array_equal(a[0][1], d[0][1])
   key = jax.random.PRNGKey(5)
-  np.testing.assert_array_equal(data.epoch_permutation(key, 2, 100),
-                                data.epoch_permutation(np.asarray(key), 2, 100))
-  np.testing.assert_array_equal(data.epoch_permutation(jax.random.key(5), 2, 100),
-                                data.epoch_permutation(key, 2, 100))
+  np.testing.assert_array_equal(
+    data.epoch_permutation(key, 2, 100), data.epoch_permutation(np.asarray(key), 2, 100)
+  )
+  np.testing.assert_array_equal(
+    data.epoch_permutation(jax.random.key(5), 2, 100), data.epoch_permutation(key, 2, 100)
+  )
 
 
 def test_epoch_covers_each_image_at_most_once(subset):

@@ -29,11 +29,11 @@ def _reference(md, v, x, y, policy, batch):
   f = jax.jit(lambda a, p: models.forward(md.module, v, a, p)[0])
   correct, loss = 0, 0.0
   for s in range(0, len(x), batch):
-    logits = np.asarray(f(x[s:s + batch], jnp.asarray(policy)), np.float64)
-    correct += int(np.sum(np.argmax(logits, -1) == y[s:s + batch]))
+    logits = np.asarray(f(x[s : s + batch], jnp.asarray(policy)), np.float64)
+    correct += int(np.sum(np.argmax(logits, -1) == y[s : s + batch]))
     z = logits - logits.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    loss -= float(logp[np.arange(len(logits)), y[s:s + batch]].sum())
+    loss -= float(logp[np.arange(len(logits)), y[s : s + batch]].sum())
   return correct, loss / len(x)
 
 
@@ -88,5 +88,4 @@ def test_memory_formula():
   a = evaluate.activation_floats(specs)
   assert a == sum((s.n + s.m) * s.invocations * s.repeat for s in specs)
   assert evaluate.chunk_bytes(specs, 1000, chunk=8, batch_size=100) == 4 * 8 * (100 * a + 1000)
-  assert evaluate.chunk_bytes(specs, 1000, 16, 100) == 2 * evaluate.chunk_bytes(specs, 1000, 8,
-                                                                                  100)
+  assert evaluate.chunk_bytes(specs, 1000, 16, 100) == 2 * evaluate.chunk_bytes(specs, 1000, 8, 100)

@@ -1,8 +1,8 @@
 """Tests for cimjax.hw: shipped targets, loading by name/path, and validation messages."""
 
 import dataclasses
-from pathlib import Path
 import re
+from pathlib import Path
 
 import pytest
 
@@ -120,7 +120,9 @@ def test_missing_field(tmp_path):
     hw.load_hw(_write(tmp_path, text))
 
 
-@pytest.mark.parametrize("field,value,allowed", [
+@pytest.mark.parametrize(
+  "field,value,allowed",
+  [
     ("cell_bits", 5, "1..4"),
     ("cell_bits", 0, ">= 1"),
     ("rows", 0, ">= 1"),
@@ -137,7 +139,8 @@ def test_missing_field(tmp_path):
     ("e_write_pj", "x", "picojoules"),
     ("num_crossbars", 0, ">= 1"),
     ("batch", 0, ">= 1"),
-])
+  ],
+)
 def test_bad_values_name_field_and_allowed(tmp_path, field, value, allowed):
   p = _write(tmp_path, _toml(**{field: value}))
   with pytest.raises(hw.HwError) as e:

@@ -12,8 +12,6 @@ from cimjax import layers, models, quant, trace
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-
-
 def _small():
   md = models.get_model("small_cnn")
   variables = models.init(md, jax.random.key(0), batch=2)
@@ -56,19 +54,36 @@ def test_first_layer_signed_others_unsigned():
   assert conv2.min() >= 0 and conv2.max() <= 15
 
 
-@pytest.mark.parametrize("groups,strides,padding", [
-    (1, (1, 1), "SAME"), (2, (2, 2), "VALID"), (4, (1, 2), ((1, 0), (2, 1))), (8, (2, 1), "SAME"),
-])
+@pytest.mark.parametrize(
+  "groups,strides,padding",
+  [
+    (1, (1, 1), "SAME"),
+    (2, (2, 2), "VALID"),
+    (4, (1, 2), ((1, 0), (2, 1))),
+    (8, (2, 1), "SAME"),
+  ],
+)
 def test_conv_as_matmul_equals_conv(groups, strides, padding):
   kx, kw = jax.random.split(jax.random.key(groups))
   x = jax.random.randint(kx, (2, 9, 7, 8), -8, 8).astype(jnp.float32)
   w = jax.random.randint(kw, (3, 2, 8 // groups, 16), -7, 8).astype(jnp.float32)
-  ref = jax.lax.conv_general_dilated(x, w, strides, padding,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     feature_group_count=groups, precision=HIGHEST)
+  ref = jax.lax.conv_general_dilated(
+    x,
+    w,
+    strides,
+    padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=groups,
+    precision=HIGHEST,
+  )
   out = layers.conv_as_matmul(
-      x, w, strides=strides, padding=padding, groups=groups,
-      mvm=lambda a, b: jnp.einsum("rtn,rnm->rtm", a, b, precision=HIGHEST))
+    x,
+    w,
+    strides=strides,
+    padding=padding,
+    groups=groups,
+    mvm=lambda a, b: jnp.einsum("rtn,rnm->rtm", a, b, precision=HIGHEST),
+  )
   np.testing.assert_array_equal(out, ref)
 
 
@@ -78,20 +93,25 @@ def _plain_mvm(index, spec, x, w, w_bits, a_bits):
   return jnp.einsum("rtn,rnm->rtm", x, w, precision=HIGHEST)
 
 
-@pytest.mark.parametrize("name,kw", [
+@pytest.mark.parametrize(
+  "name,kw",
+  [
     ("small_cnn", {}),
     ("resnet20", {"image_size": 8}),
     ("vgg16", {"image_size": 16, "cfg": (8, "M", 16, "M"), "hidden": (32, 32)}),
     ("vit_b32", {"image_size": 64, "depth": 1, "hidden": 64, "num_heads": 4, "mlp_dim": 128}),
-])
+  ],
+)
 def test_hook_and_int32_paths_equal_native(name, kw):
   md = models.get_model(name, **kw)
   v = models.init(md, jax.random.key(0), batch=2)
   x = jax.random.normal(jax.random.key(1), (2, *md.input_shape))
   n = len(trace.trace_specs(md))
   pol = jax.random.randint(jax.random.key(2), (n, 2), 2, 9)
-  run = jax.jit(lambda p, **kw: models.forward(md.module, v, x, p, **kw),
-                static_argnames=("mvm", "capture", "int_dtype"))
+  run = jax.jit(
+    lambda p, **kw: models.forward(md.module, v, x, p, **kw),
+    static_argnames=("mvm", "capture", "int_dtype"),
+  )
   native, st_native = run(pol, capture=True)
   hooked, st_hook = run(pol, mvm=_plain_mvm, capture=True)
   exact, _ = run(pol, int_dtype=jnp.int32)
@@ -101,7 +121,6 @@ def test_hook_and_int32_paths_equal_native(name, kw):
 
 
 class VmapTest(parameterized.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_vmap_over_policies_equals_loop(self):
     md, v, x = _small()

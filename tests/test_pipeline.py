@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ TINY = "train/run_tiny.py"
 
 def _tiny_config(repo_root):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location("run_tiny", os.path.join(repo_root, TINY))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -61,8 +61,9 @@ def test_every_stage_and_report(tiny_run):
   assert r["verification"]["bit_exact"] is True
   assert r["verification"]["logits_equal"] is True
   assert not r["verification"]["cost_model_mismatches"]
-  np.testing.assert_allclose(r["verification"]["program_latency_us"], r["latency_us"]["mixed"],
-                             rtol=1e-9)
+  np.testing.assert_allclose(
+    r["verification"]["program_latency_us"], r["latency_us"]["mixed"], rtol=1e-9
+  )
   for k in ("fp32", "int8", "mixed"):
     assert 0 <= r["accuracy"][k]["test"] <= 100
   assert r["search"]["evaluations"] <= 48
@@ -92,23 +93,23 @@ def test_changed_config_is_refused(tiny_run, repo_root):
 
 
 def _run_cli(repo_root, *args, **kw):
-  return subprocess.run([sys.executable, "-m", "launch.run", *args], cwd=repo_root,
-                        capture_output=True, text=True, **kw)
+  return subprocess.run(
+    [sys.executable, "-m", "launch.run", *args], cwd=repo_root, capture_output=True, text=True, **kw
+  )
 
 
 def test_cli_errors_exit_2(repo_root, tmp_path):
   bad = tmp_path / "bad.npy"
   np.save(bad, np.full((3, 2), 8))
   cases = [
-      (["--stages=fp32,nope"], "stages"),
-      (["--hw=no_such_target"], "no_such_target"),
-      ([f"--from_policy={bad}"], "3"),
-      (["--from_policy=/nonexistent/p.npy"], "p.npy"),
-      (["--budget=0"], "--budget"),
+    (["--stages=fp32,nope"], "stages"),
+    (["--hw=no_such_target"], "no_such_target"),
+    ([f"--from_policy={bad}"], "3"),
+    (["--from_policy=/nonexistent/p.npy"], "p.npy"),
+    (["--budget=0"], "--budget"),
   ]
   for args, needle in cases:
-    p = _run_cli(repo_root, f"--config={TINY}", f"--workdir={tmp_path / 'w'}", *args,
-                 timeout=300)
+    p = _run_cli(repo_root, f"--config={TINY}", f"--workdir={tmp_path / 'w'}", *args, timeout=300)
     assert p.returncode == 2, (args, p.stderr[-2000:])
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and needle in last, (args, last)
@@ -118,9 +119,13 @@ def test_kill_and_rerun_gives_the_same_report(tiny_run, repo_root, tmp_path):
   _, reference = tiny_run
   wd = tmp_path / "killed"
   args = [f"--config={TINY}", f"--workdir={wd}", "--config.train.throttle_s=0.05"]
-  proc = subprocess.Popen([sys.executable, "-m", "launch.run", *args], cwd=repo_root,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          start_new_session=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "launch.run", *args],
+    cwd=repo_root,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
   ckpt = wd / "anyprec" / "checkpoints"
   deadline = time.time() + 400
   while time.time() < deadline and proc.poll() is None:
@@ -141,15 +146,28 @@ def test_choose_policy_takes_the_best_final_split_reward():
   """The search winner fails the target on the final split; the fastest candidate that meets
   it there is chosen instead; without a final re-evaluation the winner stays."""
   from cimjax import pipeline as pl
+
   win = np.full((5, 2), 2, np.int32)
 
   def cand(bits, acc, reward, speedup):
-    return {"policy": np.full((5, 2), bits).tolist(), "accuracy": acc, "reward": reward,
-            "feasible": acc >= 89.0, "speedup": speedup}
+    return {
+      "policy": np.full((5, 2), bits).tolist(),
+      "accuracy": acc,
+      "reward": reward,
+      "feasible": acc >= 89.0,
+      "speedup": speedup,
+    }
 
-  final = {"name": "val_final", "acc_target": 89.0,
-           "candidates": [cand(2, 88.0, -10.0, 2.3), cand(3, 89.2, 120.0, 2.0),
-                          cand(4, 89.9, 90.0, 1.7), cand(5, 88.9, -1.0, 2.1)]}
+  final = {
+    "name": "val_final",
+    "acc_target": 89.0,
+    "candidates": [
+      cand(2, 88.0, -10.0, 2.3),
+      cand(3, 89.2, 120.0, 2.0),
+      cand(4, 89.9, 90.0, 1.7),
+      cand(5, 88.9, -1.0, 2.1),
+    ],
+  }
   pol, pick = pl.choose_policy(win, final)
   assert (pol == 3).all() and pick["rank_in_search"] == 1 and pick["feasible_on_final"]
   assert pick["search_winner_final_accuracy"] == 88.0 and pick["pool"] == 4
@@ -157,4 +175,4 @@ def test_choose_policy_takes_the_best_final_split_reward():
   assert (pol == win).all() and pick == {"by": "search reward"}
   none_ok = dict(final, candidates=[final["candidates"][0], final["candidates"][3]])
   pol, pick = pl.choose_policy(win, none_ok)
-  assert (pol == 5).all() and not pick["feasible_on_final"]   # closest to the target
+  assert (pol == 5).all() and not pick["feasible_on_final"]  # closest to the target

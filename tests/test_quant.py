@@ -42,24 +42,32 @@ def test_exhaustive_integer_grid(bits, signed, narrow):
   # Every half-integer multiple of the step from below lo to above hi, plus quarter points.
   grid = np.arange(2 * (lo - 3), 2 * (hi + 3) + 1) / 2.0
   values = np.concatenate([grid, grid + 0.25]) * step
-  q, s = quant.quantize(jnp.asarray(values, jnp.float32), jnp.float32(clip), bits,
-                        signed=signed, narrow=narrow)
+  q, s = quant.quantize(
+    jnp.asarray(values, jnp.float32), jnp.float32(clip), bits, signed=signed, narrow=narrow
+  )
   assert float(s) == step
-  np.testing.assert_array_equal(np.asarray(q), _ref_codes(values.tolist(), bits, signed, narrow,
-                                                          step))
+  np.testing.assert_array_equal(
+    np.asarray(q), _ref_codes(values.tolist(), bits, signed, narrow, step)
+  )
   rng = quant.int_range(bits, signed=signed, narrow=narrow)
   assert (float(rng.lo), float(rng.hi), float(rng.denom)) == (lo, hi, denom)
 
 
 def test_round_half_to_even():
-  q, _ = quant.quantize(jnp.array([0.5, 1.5, 2.5, -0.5, -1.5]), jnp.float32(7.0), 4,
-                        signed=True, narrow=True)
+  q, _ = quant.quantize(
+    jnp.array([0.5, 1.5, 2.5, -0.5, -1.5]), jnp.float32(7.0), 4, signed=True, narrow=True
+  )
   np.testing.assert_array_equal(q, [0.0, 2.0, 2.0, -0.0, -2.0])
 
 
-@given(bits=st.integers(2, 8), mode=st.sampled_from(MODES),
-       x=st.lists(st.floats(-4, 4, allow_nan=False, allow_subnormal=False, width=32), min_size=1, max_size=32),
-       clip=st.floats(0.0625, 3.0, allow_subnormal=False, width=32))
+@given(
+  bits=st.integers(2, 8),
+  mode=st.sampled_from(MODES),
+  x=st.lists(
+    st.floats(-4, 4, allow_nan=False, allow_subnormal=False, width=32), min_size=1, max_size=32
+  ),
+  clip=st.floats(0.0625, 3.0, allow_subnormal=False, width=32),
+)
 @settings(max_examples=60, deadline=None)
 def test_codes_in_range_and_error_bounded(bits, mode, x, clip):
   signed, narrow = mode
@@ -80,8 +88,9 @@ def test_ste_gradients():
   gx = jax.grad(lambda v: quant.fake_quant(v, clip, bits, signed=True, narrow=True).sum())(x)
   np.testing.assert_allclose(gx, [0.0, 1.0, 1.0, 1.0, 0.0])
   # LSQ/PACT gradient for the clip: (round(x/s) - x/s) / denom inside, +-hi/denom outside.
-  gc = jax.vmap(jax.grad(lambda c, v: quant.fake_quant(v, c, bits, signed=True, narrow=True)),
-                in_axes=(None, 0))(clip, x)
+  gc = jax.vmap(
+    jax.grad(lambda c, v: quant.fake_quant(v, c, bits, signed=True, narrow=True)), in_axes=(None, 0)
+  )(clip, x)
   s = 1.0 / 3.0
   inside = np.round(np.asarray(x) / s) / 3.0 - np.asarray(x) / s / 3.0
   expected = np.where(np.asarray(x) > 1.0, 1.0, np.where(np.asarray(x) < -1.0, -1.0, inside))
@@ -89,17 +98,17 @@ def test_ste_gradients():
 
 
 class TracedBitsTest(parameterized.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(*MODES)
   def test_traced_bits_match_static(self, signed, narrow):
     x = jax.random.normal(jax.random.key(0), (64,)) * 2
-    fn = self.variant(lambda v, b: quant.fake_quant(v, jnp.float32(1.5), b, signed=signed,
-                                                    narrow=narrow))
+    fn = self.variant(
+      lambda v, b: quant.fake_quant(v, jnp.float32(1.5), b, signed=signed, narrow=narrow)
+    )
     for b in range(2, 9):
       np.testing.assert_array_equal(
-          fn(x, jnp.int32(b)), quant.fake_quant(x, jnp.float32(1.5), b, signed=signed,
-                                                narrow=narrow))
+        fn(x, jnp.int32(b)), quant.fake_quant(x, jnp.float32(1.5), b, signed=signed, narrow=narrow)
+      )
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_vmap_over_bits_equals_loop(self):
@@ -131,8 +140,9 @@ def test_gather_clip_per_bit_table():
   for b in range(1, 9):
     np.testing.assert_array_equal(quant.gather_clip(table, jnp.int32(b)), [b, b, b])
   bits = jnp.array([2, 8])
-  np.testing.assert_array_equal(jax.vmap(lambda b: quant.gather_clip(table, b))(bits)[:, 0],
-                                [2.0, 8.0])
+  np.testing.assert_array_equal(
+    jax.vmap(lambda b: quant.gather_clip(table, b))(bits)[:, 0], [2.0, 8.0]
+  )
 
 
 @pytest.mark.parametrize("bits,signed,narrow", itertools.product([2, 4, 8], [True], [True]))
@@ -143,10 +153,13 @@ def test_mse_optimal_clip_beats_max(bits, signed, narrow):
   assert best.shape == (4,)
   amax = np.abs(w).max(0)
   for c in range(4):
-    def mse(clip):
-      q = quant.fake_quant(jnp.asarray(w[:, c]), jnp.float32(clip), bits, signed=signed,
-                           narrow=narrow)
+
+    def mse(clip, c=c):
+      q = quant.fake_quant(
+        jnp.asarray(w[:, c]), jnp.float32(clip), bits, signed=signed, narrow=narrow
+      )
       return float(jnp.mean((q - w[:, c]) ** 2))
+
     assert 0 < best[c] <= amax[c] * (1 + 1e-6)
     assert mse(best[c]) <= mse(amax[c]) + 1e-9
   if bits == 2:  # heavy tails: the optimal 2-bit clip is well inside the max

@@ -1,6 +1,5 @@
 """Every command and code example in README.md runs (on small settings where noted)."""
 
-import os
 import re
 import subprocess
 import sys
@@ -21,8 +20,11 @@ def _blocks(text, lang):
 def _commands(block):
   """Shell commands of a block, continuation lines joined, comments dropped."""
   joined = block.replace("\\\n", " ")
-  return [re.sub(r"\s+#.*$", "", line).strip() for line in joined.splitlines()
-          if line.strip() and not line.strip().startswith("#")]
+  return [
+    re.sub(r"\s+#.*$", "", line).strip()
+    for line in joined.splitlines()
+    if line.strip() and not line.strip().startswith("#")
+  ]
 
 
 def _run(repo_root, cmd, timeout=600):
@@ -31,8 +33,9 @@ def _run(repo_root, cmd, timeout=600):
     args = ["-m", "launch.run", *args[1:]]
   elif args[:2] == ["python", "-m"]:
     args = args[1:]
-  p = subprocess.run([sys.executable, *args], cwd=repo_root, capture_output=True, text=True,
-                     timeout=timeout)
+  p = subprocess.run(
+    [sys.executable, *args], cwd=repo_root, capture_output=True, text=True, timeout=timeout
+  )
   assert p.returncode == 0, f"{cmd}\n{p.stderr[-3000:]}"
   return p
 
@@ -42,16 +45,22 @@ def test_quick_start_is_what_ci_runs(readme, repo_root):
   assert len(quick) == 2
   assert quick[0].startswith("apt-get install -y dataset-fashion-mnist") and "cimjax" in quick[0]
   assert quick[1] == "python -m pytest"
-  ci = [l.strip() for l in Path(repo_root, ".ci/run").read_text().splitlines()
-        if l.strip() and not l.startswith("#") and not l.startswith(("set ", "cd "))]
+  ci = [
+    l.strip()
+    for l in Path(repo_root, ".ci/run").read_text().splitlines()
+    if l.strip() and not l.startswith("#") and not l.startswith(("set ", "cd "))
+  ]
   assert ci == quick
 
 
 def test_cost_commands(readme, repo_root):
   cmds = [c for b in _blocks(readme, "bash") for c in _commands(b)]
   cmds += re.findall(r"`(python -m launch\.cost [^`]*)`", readme.replace("\n", " "))
-  cost = [c for c in cmds if c.startswith("python -m launch.cost") and "my_macro" not in c
-          and "policy.npy" not in c]
+  cost = [
+    c
+    for c in cmds
+    if c.startswith("python -m launch.cost") and "my_macro" not in c and "policy.npy" not in c
+  ]
   assert len(cost) >= 3
   for c in cost:
     out = _run(repo_root, c).stdout
@@ -63,6 +72,7 @@ def test_toml_example_is_a_valid_target(readme, tmp_path, repo_root):
   path = tmp_path / "my_macro.toml"
   path.write_text(toml)
   from cimjax import hw
+
   t = hw.load_hw(path)
   assert (t.name, t.rows, t.mapping) == ("my_macro", 128, "of")
   out = _run(repo_root, f"python -m launch.cost --model=vgg16 --hw={path}").stdout
@@ -88,9 +98,13 @@ def test_run_flags_on_the_tiny_config(readme, repo_root, tmp_path):
   assert len(cmds) == 3
   flags = [f for c in cmds[:2] for f in c.split()[1:] if not f.startswith("--workdir")]
   flags = [f.replace("--budget=3000", "--budget=30") for f in flags]
-  _run(repo_root, f"cimjax --config=train/run_tiny.py --workdir={tmp_path / 'w'} "
-                  f"--stages=fp32,int8,anyprec,search {' '.join(flags)}")
+  _run(
+    repo_root,
+    f"cimjax --config=train/run_tiny.py --workdir={tmp_path / 'w'} "
+    f"--stages=fp32,int8,anyprec,search {' '.join(flags)}",
+  )
   import json
+
   cfg = json.loads((tmp_path / "w" / "config.json").read_text())
   assert cfg["hw"] == "rram_256_c4" and cfg["search"]["agent"] == "ddpg"
   assert cfg["search"]["constraint"] == "none" and cfg["search"]["acc_drop"] == 1.0
@@ -102,13 +116,16 @@ def test_python_example(readme, tmp_path, repo_root):
   code = next(b for b in _blocks(readme, "python") if "random_policies" in b)
   # The example reads the default run's weights; here, freshly initialised ones.
   import jax
+
   import cimjax
   from cimjax import train
+
   model = cimjax.get_model("small_cnn")
   train.save_variables(tmp_path / "anyprec" / "variables", cimjax.init(model, jax.random.key(0)))
   code = code.replace('"runs/default/anyprec"', repr(str(tmp_path / "anyprec")))
-  p = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True,
-                     text=True, timeout=600)
+  p = subprocess.run(
+    [sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=600
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   assert re.search(r"best speedup \d+\.\d+x, accuracy \d+\.\d-\d+\.\d%", p.stdout), p.stdout
 

@@ -34,7 +34,7 @@ def test_memo_evaluates_each_policy_once_and_matches_inner(specs):
   inner = Counting(specs)
   memo = acc_lib.MemoAccuracy(inner)
   pols = _random_policies(20, len(specs), 0)
-  batch = np.concatenate([pols, pols[:7], pols[3:5]])        # duplicates inside one call
+  batch = np.concatenate([pols, pols[:7], pols[3:5]])  # duplicates inside one call
   got = memo(batch)
   np.testing.assert_allclose(got, acc_lib.SyntheticAccuracy(specs, seed=0)(batch), rtol=1e-6)
   assert len(inner.asked) == len({tuple(p) for p in inner.asked}) == 20
@@ -48,14 +48,14 @@ def test_memo_round_trip_and_stale_tag_refused(specs, tmp_path):
   want = memo(pols)
   path = tmp_path / "memo.npz"
   memo.save(path, tag="weights-A val[:1000]")
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["memo.npz"]   # no temp file left
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["memo.npz"]  # no temp file left
   inner = Counting(specs)
   fresh = acc_lib.MemoAccuracy(inner)
   assert fresh.load(path, tag="weights-A val[:1000]") == 12
   np.testing.assert_array_equal(fresh(pols), want)
-  assert inner.asked == []                                              # all from the file
+  assert inner.asked == []  # all from the file
   with pytest.raises(ValueError, match="weights-B"):
     acc_lib.MemoAccuracy(Counting(specs)).load(path, tag="weights-B val[:1000]")
   with pytest.raises(ValueError, match="another source"):
-    acc_lib.MemoAccuracy(Counting(specs)).load(path)                  # untagged reader
+    acc_lib.MemoAccuracy(Counting(specs)).load(path)  # untagged reader
   assert acc_lib.MemoAccuracy(Counting(specs)).load(tmp_path / "missing.npz") == 0

@@ -13,14 +13,32 @@ from cimjax.spec import LayerSpec
 
 def specs5():
   dims = [(16, 9, 784), (32, 144, 196), (48, 288, 49), (64, 432, 16), (10, 64, 1)]
-  return [LayerSpec(name=f"l{i}", kind="Conv2D" if i < 4 else "Dense", m=m, n=n, invocations=v,
-                    in_channels=n // 9 or 1, out_channels=m, kernel=(3, 3), stride=1,
-                    input_size=v, signed_input=(i == 0)) for i, (m, n, v) in enumerate(dims)]
+  return [
+    LayerSpec(
+      name=f"l{i}",
+      kind="Conv2D" if i < 4 else "Dense",
+      m=m,
+      n=n,
+      invocations=v,
+      in_channels=n // 9 or 1,
+      out_channels=m,
+      kernel=(3, 3),
+      stride=1,
+      input_size=v,
+      signed_input=(i == 0),
+    )
+    for i, (m, n, v) in enumerate(dims)
+  ]
 
 
-@pytest.mark.parametrize("kind, hw_name, constraint", [
-    ("additive", "rram_64_c2", "both"), ("saturating", "rram_256_c4", "weight"),
-    ("additive", "rram_128_c2", "io")])
+@pytest.mark.parametrize(
+  "kind, hw_name, constraint",
+  [
+    ("additive", "rram_64_c2", "both"),
+    ("saturating", "rram_256_c4", "weight"),
+    ("additive", "rram_128_c2", "io"),
+  ],
+)
 def test_dp_optimum_equals_exhaustive(kind, hw_name, constraint):
   specs = specs5()
   hw = hw_lib.load_hw(hw_name)
@@ -46,7 +64,7 @@ def test_synthetic_model_properties():
   p8 = np.full((1, 5, 2), 8)
   p4 = np.full((1, 5, 2), 4)
   assert src.exact(p8)[0] == pytest.approx(90.0)
-  assert src.exact(p4)[0] == pytest.approx(88.0)                  # uniform 4/4 loses drop44
+  assert src.exact(p4)[0] == pytest.approx(88.0)  # uniform 4/4 loses drop44
   assert acc_lib.noise_gain(np.asarray([8, 4, 2])).tolist() == pytest.approx([0, 1, 4095 / 255])
   np.testing.assert_allclose(np.asarray(src.fn(p4)), src.exact(p4), rtol=1e-6)
   sat = acc_lib.SyntheticAccuracy(specs, kind="saturating", seed=0)
@@ -54,4 +72,4 @@ def test_synthetic_model_properties():
   assert 10.0 < sat.exact(low)[0] < 90.0
   inter = acc_lib.SyntheticAccuracy(specs, kind="interaction", seed=0)
   assert not inter.separable and inter.exact(p8)[0] == pytest.approx(90.0)
-  assert inter.exact(p4)[0] < sat.exact(p4)[0]                    # neighbours compound
+  assert inter.exact(p4)[0] < sat.exact(p4)[0]  # neighbours compound

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-WORKER = r'''
+WORKER = r"""
 import json, os, sys
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.pop("XLA_FLAGS", None)
@@ -39,7 +39,7 @@ print("RESULT " + json.dumps({
     "accuracy": res.history.accuracy[:n].tolist()}))
 if nproc > 1:
   jax.distributed.shutdown()
-'''
+"""
 
 
 def _free_port():
@@ -52,7 +52,7 @@ def _result(proc):
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
+  return json.loads(line[len("RESULT ") :])
 
 
 @pytest.mark.slow
@@ -62,17 +62,24 @@ def test_two_processes_equal_one(repo_root, tmp_path, agent):
   script.write_text(WORKER)
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=repo_root)
+
   def run(*a):
-    return subprocess.Popen([sys.executable, str(script), *map(str, a)], cwd=repo_root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+      [sys.executable, str(script), *map(str, a)],
+      cwd=repo_root,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
 
   procs = [run(0, 2, port, agent), run(1, 2, port, agent), run(0, 1, 0, agent)]
   r0, r1, single = (_result(p) for p in procs)
   assert r0["processes"] == r1["processes"] == 2 and single["processes"] == 1
   for r in (r0, r1):
     assert r["evals"] == single["evals"]
-    assert r["policies"] == single["policies"]       # the same candidates in the same order
-    assert r["accuracy"] == single["accuracy"]       # bit-exact all-gathered accuracies
+    assert r["policies"] == single["policies"]  # the same candidates in the same order
+    assert r["accuracy"] == single["accuracy"]  # bit-exact all-gathered accuracies
     assert r["best"] == single["best"] and r["reward"] == single["reward"]
 
 
@@ -82,14 +89,34 @@ def test_cli_two_processes(repo_root, tmp_path):
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  args = [sys.executable, "-m", "launch.search", f"--workdir={tmp_path}", "--accuracy=synthetic",
-          "--hw=rram_64_c2", "--agent=pg", "--budget=64", "--population=16", "--noprogress",
-          "--noplots", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=repo_root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  args = [
+    sys.executable,
+    "-m",
+    "launch.search",
+    f"--workdir={tmp_path}",
+    "--accuracy=synthetic",
+    "--hw=rram_64_c2",
+    "--agent=pg",
+    "--budget=64",
+    "--population=16",
+    "--noprogress",
+    "--noplots",
+    f"--coordinator_address=127.0.0.1:{port}",
+    "--num_processes=2",
+  ]
+  procs = [
+    subprocess.Popen(
+      args + [f"--process_id={i}"],
+      cwd=repo_root,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=300) for p in procs]
-  for p, (o, e) in zip(procs, outs):
+  for p, (_o, e) in zip(procs, outs):
     assert p.returncode == 0, e[-3000:]
   rep0 = json.loads(outs[0][0].strip().splitlines()[-1])
   rep1 = json.loads(outs[1][0].strip().splitlines()[-1])

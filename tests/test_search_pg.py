@@ -24,18 +24,24 @@ def test_model_features_layout():
   x = pg_lib.model_features(pols)
   assert x.shape == (2, 16 * 2 + 17)
   per = x[:, :32].reshape(2, 2, 16)
-  assert per[0, 0].sum() == 0.0                                     # 8/8: the reference
+  assert per[0, 0].sum() == 0.0  # 8/8: the reference
   assert per[0, 1, 1] == 1.0 and per[0, 1, 8 + 4] == 1.0 and per[0, 1].sum() == 2.0
   assert per[1, 0, 2] == 1.0 and per[1, 0].sum() == 1.0
   assert per[1, 1, 8] == 1.0 and per[1, 1].sum() == 1.0
   assert (per[..., 7] == 0).all() and (per[..., 15] == 0).all()
-  np.testing.assert_array_equal(x[:, 32:48], per.sum(axis=1))       # shared counts
-  np.testing.assert_array_equal(x[:, -1], 1.0)                      # intercept
+  np.testing.assert_array_equal(x[:, 32:48], per.sum(axis=1))  # shared counts
+  np.testing.assert_array_equal(x[:, -1], 1.0)  # intercept
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2 ** 16), n1=st.integers(1, 40), n2=st.integers(1, 40),
-       num=st.integers(1, 4), ridge=st.floats(0.01, 3.0), tau=st.floats(0.5, 50.0))
+@given(
+  seed=st.integers(0, 2**16),
+  n1=st.integers(1, 40),
+  n2=st.integers(1, 40),
+  num=st.integers(1, 4),
+  ridge=st.floats(0.01, 3.0),
+  tau=st.floats(0.5, 50.0),
+)
 def test_model_update_is_the_weighted_ridge_solution(seed, n1, n2, num, ridge, tau):
   """Two incremental updates give the weighted ridge regression of all new candidates,
   computed independently by least squares on the augmented system."""
@@ -70,16 +76,21 @@ def test_model_update_recovers_an_additive_model():
   idx = np.arange(num)
   y = 1.0 + (true_w[idx, pols[..., 0] - 1] + true_a[idx, pols[..., 1] - 1]).sum(axis=1)
   d = 16 * num + 17
-  out = pg_lib.model_update(np.zeros((d, d)), np.zeros(d), 0.0, 0.0, pols, y,
-                            np.ones(len(y), bool), 1e-4, 1e9)
+  out = pg_lib.model_update(
+    np.zeros((d, d)), np.zeros(d), 0.0, 0.0, pols, y, np.ones(len(y), bool), 1e-4, 1e9
+  )
   pred = pg_lib.model_features(pols) @ out[4].astype(np.float64)
   np.testing.assert_allclose(pred, y, atol=2e-2)
   assert out[5] < 2e-2
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2 ** 16), num=st.integers(1, 6), sd=st.floats(0.01, 3.0),
-       misfit=st.floats(0.0, 5.0))
+@given(
+  seed=st.integers(0, 2**16),
+  num=st.integers(1, 6),
+  sd=st.floats(0.01, 3.0),
+  misfit=st.floats(0.0, 5.0),
+)
 def test_thompson_std_adds_the_misfit_floor_in_quadrature(seed, num, sd, misfit):
   """Per-layer effects: ``sqrt(sd^2 / diag + (misfit sd)^2 / 2L)``; shared effects and the
   intercept fixed; a policy with all 2L operands below 8 bits spreads by at least misfit sd."""
@@ -90,14 +101,15 @@ def test_thompson_std_adds_the_misfit_floor_in_quadrature(seed, num, sd, misfit)
   fit_only = pg_lib.thompson_std(diag, sd, num, 0.0)
   k = 16 * num
   np.testing.assert_allclose(fit_only[:k], sd / np.sqrt(diag[:k]), rtol=1e-12)
-  np.testing.assert_allclose(post[:k], np.sqrt(sd ** 2 / diag[:k] + misfit ** 2 * sd ** 2
-                                               / (2 * num)), rtol=1e-12)
+  np.testing.assert_allclose(
+    post[:k], np.sqrt(sd**2 / diag[:k] + misfit**2 * sd**2 / (2 * num)), rtol=1e-12
+  )
   assert (post[k:] == 0.0).all() and (fit_only[k:] == 0.0).all()
   assert (post >= fit_only).all()
   pol = np.stack([rng.integers(1, 8, num), rng.integers(1, 8, num)], axis=-1)[None]
   x = pg_lib.model_features(pol.astype(np.int32))[0]
   assert x[:k].sum() == 2 * num
-  assert np.sum(x * post ** 2) >= (misfit * sd) ** 2 * (1 - 1e-12)
+  assert np.sum(x * post**2) >= (misfit * sd) ** 2 * (1 - 1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +122,14 @@ def pg_agent(small_cnn_rram_64_c2):
 
 def _out(n, new, rng):
   acc = jnp.asarray(rng.uniform(85, 95, n), jnp.float32)
-  return env_lib.EvalOut(accuracy=acc, cost_ratio=jnp.full((n,), 0.5, jnp.float32),
-                         reward=acc - 90.0, valid=jnp.ones((n,), bool),
-                         new=jnp.asarray(new), slot=jnp.arange(n, dtype=jnp.int32))
+  return env_lib.EvalOut(
+    accuracy=acc,
+    cost_ratio=jnp.full((n,), 0.5, jnp.float32),
+    reward=acc - 90.0,
+    valid=jnp.ones((n,), bool),
+    new=jnp.asarray(new),
+    slot=jnp.arange(n, dtype=jnp.int32),
+  )
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -128,10 +145,15 @@ def test_mutation_rate_follows_the_success_rule(pg_agent, jit):
   rates = []
   for i in range(12):
     pols, aux = ask(st_, jax.random.PRNGKey(i))
-    st_, _ = tell(st_, pols, _out(cfg.population, np.zeros(cfg.population, bool), rng), aux,
-                  jax.random.PRNGKey(100 + i))
+    st_, _ = tell(
+      st_,
+      pols,
+      _out(cfg.population, np.zeros(cfg.population, bool), rng),
+      aux,
+      jax.random.PRNGKey(100 + i),
+    )
     rates.append(float(st_.mutation))
-  expect = [min(cfg.mutation_min * cfg.mutation_gain ** k, 1.0) for k in range(12)]
+  expect = [min(cfg.mutation_min * cfg.mutation_gain**k, 1.0) for k in range(12)]
   np.testing.assert_allclose(rates, expect, rtol=1e-5)
   # at rate 1 every sampled layer is redrawn (forced layers stay 8/8), and those samples are
   # off-policy
@@ -141,17 +163,29 @@ def test_mutation_rate_follows_the_success_rule(pg_agent, jit):
   assert not np.asarray(aux)[:n_sample].all()
   for i in range(40):
     pols, aux = ask(st_, jax.random.PRNGKey(200 + i))
-    st_, _ = tell(st_, pols, _out(cfg.population, np.ones(cfg.population, bool), rng), aux,
-                  jax.random.PRNGKey(300 + i))
+    st_, _ = tell(
+      st_,
+      pols,
+      _out(cfg.population, np.ones(cfg.population, bool), rng),
+      aux,
+      jax.random.PRNGKey(300 + i),
+    )
   assert float(st_.mutation) == 0.0
   pols, aux = ask(st_, jax.random.PRNGKey(7))
-  assert np.asarray(aux)[:n_sample].all()                          # no mutation: on-policy
+  assert np.asarray(aux)[:n_sample].all()  # no mutation: on-policy
 
 
-@pytest.mark.parametrize("field, value, allowed", [
-    ("mutation_target", 1.5, "0 .. 1"), ("mutation_gain", 1.0, "> 1"),
-    ("mutation_min", 0.0, "(0, 1]"), ("population", 1, ">= 2"), ("head", "x", "factored"),
-    ("plan_ts_misfit", -1.0, ">= 0")])
+@pytest.mark.parametrize(
+  "field, value, allowed",
+  [
+    ("mutation_target", 1.5, "0 .. 1"),
+    ("mutation_gain", 1.0, "> 1"),
+    ("mutation_min", 0.0, "(0, 1]"),
+    ("population", 1, ">= 2"),
+    ("head", "x", "factored"),
+    ("plan_ts_misfit", -1.0, ">= 0"),
+  ],
+)
 def test_config_errors_name_the_field(field, value, allowed):
   with pytest.raises(ValueError, match=field) as e:
     dataclasses.replace(pg_lib.PGConfig(), **{field: value})

@@ -15,9 +15,11 @@ def _resnet18_expected():
   g += [("Conv2D", 64, 64 * 9, 56 * 56, 1)] * 4
   cin = 64
   for width, hw in ((128, 28), (256, 14), (512, 7)):
-    g += [("Conv2D", width, cin, hw * hw, 1),            # projection shortcut first
-          ("Conv2D", width, cin * 9, hw * hw, 1),        # conv_a (stride 2)
-          ("Conv2D", width, width * 9, hw * hw, 1)]      # conv_b
+    g += [
+      ("Conv2D", width, cin, hw * hw, 1),  # projection shortcut first
+      ("Conv2D", width, cin * 9, hw * hw, 1),  # conv_a (stride 2)
+      ("Conv2D", width, width * 9, hw * hw, 1),
+    ]  # conv_b
     g += [("Conv2D", width, width * 9, hw * hw, 1)] * 2  # second block
     cin = width
   return g + [("Dense", 1000, 512, 1, 1)]
@@ -27,37 +29,66 @@ def _resnet20_expected():
   g = [("Conv2D", 16, 27, 1024, 1)] + [("Conv2D", 16, 144, 1024, 1)] * 6
   cin = 16
   for width, hw in ((32, 16), (64, 8)):
-    g += [("Conv2D", width, cin, hw * hw, 1), ("Conv2D", width, cin * 9, hw * hw, 1),
-          ("Conv2D", width, width * 9, hw * hw, 1)]
+    g += [
+      ("Conv2D", width, cin, hw * hw, 1),
+      ("Conv2D", width, cin * 9, hw * hw, 1),
+      ("Conv2D", width, width * 9, hw * hw, 1),
+    ]
     g += [("Conv2D", width, width * 9, hw * hw, 1)] * 4
     cin = width
   return g + [("Dense", 10, 64, 1, 1)]
 
 
 def _vgg16_expected():
-  convs = [(64, 3, 224), (64, 64, 224), (128, 64, 112), (128, 128, 112), (256, 128, 56),
-           (256, 256, 56), (256, 256, 56), (512, 256, 28), (512, 512, 28), (512, 512, 28),
-           (512, 512, 14), (512, 512, 14), (512, 512, 14)]
+  convs = [
+    (64, 3, 224),
+    (64, 64, 224),
+    (128, 64, 112),
+    (128, 128, 112),
+    (256, 128, 56),
+    (256, 256, 56),
+    (256, 256, 56),
+    (512, 256, 28),
+    (512, 512, 28),
+    (512, 512, 28),
+    (512, 512, 14),
+    (512, 512, 14),
+    (512, 512, 14),
+  ]
   g = [("Conv2D", co, ci * 9, hw * hw, 1) for co, ci, hw in convs]
-  return g + [("Dense", 4096, 512 * 7 * 7, 1, 1), ("Dense", 4096, 4096, 1, 1),
-              ("Dense", 1000, 4096, 1, 1)]
+  return g + [
+    ("Dense", 4096, 512 * 7 * 7, 1, 1),
+    ("Dense", 4096, 4096, 1, 1),
+    ("Dense", 1000, 4096, 1, 1),
+  ]
 
 
 def _vit_b32_expected():
   t = 1 + (224 // 32) ** 2  # class token + 49 patches
   g = [("Conv2D", 768, 3 * 32 * 32, 49, 1)]
-  block = [("Dense", 3 * 768, 768, t, 1), ("MatMul", t, 64, t, 12), ("MatMul", 64, t, t, 12),
-           ("Dense", 768, 768, t, 1), ("Dense", 3072, 768, t, 1), ("Dense", 768, 3072, t, 1)]
+  block = [
+    ("Dense", 3 * 768, 768, t, 1),
+    ("MatMul", t, 64, t, 12),
+    ("MatMul", 64, t, t, 12),
+    ("Dense", 768, 768, t, 1),
+    ("Dense", 3072, 768, t, 1),
+    ("Dense", 768, 3072, t, 1),
+  ]
   return g + block * 12 + [("Dense", 1000, 768, 1, 1)]
 
 
 EXPECTED = {
-    "small_cnn": [("Conv2D", 16, 9, 784, 1), ("Conv2D", 32, 144, 196, 1),
-                  ("Conv2D", 32, 288, 49, 1), ("Dense", 64, 288, 1, 1), ("Dense", 10, 64, 1, 1)],
-    "resnet20": _resnet20_expected(),
-    "resnet18": _resnet18_expected(),
-    "vgg16": _vgg16_expected(),
-    "vit_b32": _vit_b32_expected(),
+  "small_cnn": [
+    ("Conv2D", 16, 9, 784, 1),
+    ("Conv2D", 32, 144, 196, 1),
+    ("Conv2D", 32, 288, 49, 1),
+    ("Dense", 64, 288, 1, 1),
+    ("Dense", 10, 64, 1, 1),
+  ],
+  "resnet20": _resnet20_expected(),
+  "resnet18": _resnet18_expected(),
+  "vgg16": _vgg16_expected(),
+  "vit_b32": _vit_b32_expected(),
 }
 COUNTS = {"small_cnn": 5, "resnet20": 22, "resnet18": 21, "vgg16": 16, "vit_b32": 74}
 
@@ -72,9 +103,16 @@ def test_zoo_geometry_matches_hand_derivation(name):
 
 def test_resnet_block_order_and_names():
   names = trace.layer_names(trace.trace_specs(models.get_model("resnet18")))
-  assert names[:8] == ["conv1", "stage1_block1/conv_a", "stage1_block1/conv_b",
-                       "stage1_block2/conv_a", "stage1_block2/conv_b",
-                       "stage2_block1/shortcut", "stage2_block1/conv_a", "stage2_block1/conv_b"]
+  assert names[:8] == [
+    "conv1",
+    "stage1_block1/conv_a",
+    "stage1_block1/conv_b",
+    "stage1_block2/conv_a",
+    "stage1_block2/conv_b",
+    "stage2_block1/shortcut",
+    "stage2_block1/conv_a",
+    "stage2_block1/conv_b",
+  ]
   assert names[-1] == "fc"
 
 
@@ -90,7 +128,6 @@ def test_signedness():
 def test_grouped_conv_repeat_and_input_shape_override():
 
   class Grouped(nn.Module):
-
     @nn.compact
     def __call__(self, x, ctx):
       x = layers.QuantConv(32, (3, 3), (2, 2), padding="SAME", groups=4, name="g")(x, ctx)

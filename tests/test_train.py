@@ -13,8 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from cimjax import data
-from cimjax import train
+from cimjax import data, train
 from cimjax.layers import QuantConv, QuantDense
 from cimjax.models import ModelDef, get_model
 
@@ -36,8 +35,9 @@ def digits():
 
 @pytest.fixture(scope="module")
 def cnn():
-  return dataclasses.replace(get_model("small_cnn", channels=(8, 16, 16), hidden=32),
-                             input_shape=(8, 8, 1))
+  return dataclasses.replace(
+    get_model("small_cnn", channels=(8, 16, 16), hidden=32), input_shape=(8, 8, 1)
+  )
 
 
 class _ConvBN(nn.Module):
@@ -47,8 +47,7 @@ class _ConvBN(nn.Module):
   def __call__(self, x, ctx):
     for i, c in enumerate((4, 8)):
       x = QuantConv(c, (3, 3), use_bias=False, signed_input=(i == 0), name=f"conv{i}")(x, ctx)
-      x = nn.relu(nn.BatchNorm(use_running_average=not ctx.train, momentum=0.9,
-                               name=f"bn{i}")(x))
+      x = nn.relu(nn.BatchNorm(use_running_average=not ctx.train, momentum=0.9, name=f"bn{i}")(x))
     return QuantDense(10, name="fc")(jnp.mean(x, axis=(1, 2)), ctx)
 
 
@@ -140,8 +139,9 @@ def test_anyprec_step_traced_policies_no_retrace(cnn, digits):
 
 def test_anyprec_without_sandwich_averages_bn_stats(tiny_resnet):
   tx = optax.adamw(1e-3)
-  trainer = train.Trainer(tiny_resnet, tx, fast_compile=True,
-                          anyprec=train.AnyPrecConfig(sandwich=False, distill=False))
+  trainer = train.Trainer(
+    tiny_resnet, tx, fast_compile=True, anyprec=train.AnyPrecConfig(sandwich=False, distill=False)
+  )
   state = _state(tiny_resnet, tx)
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 6, 6, 3))
   batch = (x, jnp.arange(16, dtype=jnp.int32) % 10)
@@ -151,8 +151,12 @@ def test_anyprec_without_sandwich_averages_bn_stats(tiny_resnet):
   # Running statistics: the mean of the two policies' updates.
   one = [train.recalibrate_bn(state, tiny_resnet, p, [x], fast_compile=True) for p in pols]
   mom = 0.9
-  expect = jax.tree.map(lambda old, a, b: mom * old + (1 - mom) * (a + b) / 2,
-                        state.batch_stats, one[0].batch_stats, one[1].batch_stats)
+  expect = jax.tree.map(
+    lambda old, a, b: mom * old + (1 - mom) * (a + b) / 2,
+    state.batch_stats,
+    one[0].batch_stats,
+    one[1].batch_stats,
+  )
   chex.assert_trees_all_close(new.batch_stats, expect, atol=1e-4, rtol=1e-4)
 
 
@@ -201,15 +205,19 @@ def test_recalibrate_bn_matches_batch_statistics(tiny_resnet):
   """After recalibration on one batch, eval mode reproduces train mode on that batch."""
   v = train.init_variables(tiny_resnet, jax.random.PRNGKey(0))
   x = jax.random.normal(jax.random.PRNGKey(1), (32, 6, 6, 3))
-  fwd = jax.jit(lambda v, x, p, t: train.forward(tiny_resnet.module, v, x, p, train=t)[0],
-                static_argnums=3, compiler_options=FAST)
+  fwd = jax.jit(
+    lambda v, x, p, t: train.forward(tiny_resnet.module, v, x, p, train=t)[0],
+    static_argnums=3,
+    compiler_options=FAST,
+  )
   num_layers = len(train.trace_specs(tiny_resnet))
   for policy in (train.uniform(num_layers, 4),):
     new = train.recalibrate_bn(v, tiny_resnet, policy, [x], fast_compile=True)
     assert not np.allclose(new["batch_stats"]["bn1"]["var"], v["batch_stats"]["bn1"]["var"])
     assert not np.allclose(new["batch_stats"]["bn0"]["mean"], 0.0)
-    np.testing.assert_allclose(fwd(new, x, policy, False), fwd(v, x, policy, True),
-                               atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+      fwd(new, x, policy, False), fwd(v, x, policy, True), atol=2e-4, rtol=1e-4
+    )
     # Two copies of the batch give the same population statistics as one.
     twice = train.recalibrate_bn(v, tiny_resnet, policy, [x, x], fast_compile=True)
     chex.assert_trees_all_close(twice["batch_stats"], new["batch_stats"], atol=1e-5)
@@ -222,8 +230,14 @@ def test_recalibrate_bn_matches_batch_statistics(tiny_resnet):
 def test_evaluate_independent_of_batch_size(cnn, digits):
   v = train.init_variables(cnn, jax.random.PRNGKey(0))
   a = train.evaluate(v, cnn, digits.test, train.uniform(5, 4), batch_size=100, fast_compile=True)
-  b = train.evaluate(v, cnn, digits.test, train.uniform(5, 4), batch_size=512,  # = tiny's
-                     fast_compile=True)
+  b = train.evaluate(
+    v,
+    cnn,
+    digits.test,
+    train.uniform(5, 4),
+    batch_size=512,  # = tiny's
+    fast_compile=True,
+  )
   assert a["count"] == b["count"] == len(digits.test)
   assert a["accuracy"] == pytest.approx(b["accuracy"])
   assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -243,8 +257,9 @@ def pipeline(tmp_path_factory):
   for stage in ("fp32", "int8", "anyprec"):
     results[stage] = train.run_stage(config, stage, wd, splits=splits)
   pol = np.array([[8, 8], [4, 4], [3, 2], [4, 4], [8, 8]])
-  results["finetune"] = train.run_stage(config, "finetune", wd, policy=pol, policy_name="p",
-                                        splits=splits)
+  results["finetune"] = train.run_stage(
+    config, "finetune", wd, policy=pol, policy_name="p", splits=splits
+  )
   return wd, config, splits, results
 
 
@@ -279,10 +294,12 @@ def test_int8_starts_from_fp32_variables(pipeline):
   fp32 = train.load_variables(wd / "fp32", model)
   int8 = train.load_variables(wd / "int8", model)
   assert not np.array_equal(fp32["params"]["fc1"]["a_clip"], int8["params"]["fc1"]["a_clip"])
-  acc = train.evaluate(int8, model, splits.test, train.uniform(5, 8), batch_size=512,
-                       fast_compile=True)["accuracy"]
-  assert acc == pytest.approx(json.loads((wd / "int8" / "result.json").read_text())
-                              ["eval"]["w8a8"]["test"])
+  acc = train.evaluate(
+    int8, model, splits.test, train.uniform(5, 8), batch_size=512, fast_compile=True
+  )["accuracy"]
+  assert acc == pytest.approx(
+    json.loads((wd / "int8" / "result.json").read_text())["eval"]["w8a8"]["test"]
+  )
 
 
 def test_missing_prerequisite(tmp_path):
@@ -330,6 +347,7 @@ def test_resume_in_process_identical(pipeline, tmp_path, monkeypatch, stage):
       if int(s.step) == 7:
         raise _Crash
       return step_fn(s, b)
+
     return real_fit(step, state, *args, **kwargs)
 
   monkeypatch.setattr(train, "fit", crashing_fit)
@@ -337,8 +355,9 @@ def test_resume_in_process_identical(pipeline, tmp_path, monkeypatch, stage):
     train.run_stage(config, stage, tmp_path / "b", splits=splits)
   monkeypatch.undo()
   assert not train.is_done(tmp_path / "b" / stage)
-  ck = sorted(int(p.name) for p in (tmp_path / "b" / stage / "checkpoints").iterdir()
-              if p.name.isdigit())
+  ck = sorted(
+    int(p.name) for p in (tmp_path / "b" / stage / "checkpoints").iterdir() if p.name.isdigit()
+  )
   assert ck[-1] == 5
   res = train.run_stage(config, stage, tmp_path / "b", splits=splits)
   model = train.build_model(config, splits)
@@ -346,8 +365,11 @@ def test_resume_in_process_identical(pipeline, tmp_path, monkeypatch, stage):
   b = train.load_variables(tmp_path / "b" / stage, model)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert res["eval"] == ref["eval"]
-  steps = [json.loads(l)["step"] for l in (tmp_path / "b" / stage / "metrics.jsonl")
-           .read_text().splitlines() if json.loads(l).get("kind") == "train"]
+  steps = [
+    json.loads(l)["step"]
+    for l in (tmp_path / "b" / stage / "metrics.jsonl").read_text().splitlines()
+    if json.loads(l).get("kind") == "train"
+  ]
   assert steps == sorted(set(steps))  # records past the checkpoint were replaced, not doubled
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 from absl import flags
 
+from cimjax.errors import UsageError  # noqa: F401 (re-exported)
+
 _HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 
 
@@ -46,10 +48,6 @@ def flags_parser(fv: flags.FlagValues, prog: str) -> Callable[[Sequence[str]], l
   return parse
 
 
-class UsageError(Exception):
-  """Bad command-line input: one line on stderr, exit status 2."""
-
-
 def one_line(e: BaseException) -> str:
   """The first line of an exception's message (its type name when it has none)."""
   text = str(e).strip().splitlines()
@@ -78,9 +76,9 @@ def config_flag_values(argv: Sequence[str], config_help: str) -> flags.FlagValue
   when the flag is defined), so pass the command line that will be parsed.
   """
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, config_help, flag_values=fv,
-                                  sys_argv=list(argv))
+  config_flags.DEFINE_config_file("config", None, config_help, flag_values=fv, sys_argv=list(argv))
   return fv
 
 
@@ -99,6 +97,7 @@ def _unknown_field(argv: Sequence[str], e: BaseException) -> str | None:
 def _config_error(argv: Sequence[str], e: BaseException) -> str:
   """One line for a config file that does not load."""
   import pathlib  # pylint: disable=g-import-not-at-top
+
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if path is not None:
     file = path.split(":", 1)[0]
@@ -109,8 +108,9 @@ def _config_error(argv: Sequence[str], e: BaseException) -> str:
   return f"cannot load config file {path}: {lines[-1] if lines else type(e).__name__}"
 
 
-def parse_config_args(fv: flags.FlagValues, argv: Sequence[str],
-                      required: Sequence[str] = ("workdir",)) -> flags.FlagValues:
+def parse_config_args(
+  fv: flags.FlagValues, argv: Sequence[str], required: Sequence[str] = ("workdir",)
+) -> flags.FlagValues:
   """Parses ``argv`` (program name first) into ``fv`` and loads the ``--config`` file now.
 
   Raises:
@@ -118,12 +118,14 @@ def parse_config_args(fv: flags.FlagValues, argv: Sequence[str],
       load, positional arguments, a missing required flag.
   """
   import warnings  # pylint: disable=g-import-not-at-top
+
   argv = list(argv)
   try:
     with warnings.catch_warnings():
       # ml_collections loads config files with the deprecated importlib load_module().
-      warnings.filterwarnings("ignore", message=r".*load_module\(\) method is deprecated",
-                              category=DeprecationWarning)
+      warnings.filterwarnings(
+        "ignore", message=r".*load_module\(\) method is deprecated", category=DeprecationWarning
+      )
       rest = fv(argv)
       if fv["config"].value is not None:
         fv.config.keys()  # the file is loaded lazily: surface its errors here
@@ -139,8 +141,9 @@ def parse_config_args(fv: flags.FlagValues, argv: Sequence[str],
   return fv
 
 
-def usage_parser(parse_args: Callable[[Sequence[str]], flags.FlagValues], prog: str
-                 ) -> Callable[[Sequence[str]], flags.FlagValues]:
+def usage_parser(
+  parse_args: Callable[[Sequence[str]], flags.FlagValues], prog: str
+) -> Callable[[Sequence[str]], flags.FlagValues]:
   """An ``absl.app.run`` flags parser around ``parse_args``: absl's own flags go to the global
   ``FLAGS``, the command's to its fresh registry; a :class:`UsageError` exits with status 2 and
   one line ``PROG: error: ...`` on stderr."""

@@ -29,12 +29,18 @@ from absl import app, flags
 from cimjax import cli as cli_lib
 
 FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
-flags.DEFINE_string("workdir", "runs/bench", "Where the benchmarks write their JSON.",
-                    flag_values=FLAGS)
-flags.DEFINE_bool("quick", False, "Quick mode of every benchmark (a few minutes in all).",
-                  flag_values=FLAGS)
-flags.DEFINE_string("checkpoint", "runs/default/anyprec", "Any-precision small CNN for the "
-                    "Fashion-MNIST search benchmark (skipped if missing).", flag_values=FLAGS)
+flags.DEFINE_string(
+  "workdir", "runs/bench", "Where the benchmarks write their JSON.", flag_values=FLAGS
+)
+flags.DEFINE_bool(
+  "quick", False, "Quick mode of every benchmark (a few minutes in all).", flag_values=FLAGS
+)
+flags.DEFINE_string(
+  "checkpoint",
+  "runs/default/anyprec",
+  "Any-precision small CNN for the Fashion-MNIST search benchmark (skipped if missing).",
+  flag_values=FLAGS,
+)
 flags.DEFINE_list("only", None, "Subset of: eval, search, xbar.", flag_values=FLAGS)
 
 PARTS = ("eval", "search", "xbar")
@@ -50,17 +56,20 @@ def _commands(workdir: Path, quick: bool, checkpoint: str) -> dict[str, list[str
   if quick:
     search += ["--quick"]
   return {
-      "eval": [*py, "launch.bench_eval", f"--out={workdir / 'bench_eval.json'}"]
-              + (["--quick"] if quick else []),
-      "search": search,
-      "xbar": [*py, "launch.bench_xbar", f"--out={workdir / 'bench_xbar.json'}"]
-              + (["--tokens=1024", "--repeats=3", "--batch=8"] if quick else []),
+    "eval": [*py, "launch.bench_eval", f"--out={workdir / 'bench_eval.json'}"]
+    + (["--quick"] if quick else []),
+    "search": search,
+    "xbar": [*py, "launch.bench_xbar", f"--out={workdir / 'bench_xbar.json'}"]
+    + (["--tokens=1024", "--repeats=3", "--batch=8"] if quick else []),
   }
 
 
 def _json_of(part: str, workdir: Path) -> Path:
-  return {"eval": workdir / "bench_eval.json", "search": workdir / "search" / "bench_search.json",
-          "xbar": workdir / "bench_xbar.json"}[part]
+  return {
+    "eval": workdir / "bench_eval.json",
+    "search": workdir / "search" / "bench_search.json",
+    "xbar": workdir / "bench_xbar.json",
+  }[part]
 
 
 def summarize(results: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -72,24 +81,36 @@ def summarize(results: dict[str, Any]) -> list[tuple[str, str, str]]:
       cells = [r for r in ev["rows"] if r["n"] == n]
       best = max(cells, key=lambda r: r["candidates_per_s"])
       loop = next(r for r in cells if r["strategy"] == "loop")
-      rows.append(("evaluator", f"N={n}, fastest = {best['strategy']}",
-                   f"{best['candidates_per_s']:.1f} cand/s (loop {loop['candidates_per_s']:.1f}; "
-                   f"{100 * best['fraction_of_dot_peak']:.0f}% of dot peak)"))
+      rows.append(
+        (
+          "evaluator",
+          f"N={n}, fastest = {best['strategy']}",
+          f"{best['candidates_per_s']:.1f} cand/s (loop {loop['candidates_per_s']:.1f}; "
+          f"{100 * best['fraction_of_dot_peak']:.0f}% of dot peak)",
+        )
+      )
   se = results.get("search")
   if se:
     for task in se.get("tasks", []):
       budgets = sorted({int(b) for a in task["agents"].values() for b in a if b.isdigit()})
       top = str(budgets[-1])
-      cells = [f"{name} {100 * a[top]['median_frac_ref_speedup']:.1f}%"
-               for name, a in task["agents"].items() if top in a]
-      rows.append(("search", f"{task['task']} @ {top} evals",
-                   f"median speedup / {task['reference']} ({task['reference_speedup']:.3f}x): "
-                   + ", ".join(cells)))
+      cells = [
+        f"{name} {100 * a[top]['median_frac_ref_speedup']:.1f}%"
+        for name, a in task["agents"].items()
+        if top in a
+      ]
+      rows.append(
+        (
+          "search",
+          f"{task['task']} @ {top} evals",
+          f"median speedup / {task['reference']} ({task['reference_speedup']:.3f}x): "
+          + ", ".join(cells),
+        )
+      )
   xb = results.get("xbar")
   if xb:
     for r in xb.get("results", []):
-      thr = (f"{r['mvm_per_s']:.3g} MVM/s" if "mvm_per_s" in r
-             else f"{r['images_per_s']:.3g} img/s")
+      thr = f"{r['mvm_per_s']:.3g} MVM/s" if "mvm_per_s" in r else f"{r['images_per_s']:.3g} img/s"
       rows.append(("crossbar", f"{r['bench']}: {r['case']}", thr))
   return rows
 
@@ -116,21 +137,36 @@ def main(argv: Sequence[str]) -> None:
       print(f"error: benchmark {part} failed with status {proc.returncode}", file=sys.stderr)
       sys.exit(1)
     results[part] = json.loads(_json_of(part, workdir).read_text())
-  from cimjax import io  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),
-          "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-          "backend": jax.default_backend(), "quick": FLAGS.quick, "seconds": seconds}
+
+  from cimjax import io  # pylint: disable=g-import-not-at-top
+
+  meta = {
+    "date": time.strftime("%Y-%m-%d %H:%M"),
+    "machine": platform.platform(),
+    "processor": platform.processor() or platform.machine(),
+    "cpus": os.cpu_count(),
+    "backend": jax.default_backend(),
+    "quick": FLAGS.quick,
+    "seconds": seconds,
+  }
   rows = summarize(results)
   width = max((len(r[1]) for r in rows), default=10)
-  lines = [f"cimjax benchmarks, {meta['date']}, {meta['machine']}, {meta['cpus']} CPUs, backend "
-           f"{meta['backend']}{' (quick)' if FLAGS.quick else ''}"]
+  lines = [
+    f"cimjax benchmarks, {meta['date']}, {meta['machine']}, {meta['cpus']} CPUs, backend "
+    f"{meta['backend']}{' (quick)' if FLAGS.quick else ''}"
+  ]
   lines += [f"{b:10s} {c:{width}s}  {f}" for b, c, f in rows]
   print("\n".join(lines))
-  io.write_json(workdir / "bench_summary.json", {"meta": meta, "rows": rows,
-                                                  "results": results})
-  md = ["# cimjax benchmark summary", "", f"{lines[0]}", "", "| benchmark | case | figure |",
-        "|---|---|---|"] + [f"| {b} | {c} | {f} |" for b, c, f in rows]
+  io.write_json(workdir / "bench_summary.json", {"meta": meta, "rows": rows, "results": results})
+  md = [
+    "# cimjax benchmark summary",
+    "",
+    f"{lines[0]}",
+    "",
+    "| benchmark | case | figure |",
+    "|---|---|---|",
+  ] + [f"| {b} | {c} | {f} |" for b, c, f in rows]
   io.write_text(workdir / "bench_summary.md", "\n".join(md) + "\n")
   print(f"wrote {workdir / 'bench_summary.md'}")
 

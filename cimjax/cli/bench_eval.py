@@ -32,20 +32,29 @@ from cimjax import evaluate, io, models, trace
 
 FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
 flags.DEFINE_string("model", "small_cnn", "Zoo model.", flag_values=FLAGS)
-flags.DEFINE_string("dataset", "fashion_mnist", "Dataset for the evaluation split "
-                    "(fashion_mnist, fashion_mnist_subset, digits).", flag_values=FLAGS)
-flags.DEFINE_integer("images", 1000, "Images of the search-validation split per candidate.",
-                     flag_values=FLAGS)
-flags.DEFINE_list("n", None, "Candidate counts (default 1,64,1024; plus 4096 on accelerators).",
-                  flag_values=FLAGS)
-flags.DEFINE_list("strategies", None, "Strategies (default: all that apply to the devices).",
-                  flag_values=FLAGS)
+flags.DEFINE_string(
+  "dataset",
+  "fashion_mnist",
+  "Dataset for the evaluation split (fashion_mnist, fashion_mnist_subset, digits).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "images", 1000, "Images of the search-validation split per candidate.", flag_values=FLAGS
+)
+flags.DEFINE_list(
+  "n", None, "Candidate counts (default 1,64,1024; plus 4096 on accelerators).", flag_values=FLAGS
+)
+flags.DEFINE_list(
+  "strategies", None, "Strategies (default: all that apply to the devices).", flag_values=FLAGS
+)
 flags.DEFINE_integer("chunk", 16, "Candidates per vmapped chunk.", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 500, "Images per forward pass.", flag_values=FLAGS)
-flags.DEFINE_float("max_seconds", 20.0, "Time budget per (strategy, N) cell after warm-up.",
-                   flag_values=FLAGS)
-flags.DEFINE_bool("quick", False, "Small run: N = 1, 16, 64, 300 images, 5 s per cell.",
-                  flag_values=FLAGS)
+flags.DEFINE_float(
+  "max_seconds", 20.0, "Time budget per (strategy, N) cell after warm-up.", flag_values=FLAGS
+)
+flags.DEFINE_bool(
+  "quick", False, "Small run: N = 1, 16, 64, 300 images, 5 s per cell.", flag_values=FLAGS
+)
 flags.DEFINE_string("out", "", "Write the results as JSON here.", flag_values=FLAGS)
 
 
@@ -62,13 +71,14 @@ def dot_peak_flops(n: int = 2048, repeats: int = 5) -> float:
   return 2.0 * n**3 / best
 
 
-def time_cell(evaluator: Any, policies: np.ndarray, unit: int, max_seconds: float
-              ) -> tuple[int, float]:
+def time_cell(
+  evaluator: Any, policies: np.ndarray, unit: int, max_seconds: float
+) -> tuple[int, float]:
   """Evaluates whole units of candidates until the budget is spent; ``(done, seconds)``."""
   evaluator(policies[:unit])  # warm-up: compile
   done, spent = 0, 0.0
   while done < len(policies) and (done == 0 or spent < max_seconds):
-    part = policies[done:done + unit]
+    part = policies[done : done + unit]
     t = time.perf_counter()
     evaluator(part)
     spent += time.perf_counter() - t
@@ -76,9 +86,18 @@ def time_cell(evaluator: Any, policies: np.ndarray, unit: int, max_seconds: floa
   return done, spent
 
 
-def run_benchmark(model_name: str, x: np.ndarray, y: np.ndarray, ns: Sequence[int],
-                  strategies: Sequence[str], *, chunk: int, batch_size: int,
-                  max_seconds: float, seed: int = 0) -> dict[str, Any]:
+def run_benchmark(
+  model_name: str,
+  x: np.ndarray,
+  y: np.ndarray,
+  ns: Sequence[int],
+  strategies: Sequence[str],
+  *,
+  chunk: int,
+  batch_size: int,
+  max_seconds: float,
+  seed: int = 0,
+) -> dict[str, Any]:
   """Runs the benchmark grid and returns a JSON-able dict of results."""
   md = models.get_model(model_name)
   specs = trace.trace_specs(md)
@@ -89,8 +108,9 @@ def run_benchmark(model_name: str, x: np.ndarray, y: np.ndarray, ns: Sequence[in
   for n in ns:
     pols = np.asarray(jax.random.randint(jax.random.key(n), (n, len(specs), 2), 2, 9), np.int32)
     for strategy in strategies:
-      ev = evaluate.make_evaluator(md, variables, x, y, strategy=strategy, chunk=chunk,
-                                   batch_size=batch_size)
+      ev = evaluate.make_evaluator(
+        md, variables, x, y, strategy=strategy, chunk=chunk, batch_size=batch_size
+      )
       if strategy == "map":
         unit = n  # one call evaluates all N candidates
       elif strategy == "loop":
@@ -99,13 +119,22 @@ def run_benchmark(model_name: str, x: np.ndarray, y: np.ndarray, ns: Sequence[in
         unit = min(n, chunk)
       done, spent = time_cell(ev, pols, unit, max_seconds)
       rate = done / spent
-      rows.append({"n": n, "strategy": strategy, "measured_candidates": done,
-                   "seconds": spent, "candidates_per_s": rate,
-                   "ms_per_candidate": 1000.0 / rate,
-                   "gflops": rate * flops_per_cand / 1e9,
-                   "fraction_of_dot_peak": rate * flops_per_cand / peak})
-      print(f"  n={n:5d} {strategy:6s} {rate:9.2f} cand/s  ({done} measured in {spent:.1f} s)",
-            flush=True)
+      rows.append(
+        {
+          "n": n,
+          "strategy": strategy,
+          "measured_candidates": done,
+          "seconds": spent,
+          "candidates_per_s": rate,
+          "ms_per_candidate": 1000.0 / rate,
+          "gflops": rate * flops_per_cand / 1e9,
+          "fraction_of_dot_peak": rate * flops_per_cand / peak,
+        }
+      )
+      print(
+        f"  n={n:5d} {strategy:6s} {rate:9.2f} cand/s  ({done} measured in {spent:.1f} s)",
+        flush=True,
+      )
   for n in ns:
     cells = [r for r in rows if r["n"] == n]
     best = max(cells, key=lambda r: r["candidates_per_s"])
@@ -114,29 +143,40 @@ def run_benchmark(model_name: str, x: np.ndarray, y: np.ndarray, ns: Sequence[in
       r["fastest"] = r is best
       r["speedup_vs_loop"] = (r["candidates_per_s"] / loop["candidates_per_s"]) if loop else None
   return {
-      "model": model_name, "images": int(len(x)), "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()], "auto_strategy": evaluate.default_strategy(),
-      "flops_per_candidate": flops_per_cand, "dot_peak_gflops": peak / 1e9,
-      "chunk": chunk, "batch_size": batch_size, "max_seconds": max_seconds, "rows": rows,
-      "date": time.strftime("%Y-%m-%d %H:%M"),
+    "model": model_name,
+    "images": int(len(x)),
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "auto_strategy": evaluate.default_strategy(),
+    "flops_per_candidate": flops_per_cand,
+    "dot_peak_gflops": peak / 1e9,
+    "chunk": chunk,
+    "batch_size": batch_size,
+    "max_seconds": max_seconds,
+    "rows": rows,
+    "date": time.strftime("%Y-%m-%d %H:%M"),
   }
 
 
 def format_table(result: dict[str, Any]) -> str:
   """Plain-text table of :func:`run_benchmark`'s result."""
-  lines = [f"bench_eval: {result['model']}, {result['images']} images/candidate, backend "
-           f"{result['backend']} ({len(result['devices'])} devices), auto = "
-           f"{result['auto_strategy']}, dot peak {result['dot_peak_gflops']:.1f} GFLOP/s",
-           f"{'N':>6} {'strategy':8} {'cand/s':>9} {'ms/cand':>9} {'GFLOP/s':>8} {'%peak':>6} "
-           f"{'vs loop':>8} {'measured':>8}"]
+  lines = [
+    f"bench_eval: {result['model']}, {result['images']} images/candidate, backend "
+    f"{result['backend']} ({len(result['devices'])} devices), auto = "
+    f"{result['auto_strategy']}, dot peak {result['dot_peak_gflops']:.1f} GFLOP/s",
+    f"{'N':>6} {'strategy':8} {'cand/s':>9} {'ms/cand':>9} {'GFLOP/s':>8} {'%peak':>6} "
+    f"{'vs loop':>8} {'measured':>8}",
+  ]
   for r in result["rows"]:
     mark = " *" if r["fastest"] else ""
     vs = r["speedup_vs_loop"]
     vs_loop = f"{vs:7.2f}x" if vs is not None else f"{'-':>8s}"
-    lines.append(f"{r['n']:6d} {r['strategy']:8} {r['candidates_per_s']:9.2f} "
-                 f"{r['ms_per_candidate']:9.2f} {r['gflops']:8.2f} "
-                 f"{100 * r['fraction_of_dot_peak']:5.1f}% {vs_loop} "
-                 f"{r['measured_candidates']:8d}{mark}")
+    lines.append(
+      f"{r['n']:6d} {r['strategy']:8} {r['candidates_per_s']:9.2f} "
+      f"{r['ms_per_candidate']:9.2f} {r['gflops']:8.2f} "
+      f"{100 * r['fraction_of_dot_peak']:5.1f}% {vs_loop} "
+      f"{r['measured_candidates']:8d}{mark}"
+    )
   lines.append("* fastest strategy for that N")
   return "\n".join(lines)
 
@@ -153,22 +193,35 @@ def main(argv: Sequence[str]) -> None:
     ns = [1, 64, 1024] + ([4096] if accel else [])
   images = 300 if FLAGS.quick and FLAGS.images == 1000 else FLAGS.images
   max_seconds = 5.0 if FLAGS.quick and FLAGS.max_seconds == 20.0 else FLAGS.max_seconds
-  strategies = FLAGS.strategies or (["loop", "vmap", "map"] +
-                                    (["shard"] if len(jax.devices()) > 1 else []))
+  strategies = FLAGS.strategies or (
+    ["loop", "vmap", "map"] + (["shard"] if len(jax.devices()) > 1 else [])
+  )
   bad = [s for s in strategies if s not in evaluate.STRATEGIES or s == "auto"]
   if bad:
     print(f"error: --strategies has {bad}; allowed: loop, vmap, map, shard", file=sys.stderr)
     sys.exit(2)
   try:
-    splits = data_lib.load_dataset(FLAGS.dataset, val_size=images, train_size=1000,
-                                   test_size=0 if FLAGS.dataset != "digits" else None)
+    splits = data_lib.load_dataset(
+      FLAGS.dataset,
+      val_size=images,
+      train_size=1000,
+      test_size=0 if FLAGS.dataset != "digits" else None,
+    )
   except (data_lib.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   val = splits.val
   print(f"bench_eval: {FLAGS.model} on {len(val)} {FLAGS.dataset} images; N = {ns}", flush=True)
-  result = run_benchmark(FLAGS.model, val.images, val.labels, ns, strategies, chunk=FLAGS.chunk,
-                         batch_size=FLAGS.batch_size, max_seconds=max_seconds)
+  result = run_benchmark(
+    FLAGS.model,
+    val.images,
+    val.labels,
+    ns,
+    strategies,
+    chunk=FLAGS.chunk,
+    batch_size=FLAGS.batch_size,
+    max_seconds=max_seconds,
+  )
   print(format_table(result))
   if FLAGS.out:
     io.write_json(FLAGS.out, result)

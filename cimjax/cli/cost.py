@@ -24,42 +24,69 @@ import json
 import sys
 from typing import Any
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from cimjax import cli as cli_lib
-from cimjax.cli import UsageError, parse_uniform
-from cimjax import cost
+from cimjax import cost, models, trace
 from cimjax import hw as hw_lib
-from cimjax import models
 from cimjax import policy as policy_lib
-from cimjax import trace
+from cimjax.cli import UsageError, parse_uniform
 
 FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
-_MODEL = flags.DEFINE_string("model", "small_cnn", "Zoo model name (cimjax.models.MODEL_NAMES).",
-                             flag_values=FLAGS)
+_MODEL = flags.DEFINE_string(
+  "model", "small_cnn", "Zoo model name (cimjax.models.MODEL_NAMES).", flag_values=FLAGS
+)
 _HW = flags.DEFINE_string(
-    "hw", "rram_128_c2", "Hardware target: a name from hw/ (or $CIMJAX_HW_DIR) or a .toml path.",
-    flag_values=FLAGS)
+  "hw",
+  "rram_128_c2",
+  "Hardware target: a name from hw/ (or $CIMJAX_HW_DIR) or a .toml path.",
+  flag_values=FLAGS,
+)
 _POLICY = flags.DEFINE_string(
-    "policy", None, "Policy .npy file (int [L, 2] of weight/activation bits, CIM-AQ format).",
-    flag_values=FLAGS)
+  "policy",
+  None,
+  "Policy .npy file (int [L, 2] of weight/activation bits, CIM-AQ format).",
+  flag_values=FLAGS,
+)
 _UNIFORM = flags.DEFINE_string(
-    "uniform", "8,8", "Uniform policy W,A for every layer (used when --policy is not given).",
-    flag_values=FLAGS)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.",
-                          flag_values=FLAGS)
+  "uniform",
+  "8,8",
+  "Uniform policy W,A for every layer (used when --policy is not given).",
+  flag_values=FLAGS,
+)
+_JSON = flags.DEFINE_bool(
+  "json", False, "Print one JSON object instead of a table.", flag_values=FLAGS
+)
 
 PROG = "cimjax-cost"
 MAX_BITS = 8
-JSON_KEYS = ("model", "hw", "layers", "total_latency_us", "baseline_latency_us", "speedup",
-             "total_energy_pj")
-LAYER_KEYS = ("name", "type", "m", "n", "invocations", "repeat", "w_bits", "a_bits", "tiles",
-              "latency_us", "energy_pj")
+JSON_KEYS = (
+  "model",
+  "hw",
+  "layers",
+  "total_latency_us",
+  "baseline_latency_us",
+  "speedup",
+  "total_energy_pj",
+)
+LAYER_KEYS = (
+  "name",
+  "type",
+  "m",
+  "n",
+  "invocations",
+  "repeat",
+  "w_bits",
+  "a_bits",
+  "tiles",
+  "latency_us",
+  "energy_pj",
+)
 
 
-def build_report(model: str, hw: str, policy_path: str | None = None,
-                 uniform: tuple[int, int] | None = (8, 8)) -> dict[str, Any]:
+def build_report(
+  model: str, hw: str, policy_path: str | None = None, uniform: tuple[int, int] | None = (8, 8)
+) -> dict[str, Any]:
   """Traces ``model``, loads ``hw`` and the policy, and returns the JSON report.
 
   Args:
@@ -88,8 +115,9 @@ def build_report(model: str, hw: str, policy_path: str | None = None,
   if policy_path is not None:
     flag = "--policy"
     try:
-      pol = policy_lib.load_policy(policy_path, len(specs), min_bits=1, max_bits=MAX_BITS,
-                                   layer_names=names)
+      pol = policy_lib.load_policy(
+        policy_path, len(specs), min_bits=1, max_bits=MAX_BITS, layer_names=names
+      )
     except policy_lib.PolicyError as e:
       raise UsageError(f"--policy: {e}") from None
   else:
@@ -109,31 +137,47 @@ def build_report(model: str, hw: str, policy_path: str | None = None,
 
 def format_table(report: dict[str, Any]) -> str:
   """Formats a report as an aligned plain-text table with totals."""
-  head = ("#", "name", "type", "m", "n", "inv", "rep", "w", "a", "tiles", "latency_us",
-          "energy_pJ")
+  head = ("#", "name", "type", "m", "n", "inv", "rep", "w", "a", "tiles", "latency_us", "energy_pJ")
   rows = []
   for i, r in enumerate(report["layers"]):
-    rows.append((str(i), r["name"], r["type"], str(r["m"]), str(r["n"]), str(r["invocations"]),
-                 str(r["repeat"]), str(r["w_bits"]), str(r["a_bits"]), str(r["tiles"]),
-                 f"{r['latency_us']:.1f}", f"{r['energy_pj']:.4g}"))
+    rows.append(
+      (
+        str(i),
+        r["name"],
+        r["type"],
+        str(r["m"]),
+        str(r["n"]),
+        str(r["invocations"]),
+        str(r["repeat"]),
+        str(r["w_bits"]),
+        str(r["a_bits"]),
+        str(r["tiles"]),
+        f"{r['latency_us']:.1f}",
+        f"{r['energy_pj']:.4g}",
+      )
+    )
   widths = [max(len(h), *(len(row[j]) for row in rows)) for j, h in enumerate(head)]
   left = {1, 2}
 
   def fmt(cells):
-    return "  ".join(c.ljust(wd) if j in left else c.rjust(wd)
-                     for j, (c, wd) in enumerate(zip(cells, widths))).rstrip()
+    return "  ".join(
+      c.ljust(wd) if j in left else c.rjust(wd) for j, (c, wd) in enumerate(zip(cells, widths))
+    ).rstrip()
 
-  lines = [f"model {report['model']} on {report['hw']}: {len(rows)} layers", fmt(head),
-           "  ".join("-" * wd for wd in widths)]
+  lines = [
+    f"model {report['model']} on {report['hw']}: {len(rows)} layers",
+    fmt(head),
+    "  ".join("-" * wd for wd in widths),
+  ]
   lines += [fmt(row) for row in rows]
   total, base = report["total_latency_us"], report["baseline_latency_us"]
   lines += [
-      "",
-      f"total latency   {total:,.1f} us ({total / 1e3:,.3f} ms)",
-      f"uniform 8/8     {base:,.1f} us ({base / 1e3:,.3f} ms)",
-      f"speedup         {report['speedup']:.4f}x over uniform 8/8",
-      f"total energy    {report['total_energy_pj']:,.1f} pJ "
-      f"({report['total_energy_pj'] / 1e6:,.3f} uJ)",
+    "",
+    f"total latency   {total:,.1f} us ({total / 1e3:,.3f} ms)",
+    f"uniform 8/8     {base:,.1f} us ({base / 1e3:,.3f} ms)",
+    f"speedup         {report['speedup']:.4f}x over uniform 8/8",
+    f"total energy    {report['total_energy_pj']:,.1f} pJ "
+    f"({report['total_energy_pj'] / 1e6:,.3f} uJ)",
   ]
   return "\n".join(lines)
 

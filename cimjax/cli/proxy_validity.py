@@ -29,8 +29,9 @@ from cimjax import cli as cli_lib
 
 FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
 config_flags.DEFINE_config_file("config", None, "Training config (train/*.py).", flag_values=FLAGS)
-flags.DEFINE_string("workdir", None, "Training workdir holding a finished anyprec stage.",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+  "workdir", None, "Training workdir holding a finished anyprec stage.", flag_values=FLAGS
+)
 flags.DEFINE_integer("num_policies", 20, "Random policies to compare.", flag_values=FLAGS)
 flags.DEFINE_float("finetune_epochs", 0.25, "Fine-tuning epochs per policy.", flag_values=FLAGS)
 flags.DEFINE_string("constraint", "none", "Constraint of the random policies.", flag_values=FLAGS)
@@ -59,8 +60,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
   return float((ra * rb).sum() / den) if den > 0 else float("nan")
 
 
-def measure(config: Any, workdir: str, num_policies: int, finetune_epochs: float,
-            constraint: str, seed: int) -> dict[str, Any]:
+def measure(
+  config: Any, workdir: str, num_policies: int, finetune_epochs: float, constraint: str, seed: int
+) -> dict[str, Any]:
   """Proxy vs fine-tuned accuracy of random policies; returns a JSON-able dict."""
   from cimjax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
   from cimjax import policy as policy_lib
@@ -82,22 +84,36 @@ def measure(config: Any, workdir: str, num_policies: int, finetune_epochs: float
   config.progress = False
   rows = []
   for i, p in enumerate(pols):
-    r = train_lib.run_stage(config, "finetune", workdir, policy=p, policy_name=f"proxy_{i}",
-                            splits=splits)
+    r = train_lib.run_stage(
+      config, "finetune", workdir, policy=p, policy_name=f"proxy_{i}", splits=splits
+    )
     ev = r["eval"]["policy"]
-    rows.append({"policy": p.tolist(), "proxy_val": float(proxy.accuracy[i]),
-                 "finetuned_val": 100.0 * ev["val"], "finetuned_test": 100.0 * ev["test"]})
-    print(f"  {i:3d} proxy {proxy.accuracy[i]:6.2f}  fine-tuned val {100 * ev['val']:6.2f}  "
-          f"test {100 * ev['test']:6.2f}  {p.tolist()}", flush=True)
+    rows.append(
+      {
+        "policy": p.tolist(),
+        "proxy_val": float(proxy.accuracy[i]),
+        "finetuned_val": 100.0 * ev["val"],
+        "finetuned_test": 100.0 * ev["test"],
+      }
+    )
+    print(
+      f"  {i:3d} proxy {proxy.accuracy[i]:6.2f}  fine-tuned val {100 * ev['val']:6.2f}  "
+      f"test {100 * ev['test']:6.2f}  {p.tolist()}",
+      flush=True,
+    )
   pv = np.asarray([r["proxy_val"] for r in rows])
   fv = np.asarray([r["finetuned_val"] for r in rows])
   ft = np.asarray([r["finetuned_test"] for r in rows])
   return {
-      "num_policies": num_policies, "finetune_epochs": finetune_epochs,
-      "constraint": constraint, "seed": seed, "val_images": len(splits.val),
-      "spearman_proxy_vs_finetuned_val": spearman(pv, fv),
-      "spearman_proxy_vs_finetuned_test": spearman(pv, ft),
-      "mean_gain_from_finetune": float(np.mean(fv - pv)), "rows": rows,
+    "num_policies": num_policies,
+    "finetune_epochs": finetune_epochs,
+    "constraint": constraint,
+    "seed": seed,
+    "val_images": len(splits.val),
+    "spearman_proxy_vs_finetuned_val": spearman(pv, fv),
+    "spearman_proxy_vs_finetuned_test": spearman(pv, ft),
+    "mean_gain_from_finetune": float(np.mean(fv - pv)),
+    "rows": rows,
   }
 
 
@@ -105,18 +121,27 @@ def main(argv: Sequence[str]) -> None:
   """absl entry point."""
   del argv
   from cimjax import io  # pylint: disable=g-import-not-at-top
+
   if FLAGS.config is None or not FLAGS.workdir:
     print("error: --config and --workdir are required", file=sys.stderr)
     sys.exit(2)
   if FLAGS.num_policies < 3:
     print(f"error: --num_policies = {FLAGS.num_policies}; allowed: >= 3", file=sys.stderr)
     sys.exit(2)
-  res = measure(FLAGS.config, FLAGS.workdir, FLAGS.num_policies, FLAGS.finetune_epochs,
-                FLAGS.constraint, FLAGS.seed)
-  print(f"Spearman(proxy, fine-tuned val) = {res['spearman_proxy_vs_finetuned_val']:.3f}; "
-        f"Spearman(proxy, fine-tuned test) = {res['spearman_proxy_vs_finetuned_test']:.3f}; "
-        f"mean gain from fine-tuning {res['mean_gain_from_finetune']:.2f} points "
-        f"({res['num_policies']} policies)")
+  res = measure(
+    FLAGS.config,
+    FLAGS.workdir,
+    FLAGS.num_policies,
+    FLAGS.finetune_epochs,
+    FLAGS.constraint,
+    FLAGS.seed,
+  )
+  print(
+    f"Spearman(proxy, fine-tuned val) = {res['spearman_proxy_vs_finetuned_val']:.3f}; "
+    f"Spearman(proxy, fine-tuned test) = {res['spearman_proxy_vs_finetuned_test']:.3f}; "
+    f"mean gain from fine-tuning {res['mean_gain_from_finetune']:.2f} points "
+    f"({res['num_policies']} policies)"
+  )
   if FLAGS.out:
     io.write_json(FLAGS.out, res)
 

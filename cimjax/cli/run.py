@@ -26,23 +26,40 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cimjax import cli as cli_lib
-
 from cimjax.configs import DEFAULT_RUN
 
 FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
 config_flags.DEFINE_config_file(
-    "config", DEFAULT_RUN, "Run config (a get_config() file, default: the embedded default); "
-    "override fields with --config.<field>=<value>.", flag_values=FLAGS)
-flags.DEFINE_string("workdir", "runs/default", "Run directory (checkpoints, outputs, report).",
-                    flag_values=FLAGS)
-flags.DEFINE_list("stages", None, "Stages to run (default all): fp32, int8, anyprec, search, "
-                  "finetune, evaluate, compile, report.", flag_values=FLAGS)
-flags.DEFINE_string("from_policy", None, "Use this CIM-AQ-format .npy policy instead of "
-                    "searching (sets config.from_policy).", flag_values=FLAGS)
-flags.DEFINE_string("hw", None, "Hardware target name or .toml path (sets config.hw).",
-                    flag_values=FLAGS)
-flags.DEFINE_integer("budget", None, "Search budget in evaluated policies "
-                     "(sets config.search.budget).", flag_values=FLAGS)
+  "config",
+  DEFAULT_RUN,
+  "Run config (a get_config() file, default: the embedded default); "
+  "override fields with --config.<field>=<value>.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "workdir", "runs/default", "Run directory (checkpoints, outputs, report).", flag_values=FLAGS
+)
+flags.DEFINE_list(
+  "stages",
+  None,
+  "Stages to run (default all): fp32, int8, anyprec, search, finetune, evaluate, compile, report.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "from_policy",
+  None,
+  "Use this CIM-AQ-format .npy policy instead of searching (sets config.from_policy).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "hw", None, "Hardware target name or .toml path (sets config.hw).", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  "budget",
+  None,
+  "Search budget in evaluated policies (sets config.search.budget).",
+  flag_values=FLAGS,
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -54,6 +71,7 @@ def main(argv: Sequence[str]) -> None:
   from cimjax import pipeline
   from cimjax import policy as policy_lib
   from cimjax import train as train_lib
+
   config = FLAGS.config
   if FLAGS.from_policy:
     config.from_policy = FLAGS.from_policy
@@ -67,12 +85,20 @@ def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   try:
     pipe = pipeline.Pipeline(config, FLAGS.workdir)
-    print(f"cimjax run: {config.train.model} on {config.train.data.name}, target "
-          f"{pipe.hw.name}, workdir {FLAGS.workdir}, devices {pipeline.device_summary()}",
-          flush=True)
+    print(
+      f"cimjax run: {config.train.model} on {config.train.data.name}, target "
+      f"{pipe.hw.name}, workdir {FLAGS.workdir}, devices {pipeline.device_summary()}",
+      flush=True,
+    )
     report = pipe.run(stages)
-  except (pipeline.PipelineError, hw_lib.HwError, policy_lib.PolicyError,
-          train_lib.ConfigError, train_lib.StageError, data_lib.DataError) as e:
+  except (
+    pipeline.PipelineError,
+    hw_lib.HwError,
+    policy_lib.PolicyError,
+    train_lib.ConfigError,
+    train_lib.StageError,
+    data_lib.DataError,
+  ) as e:
     _fail(str(e).splitlines()[0])
   if report is not None:
     print(f"report: {FLAGS.workdir}/report.md")

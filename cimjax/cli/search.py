@@ -35,9 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from cimjax import cli as cli_lib
 from cimjax.cli import UsageError
@@ -53,8 +51,10 @@ SYNTHETIC_KINDS = ("additive", "saturating", "interaction")
 
 def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   fv = cli_lib.config_flag_values(
-      argv, "Training config file (train/*.py with get_config()): model and data; "
-      "override fields with --config.<field>=<value>.")
+    argv,
+    "Training config file (train/*.py with get_config()): model and data; "
+    "override fields with --config.<field>=<value>.",
+  )
   d = lambda *a, **k: flags.DEFINE_string(*a, flag_values=fv, **k)  # noqa: E731
   d("workdir", None, "Output and checkpoint directory.")
   d("hw", "rram_256_c4", "Hardware target: a name from hw/ or a .toml path.")
@@ -63,8 +63,12 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   d("constraint", "both", f"Constraint variant: {'|'.join(CONSTRAINTS)}.")
   d("budget", "600", "Unique accuracy evaluations (exhaustive: 0 = the whole space).")
   d("accuracy", "data", f"Accuracy source: {'|'.join(ACCURACY)}.")
-  d("checkpoint", None, "Directory of the any-precision model (launch.train's WORKDIR/anyprec "
-    "or its variables/); required with --accuracy=data.")
+  d(
+    "checkpoint",
+    None,
+    "Directory of the any-precision model (launch.train's WORKDIR/anyprec "
+    "or its variables/); required with --accuracy=data.",
+  )
   d("model", None, "Zoo model (overrides the config's model; e.g. for synthetic runs).")
   d("seed", "0", "Search seed.")
   d("mode", "auto", f"Search loop: {'|'.join(MODES)}.")
@@ -76,13 +80,21 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   d("synthetic_kind", "additive", f"Synthetic model: {'|'.join(SYNTHETIC_KINDS)}.")
   d("synthetic_seed", "0", "Seed of the synthetic sensitivities.")
   d("checkpoint_every", "0", "Iterations between search checkpoints (0: at the end).")
-  d("coordinator_address", None, "Multi-process runs: host:port of process 0 for "
-    "jax.distributed.initialize (omit on Cloud TPU / SLURM, where it is detected).")
+  d(
+    "coordinator_address",
+    None,
+    "Multi-process runs: host:port of process 0 for "
+    "jax.distributed.initialize (omit on Cloud TPU / SLURM, where it is detected).",
+  )
   d("num_processes", "1", "Multi-process runs: number of processes (1: single process).")
   d("process_id", "0", "Multi-process runs: this process's index.")
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with the "
-                    "environment's defaults (Cloud TPU pods, SLURM GPU clusters).",
-                    flag_values=fv)
+  flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() with the "
+    "environment's defaults (Cloud TPU pods, SLURM GPU clusters).",
+    flag_values=fv,
+  )
   flags.DEFINE_bool("progress", True, "Show a progress bar on a terminal.", flag_values=fv)
   flags.DEFINE_bool("plots", True, "Write PNG plots.", flag_values=fv)
   return fv
@@ -114,8 +126,11 @@ def _int(fv: flags.FlagValues, name: str, lo: int | None = None, hi: int | None 
   except (TypeError, ValueError):
     i = None
   if i is None or (lo is not None and i < lo) or (hi is not None and i > hi):
-    rng = (f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}") if lo is not None \
-        else "an integer"
+    rng = (
+      (f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}")
+      if lo is not None
+      else "an integer"
+    )
     raise UsageError(f"--{name}={v}: allowed values are {rng}")
   return i
 
@@ -147,8 +162,9 @@ def validate(fv: flags.FlagValues) -> Settings:
   s["acc_drop"] = _float(fv, "acc_drop", 0.0)
   s["budget"] = _int(fv, "budget", 0)
   if s["budget"] == 0 and s["agent"] != "exhaustive":
-    raise UsageError(f"--budget=0: allowed values are integers >= 1 (0 only with "
-                     f"--agent=exhaustive)")
+    raise UsageError(
+      "--budget=0: allowed values are integers >= 1 (0 only with --agent=exhaustive)"
+    )
   s["seed"] = _int(fv, "seed", 0)
   s["population"] = _int(fv, "population", 0)
   if s["population"] == 1 and s["agent"] == "pg":
@@ -156,8 +172,9 @@ def validate(fv: flags.FlagValues) -> Settings:
   s["min_bits"] = _int(fv, "min_bits", 1, 8)
   s["max_bits"] = _int(fv, "max_bits", 1, 8)
   if s["min_bits"] > s["max_bits"]:
-    raise UsageError(f"--min_bits={s['min_bits']}: allowed values are 1..--max_bits "
-                     f"({s['max_bits']})")
+    raise UsageError(
+      f"--min_bits={s['min_bits']}: allowed values are 1..--max_bits ({s['max_bits']})"
+    )
   s["search_images"] = _int(fv, "search_images", 0)
   s["synthetic_seed"] = _int(fv, "synthetic_seed", 0)
   s["checkpoint_every"] = _int(fv, "checkpoint_every", 0)
@@ -166,16 +183,20 @@ def validate(fv: flags.FlagValues) -> Settings:
   s["coordinator_address"] = fv["coordinator_address"].value
   s["distributed"] = fv["distributed"].value or s["num_processes"] > 1
   if s["num_processes"] > 1 and not s["coordinator_address"]:
-    raise UsageError("--num_processes > 1 needs --coordinator_address=HOST:PORT (or use "
-                     "--distributed where the cluster is detected)")
+    raise UsageError(
+      "--num_processes > 1 needs --coordinator_address=HOST:PORT (or use "
+      "--distributed where the cluster is detected)"
+    )
   s["workdir"] = fv["workdir"].value
   s["checkpoint"] = fv["checkpoint"].value
   s["hw"] = fv["hw"].value
   s["model"] = fv["model"].value
   if s["accuracy"] == "data" and not s["checkpoint"]:
-    raise UsageError("--checkpoint is required with --accuracy=data (the any-precision model "
-                     "directory, e.g. WORKDIR/anyprec of launch.train); or use "
-                     "--accuracy=synthetic")
+    raise UsageError(
+      "--checkpoint is required with --accuracy=data (the any-precision model "
+      "directory, e.g. WORKDIR/anyprec of launch.train); or use "
+      "--accuracy=synthetic"
+    )
   return s
 
 
@@ -185,9 +206,15 @@ def _progress_bar(enabled: bool, total: int):
     return None, lambda: None
   from rich import progress as rp  # pylint: disable=g-import-not-at-top
   from rich.console import Console  # pylint: disable=g-import-not-at-top
-  bar = rp.Progress(rp.TextColumn("[bold]search"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                    rp.TimeElapsedColumn(), rp.TextColumn("{task.fields[info]}"),
-                    console=Console(stderr=True))
+
+  bar = rp.Progress(
+    rp.TextColumn("[bold]search"),
+    rp.BarColumn(),
+    rp.MofNCompleteColumn(),
+    rp.TimeElapsedColumn(),
+    rp.TextColumn("{task.fields[info]}"),
+    console=Console(stderr=True),
+  )
   bar.start()
   task = bar.add_task("search", total=total, info="")
 
@@ -202,11 +229,13 @@ def _log_progress():
 
   def update(iteration: int, used: int, budget: int, best: float) -> None:
     import time  # pylint: disable=g-import-not-at-top
+
     now = time.time()
     if now - last["t"] > 10.0 or used >= budget:
       last["t"] = now
-      logging.info("search iteration %d: %d/%d evaluations, best reward %.4f", iteration, used,
-                   budget, best)
+      logging.info(
+        "search iteration %d: %d/%d evaluations, best reward %.4f", iteration, used, budget, best
+      )
 
   return update
 
@@ -219,37 +248,47 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
   """
   s = validate(fv)
   import jax  # pylint: disable=g-import-not-at-top
+
   if s["distributed"]:
     # CPU collectives (tests, CPU clusters); accelerators use their own. Must precede any
     # call that initialises a backend.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kw = {}
     if s["num_processes"] > 1:
-      kw = {"coordinator_address": s["coordinator_address"],
-            "num_processes": s["num_processes"], "process_id": s["process_id"]}
+      kw = {
+        "coordinator_address": s["coordinator_address"],
+        "num_processes": s["num_processes"],
+        "process_id": s["process_id"],
+      }
     jax.distributed.initialize(**kw)
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from cimjax import cost as cost_lib  # pylint: disable=g-import-not-at-top
+  from cimjax import data as data_lib  # pylint: disable=g-import-not-at-top
   from cimjax import hw as hw_lib  # pylint: disable=g-import-not-at-top
   from cimjax import models as models_lib  # pylint: disable=g-import-not-at-top
-  from cimjax import search  # pylint: disable=g-import-not-at-top
-  from cimjax import trace  # pylint: disable=g-import-not-at-top
+  from cimjax import (
+    search,  # pylint: disable=g-import-not-at-top
+    trace,  # pylint: disable=g-import-not-at-top
+  )
   from cimjax import train as train_lib  # pylint: disable=g-import-not-at-top
-  from cimjax import data as data_lib  # pylint: disable=g-import-not-at-top
 
   config = fv.config if fv["config"].value is not None else train_lib.default_config()
   if s["model"]:
     if s["model"] not in models_lib.MODEL_NAMES:
-      raise UsageError(f"--model={s['model']}: allowed values are "
-                       f"{', '.join(models_lib.MODEL_NAMES)}")
+      raise UsageError(
+        f"--model={s['model']}: allowed values are {', '.join(models_lib.MODEL_NAMES)}"
+      )
     config.model = s["model"]
   try:
     target = hw_lib.load_hw(s["hw"])
   except hw_lib.HwError as e:
     raise UsageError(f"--hw: {cli_lib.one_line(e)}") from None
   if s["constraint"] in ("weight", "both") and s["max_bits"] < target.cell_bits:
-    raise UsageError(f"--max_bits={s['max_bits']}: allowed values are >= cell_bits "
-                     f"({target.cell_bits}) with --constraint={s['constraint']}")
+    raise UsageError(
+      f"--max_bits={s['max_bits']}: allowed values are >= cell_bits "
+      f"({target.cell_bits}) with --constraint={s['constraint']}"
+    )
 
   final = None
   acc_ref = None
@@ -262,26 +301,44 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
     try:
       variables = train_lib.load_variables(s["checkpoint"], model)
     except Exception as e:  # pylint: disable=broad-except
-      raise UsageError(f"--checkpoint={s['checkpoint']}: cannot load the model variables "
-                       f"({cli_lib.one_line(e)})") from None
+      raise UsageError(
+        f"--checkpoint={s['checkpoint']}: cannot load the model variables ({cli_lib.one_line(e)})"
+      ) from None
     val = splits.val
     if len(val) == 0:
       raise UsageError("--config: the search-validation split is empty (config.data.val_size)")
     n = s["search_images"] or len(val)
-    accuracy = search.DataAccuracy(model, variables, val.images[:n], val.labels[:n],
-                                   batch_size=config.eval_batch_size, name="val")
+    accuracy = search.DataAccuracy(
+      model,
+      variables,
+      val.images[:n],
+      val.labels[:n],
+      batch_size=config.eval_batch_size,
+      name="val",
+    )
     if s["final_split"] == "test" and len(splits.test):
-      final = search.DataAccuracy(model, variables, splits.test.images, splits.test.labels,
-                                  batch_size=config.eval_batch_size, name="test")
+      final = search.DataAccuracy(
+        model,
+        variables,
+        splits.test.images,
+        splits.test.labels,
+        batch_size=config.eval_batch_size,
+        name="test",
+      )
   else:
     try:
-      model = models_lib.get_model(config.model, **{
+      model = models_lib.get_model(
+        config.model,
+        **{
           k: (tuple(v) if isinstance(v, list) else v)
-          for k, v in config.model_kwargs.to_dict().items()})
+          for k, v in config.model_kwargs.to_dict().items()
+        },
+      )
     except (TypeError, ValueError) as e:
       raise UsageError(f"--model: {cli_lib.one_line(e)}") from None
-    accuracy = search.SyntheticAccuracy(trace.trace_specs(model), kind=s["synthetic_kind"],
-                                        seed=s["synthetic_seed"])
+    accuracy = search.SyntheticAccuracy(
+      trace.trace_specs(model), kind=s["synthetic_kind"], seed=s["synthetic_seed"]
+    )
   if jax.process_count() > 1:
     # every process runs the same search; each batch's evaluations are split between them
     accuracy = search.MultiProcessAccuracy(accuracy)
@@ -290,26 +347,48 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
   specs = trace.trace_specs(model)
   tables = cost_lib.cost_tables(specs, target, xp=np)
   cfg = search.SearchConfig(
-      agent=s["agent"], budget=s["budget"], acc_drop=s["acc_drop"], constraint=s["constraint"],
-      min_bits=s["min_bits"], max_bits=s["max_bits"], seed=s["seed"], mode=s["mode"],
-      population=s["population"], checkpoint_every=s["checkpoint_every"])
-  space = search.make_space(len(specs), cfg.constraint, target.cell_bits, cfg.min_bits,
-                            cfg.max_bits)
+    agent=s["agent"],
+    budget=s["budget"],
+    acc_drop=s["acc_drop"],
+    constraint=s["constraint"],
+    min_bits=s["min_bits"],
+    max_bits=s["max_bits"],
+    seed=s["seed"],
+    mode=s["mode"],
+    population=s["population"],
+    checkpoint_every=s["checkpoint_every"],
+  )
+  space = search.make_space(
+    len(specs), cfg.constraint, target.cell_bits, cfg.min_bits, cfg.max_bits
+  )
   budget = cfg.budget or space.size
   if s["agent"] == "exhaustive" and space.size > budget:
-    raise UsageError(f"--budget={budget}: --agent=exhaustive needs the whole space "
-                     f"({space.size:.4g} policies) in the budget; use --budget=0 or a smaller "
-                     f"space (--constraint=both)")
-  if s["agent"] == "exhaustive" and space.size >= 2 ** 31:
-    raise UsageError(f"--agent=exhaustive: the space has {space.size:.4g} policies; "
-                     f"allowed are spaces below 2^31")
+    raise UsageError(
+      f"--budget={budget}: --agent=exhaustive needs the whole space "
+      f"({space.size:.4g} policies) in the budget; use --budget=0 or a smaller "
+      f"space (--constraint=both)"
+    )
+  if s["agent"] == "exhaustive" and space.size >= 2**31:
+    raise UsageError(
+      f"--agent=exhaustive: the space has {space.size:.4g} policies; allowed are spaces below 2^31"
+    )
   update, stop = _progress_bar(fv["progress"].value and jax.process_index() == 0, budget)
   if update is None:
     update = _log_progress()
   try:
-    result = search.run_search(model, specs, tables, accuracy, cfg, hw=target,
-                               final_accuracy=final, workdir=s["workdir"], progress=update,
-                               plots=fv["plots"].value, acc_ref=acc_ref)
+    result = search.run_search(
+      model,
+      specs,
+      tables,
+      accuracy,
+      cfg,
+      hw=target,
+      final_accuracy=final,
+      workdir=s["workdir"],
+      progress=update,
+      plots=fv["plots"].value,
+      acc_ref=acc_ref,
+    )
   except ValueError as e:
     raise UsageError(f"--workdir={s['workdir']}: {cli_lib.one_line(e)}") from None
   finally:

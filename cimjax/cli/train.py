@@ -28,9 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from cimjax import cli as cli_lib
 from cimjax.cli import UsageError
@@ -40,14 +38,22 @@ PROG = "launch.train"
 
 def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   fv = cli_lib.config_flag_values(
-      argv, "Experiment config file (train/*.py with get_config()); override fields "
-      "with --config.<field>=<value>.")
-  flags.DEFINE_string("workdir", None, "Experiment directory (one subdirectory per stage).",
-                      flag_values=fv)
-  flags.DEFINE_enum("stage", None, ["fp32", "int8", "anyprec", "finetune"], "Stage to run.",
-                    flag_values=fv)
-  flags.DEFINE_string("policy", None, "Policy .npy (int [L, 2] weight/activation bits) for "
-                      "--stage=finetune.", flag_values=fv)
+    argv,
+    "Experiment config file (train/*.py with get_config()); override fields "
+    "with --config.<field>=<value>.",
+  )
+  flags.DEFINE_string(
+    "workdir", None, "Experiment directory (one subdirectory per stage).", flag_values=fv
+  )
+  flags.DEFINE_enum(
+    "stage", None, ["fp32", "int8", "anyprec", "finetune"], "Stage to run.", flag_values=fv
+  )
+  flags.DEFINE_string(
+    "policy",
+    None,
+    "Policy .npy (int [L, 2] weight/activation bits) for --stage=finetune.",
+    flag_values=fv,
+  )
   return fv
 
 
@@ -58,8 +64,9 @@ def parse_args(argv: Sequence[str]) -> flags.FlagValues:
     UsageError: unknown flag, unknown or badly typed config field, config file that does not
       load, missing required flag.
   """
-  return cli_lib.parse_config_args(_define_flags(argv), argv,
-                                   required=("config", "workdir", "stage"))
+  return cli_lib.parse_config_args(
+    _define_flags(argv), argv, required=("config", "workdir", "stage")
+  )
 
 
 parse_flags = cli_lib.usage_parser(parse_args, PROG)

@@ -39,36 +39,61 @@ class ModelDef:
 
 
 def _small_cnn(num_classes: int = 10, **kw: Any) -> ModelDef:
-  return ModelDef("small_cnn", SmallCNN(num_classes=num_classes, **kw), (28, 28, 1), num_classes,
-                  "3-conv CNN for 28x28 grayscale (Fashion-MNIST), 5 quantizable layers")
+  return ModelDef(
+    "small_cnn",
+    SmallCNN(num_classes=num_classes, **kw),
+    (28, 28, 1),
+    num_classes,
+    "3-conv CNN for 28x28 grayscale (Fashion-MNIST), 5 quantizable layers",
+  )
 
 
 def _resnet20(num_classes: int = 10, image_size: int = 32) -> ModelDef:
-  return ModelDef("resnet20", resnet20(num_classes), (image_size, image_size, 3), num_classes,
-                  "ResNet-20 (CIFAR style), 22 quantizable layers")
+  return ModelDef(
+    "resnet20",
+    resnet20(num_classes),
+    (image_size, image_size, 3),
+    num_classes,
+    "ResNet-20 (CIFAR style), 22 quantizable layers",
+  )
 
 
 def _resnet18(num_classes: int = 1000, image_size: int = 224) -> ModelDef:
-  return ModelDef("resnet18", resnet18(num_classes), (image_size, image_size, 3), num_classes,
-                  "ResNet-18 (ImageNet), 21 quantizable layers")
+  return ModelDef(
+    "resnet18",
+    resnet18(num_classes),
+    (image_size, image_size, 3),
+    num_classes,
+    "ResNet-18 (ImageNet), 21 quantizable layers",
+  )
 
 
 def _vgg16(num_classes: int = 1000, image_size: int = 224, **kw: Any) -> ModelDef:
-  return ModelDef("vgg16", VGG(num_classes=num_classes, **kw), (image_size, image_size, 3),
-                  num_classes, "VGG-16 (ImageNet), 16 quantizable layers")
+  return ModelDef(
+    "vgg16",
+    VGG(num_classes=num_classes, **kw),
+    (image_size, image_size, 3),
+    num_classes,
+    "VGG-16 (ImageNet), 16 quantizable layers",
+  )
 
 
 def _vit_b32(num_classes: int = 1000, image_size: int = 224, **kw: Any) -> ModelDef:
-  return ModelDef("vit_b32", ViT(num_classes=num_classes, **kw), (image_size, image_size, 3),
-                  num_classes, "ViT-B/32 (ImageNet), 74 quantizable layers")
+  return ModelDef(
+    "vit_b32",
+    ViT(num_classes=num_classes, **kw),
+    (image_size, image_size, 3),
+    num_classes,
+    "ViT-B/32 (ImageNet), 74 quantizable layers",
+  )
 
 
 MODELS: dict[str, Callable[..., ModelDef]] = {
-    "small_cnn": _small_cnn,
-    "resnet20": _resnet20,
-    "resnet18": _resnet18,
-    "vgg16": _vgg16,
-    "vit_b32": _vit_b32,
+  "small_cnn": _small_cnn,
+  "resnet20": _resnet20,
+  "resnet18": _resnet18,
+  "vgg16": _vgg16,
+  "vit_b32": _vit_b32,
 }
 MODEL_NAMES = tuple(MODELS)
 
@@ -90,17 +115,17 @@ def get_model(name: str, **overrides: Any) -> ModelDef:
 
 
 def forward(
-    module: nn.Module,
-    variables: Any,
-    x: Array,
-    policy: Array | None = None,
-    *,
-    train: bool = False,
-    mvm: MvmFn | None = None,
-    int_dtype: Any = jnp.float32,
-    capture: bool = False,
-    calibrate: bool = False,
-    rngs: Any = None,
+  module: nn.Module,
+  variables: Any,
+  x: Array,
+  policy: Array | None = None,
+  *,
+  train: bool = False,
+  mvm: MvmFn | None = None,
+  int_dtype: Any = jnp.float32,
+  capture: bool = False,
+  calibrate: bool = False,
+  rngs: Any = None,
 ) -> tuple[Array, dict[str, Any]]:
   """Applies a zoo model with a bit policy.
 
@@ -124,8 +149,9 @@ def forward(
   Raises:
     cimjax.layers.PolicyLengthError: the policy length differs from the model's layer count.
   """
-  ctx = QuantContext(policy=policy, train=train, mvm=mvm, int_dtype=int_dtype, capture=capture,
-                     calibrate=calibrate)
+  ctx = QuantContext(
+    policy=policy, train=train, mvm=mvm, int_dtype=int_dtype, capture=capture, calibrate=calibrate
+  )
   mutable = []
   if train and "batch_stats" in variables:
     mutable.append("batch_stats")
@@ -148,6 +174,17 @@ def init(model: ModelDef, key: Array, batch: int = 1) -> dict[str, Any]:
 
 
 __all__ = [
-    "BasicBlock", "MODELS", "MODEL_NAMES", "ModelDef", "ResNet", "SmallCNN", "VGG", "ViT",
-    "forward", "get_model", "init", "resnet18", "resnet20",
+  "BasicBlock",
+  "MODELS",
+  "MODEL_NAMES",
+  "ModelDef",
+  "ResNet",
+  "SmallCNN",
+  "VGG",
+  "ViT",
+  "forward",
+  "get_model",
+  "init",
+  "resnet18",
+  "resnet20",
 ]

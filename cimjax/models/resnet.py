@@ -34,14 +34,17 @@ class BasicBlock(nn.Module):
     s = (self.strides, self.strides)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = QuantConv(self.features, (1, 1), s, padding="VALID", use_bias=False,
-                           name="shortcut")(x, ctx)
+      shortcut = QuantConv(
+        self.features, (1, 1), s, padding="VALID", use_bias=False, name="shortcut"
+      )(x, ctx)
       shortcut = _bn(ctx, "shortcut_bn")(shortcut)
-    y = QuantConv(self.features, (3, 3), s, padding=((1, 1), (1, 1)), use_bias=False,
-                  name="conv_a")(x, ctx)
+    y = QuantConv(
+      self.features, (3, 3), s, padding=((1, 1), (1, 1)), use_bias=False, name="conv_a"
+    )(x, ctx)
     y = nn.relu(_bn(ctx, "bn_a")(y))
-    y = QuantConv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                  name="conv_b")(y, ctx)
+    y = QuantConv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="conv_b")(
+      y, ctx
+    )
     y = _bn(ctx, "bn_b")(y)
     return nn.relu(y + shortcut)
 
@@ -67,13 +70,26 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
     """Args: x ``[B, H, W, 3]`` normalised images. Returns logits ``[B, num_classes]``."""
     if self.stem == "imagenet":
-      x = QuantConv(self.stem_width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                    signed_input=True, name="conv1")(x, ctx)
+      x = QuantConv(
+        self.stem_width,
+        (7, 7),
+        (2, 2),
+        padding=((3, 3), (3, 3)),
+        use_bias=False,
+        signed_input=True,
+        name="conv1",
+      )(x, ctx)
       x = nn.relu(_bn(ctx, "bn1")(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     else:
-      x = QuantConv(self.stem_width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                    signed_input=True, name="conv1")(x, ctx)
+      x = QuantConv(
+        self.stem_width,
+        (3, 3),
+        padding=((1, 1), (1, 1)),
+        use_bias=False,
+        signed_input=True,
+        name="conv1",
+      )(x, ctx)
       x = nn.relu(_bn(ctx, "bn1")(x))
     for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(blocks):

@@ -9,8 +9,26 @@ import jax
 
 from cimjax.layers import QuantContext, QuantConv, QuantDense
 
-VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-                                    512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_CFG: tuple[int | str, ...] = (
+  64,
+  64,
+  "M",
+  128,
+  128,
+  "M",
+  256,
+  256,
+  256,
+  "M",
+  512,
+  512,
+  512,
+  "M",
+  512,
+  512,
+  512,
+  "M",
+)
 
 
 class VGG(nn.Module):
@@ -35,8 +53,11 @@ class VGG(nn.Module):
         x = nn.max_pool(x, (2, 2), (2, 2))
         continue
       i += 1
-      x = nn.relu(QuantConv(int(v), (3, 3), padding=((1, 1), (1, 1)), signed_input=(i == 1),
-                            name=f"conv{i}")(x, ctx))
+      x = nn.relu(
+        QuantConv(int(v), (3, 3), padding=((1, 1), (1, 1)), signed_input=(i == 1), name=f"conv{i}")(
+          x, ctx
+        )
+      )
     x = x.reshape(x.shape[0], -1)
     for j, h in enumerate(self.hidden):
       x = nn.relu(QuantDense(h, name=f"fc{j + 1}")(x, ctx))

@@ -29,7 +29,7 @@ class QuantSelfAttention(nn.Module):
     hd = d // self.num_heads
     qkv = QuantDense(3 * d, signed_input=True, name="qkv")(x, ctx)
     qkv = qkv.reshape(b, t, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)  # [3, B, H, T, hd]
-    q, k, v = qkv[0] * (hd ** -0.5), qkv[1], qkv[2]
+    q, k, v = qkv[0] * (hd**-0.5), qkv[1], qkv[2]
     logits = QuantMatMul(signed_input=True, name="qk")(q, jnp.swapaxes(k, -1, -2), ctx)
     attn = jax.nn.softmax(logits, axis=-1)
     out = QuantMatMul(signed_input=False, a_clip_init=1.0, name="av")(attn, v, ctx)

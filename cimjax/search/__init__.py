@@ -14,31 +14,101 @@ Public API (see the modules for details):
   :class:`SearchResult`; joint search + any-precision training: :func:`run_joint`.
 """
 
-from cimjax.search.accuracy import (AccuracySource, DataAccuracy, MemoAccuracy,
-                                    MultiProcessAccuracy, SYNTHETIC_KINDS, SyntheticAccuracy,
-                                    TableAccuracy, exhaustive_table)
+from cimjax.search.accuracy import (
+  SYNTHETIC_KINDS,
+  AccuracySource,
+  DataAccuracy,
+  MemoAccuracy,
+  MultiProcessAccuracy,
+  SyntheticAccuracy,
+  TableAccuracy,
+  exhaustive_table,
+)
 from cimjax.search.agent import Agent, iteration_keys
-from cimjax.search.baselines import (Optimum, dp_optimum, exhaustive_optimum, make_exhaustive,
-                                     make_random)
+from cimjax.search.baselines import (
+  Optimum,
+  dp_optimum,
+  exhaustive_optimum,
+  make_exhaustive,
+  make_random,
+)
 from cimjax.search.ddpg import DDPGConfig, DDPGState, action_to_bits, make_ddpg
+from cimjax.search.env import (
+  EnvParams,
+  EvalOut,
+  History,
+  SearchEnv,
+  best_index,
+  empty_history,
+  evaluate_in_graph,
+  pareto_front,
+)
 from cimjax.search.joint import JointResult, JointState, make_joint_step, run_joint
-from cimjax.search.env import (EnvParams, EvalOut, History, SearchEnv, best_index,
-                               empty_history, evaluate_in_graph, pareto_front)
 from cimjax.search.pg import PGConfig, PGState, make_pg, utilities
 from cimjax.search.reward import accuracy_target
-from cimjax.search.runner import (AGENTS, MODES, SearchConfig, SearchResult, evals_to_reach,
-                                  make_agent, run_search, search_loop, write_outputs)
+from cimjax.search.runner import (
+  AGENTS,
+  MODES,
+  SearchConfig,
+  SearchResult,
+  evals_to_reach,
+  make_agent,
+  run_search,
+  search_loop,
+  write_outputs,
+)
 from cimjax.search.space import SearchSpace, make_space, policy_keys
 from cimjax.search.state import LoopState, SearchCheckpointer
 
 __all__ = [
-    "AGENTS", "AccuracySource", "Agent", "DDPGConfig", "DDPGState", "DataAccuracy", "EnvParams",
-    "EvalOut", "History", "JointResult", "JointState", "LoopState", "MODES", "MemoAccuracy",
-    "MultiProcessAccuracy", "Optimum", "PGConfig", "PGState", "SYNTHETIC_KINDS",
-    "SearchCheckpointer", "SearchConfig", "SearchEnv", "SearchResult", "SearchSpace",
-    "SyntheticAccuracy", "TableAccuracy", "accuracy_target", "action_to_bits", "best_index",
-    "dp_optimum", "empty_history", "evals_to_reach", "evaluate_in_graph", "exhaustive_optimum",
-    "exhaustive_table", "iteration_keys", "make_ddpg", "make_exhaustive", "make_joint_step",
-    "make_pg", "make_random", "make_space", "pareto_front", "policy_keys", "run_joint",
-    "run_search", "search_loop", "utilities", "write_outputs",
+  "AGENTS",
+  "AccuracySource",
+  "Agent",
+  "DDPGConfig",
+  "DDPGState",
+  "DataAccuracy",
+  "EnvParams",
+  "EvalOut",
+  "History",
+  "JointResult",
+  "JointState",
+  "LoopState",
+  "MODES",
+  "MemoAccuracy",
+  "MultiProcessAccuracy",
+  "Optimum",
+  "PGConfig",
+  "PGState",
+  "SYNTHETIC_KINDS",
+  "SearchCheckpointer",
+  "SearchConfig",
+  "SearchEnv",
+  "SearchResult",
+  "SearchSpace",
+  "SyntheticAccuracy",
+  "TableAccuracy",
+  "accuracy_target",
+  "action_to_bits",
+  "best_index",
+  "dp_optimum",
+  "empty_history",
+  "evals_to_reach",
+  "evaluate_in_graph",
+  "exhaustive_optimum",
+  "exhaustive_table",
+  "iteration_keys",
+  "make_ddpg",
+  "make_exhaustive",
+  "make_joint_step",
+  "make_pg",
+  "make_random",
+  "make_agent",
+  "make_space",
+  "pareto_front",
+  "policy_keys",
+  "run_joint",
+  "run_search",
+  "search_loop",
+  "utilities",
+  "write_outputs",
 ]

@@ -87,7 +87,7 @@ def _chunked(f: Callable[[jax.Array], jax.Array], pols: np.ndarray, chunk: int) 
     return np.zeros((0,), np.float64)
   out = []
   for s in range(0, n, chunk):
-    part = pols[s:s + chunk]
+    part = pols[s : s + chunk]
     k = part.shape[0]
     if k < chunk:
       part = np.concatenate([part, np.repeat(part[-1:], chunk - k, axis=0)])
@@ -145,9 +145,20 @@ class SyntheticAccuracy(AccuracySource):
 
   preferred_mode = "scan"
 
-  def __init__(self, specs: Sequence[LayerSpec], *, kind: str = "additive", seed: int = 0,
-               acc8: float = 90.0, drop44: float = 2.0, floor: float = 10.0, sigma: float = 0.5,
-               w_share: float = 0.5, first_last: float = 2.0, gamma: float = 0.5):
+  def __init__(
+    self,
+    specs: Sequence[LayerSpec],
+    *,
+    kind: str = "additive",
+    seed: int = 0,
+    acc8: float = 90.0,
+    drop44: float = 2.0,
+    floor: float = 10.0,
+    sigma: float = 0.5,
+    w_share: float = 0.5,
+    first_last: float = 2.0,
+    gamma: float = 0.5,
+  ):
     if kind not in SYNTHETIC_KINDS:
       raise ValueError(f"kind = {kind!r}; allowed: {', '.join(SYNTHETIC_KINDS)}")
     num = len(specs)
@@ -168,8 +179,9 @@ class SyntheticAccuracy(AccuracySource):
     self.sigma, self.w_share, self.first_last, self.gamma = sigma, w_share, first_last, gamma
     self.name = f"synthetic-{kind}"
     g = noise_gain(np.arange(1, space_lib.TABLE_BITS + 1, dtype=np.float64))
-    self.damage = (self.s_w[:, None, None] * g[None, :, None]
-                   + self.s_a[:, None, None] * g[None, None, :])     # [L, 8, 8] float64
+    self.damage = (
+      self.s_w[:, None, None] * g[None, :, None] + self.s_a[:, None, None] * g[None, None, :]
+    )  # [L, 8, 8] float64
     damage32 = jnp.asarray(self.damage, jnp.float32)
     self.fn = lambda policies: self._accuracy(damage32, policies, jnp)
 
@@ -189,7 +201,7 @@ class SyntheticAccuracy(AccuracySource):
   def _accuracy(self, damage: Array, policies: Array, xp: Any) -> Array:
     p = xp.asarray(policies)
     num = damage.shape[0]
-    d = damage[xp.arange(num), p[..., 0] - 1, p[..., 1] - 1]            # [..., L]
+    d = damage[xp.arange(num), p[..., 0] - 1, p[..., 1] - 1]  # [..., L]
     total = d.sum(axis=-1)
     if self.kind == "interaction":
       if num > 1:
@@ -204,10 +216,19 @@ class SyntheticAccuracy(AccuracySource):
     return self._accuracy(self.damage, p if p.ndim == 3 else p[None], np)
 
   def describe(self) -> dict[str, Any]:
-    return {"name": self.name, "kind": "SyntheticAccuracy", "model": self.kind,
-            "seed": self.seed, "acc8": self.acc8, "drop44": self.drop44, "floor": self.floor,
-            "sigma": self.sigma, "w_share": self.w_share, "first_last": self.first_last,
-            "gamma": self.gamma}
+    return {
+      "name": self.name,
+      "kind": "SyntheticAccuracy",
+      "model": self.kind,
+      "seed": self.seed,
+      "acc8": self.acc8,
+      "drop44": self.drop44,
+      "floor": self.floor,
+      "sigma": self.sigma,
+      "w_share": self.w_share,
+      "first_last": self.first_last,
+      "gamma": self.gamma,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,20 +254,32 @@ class DataAccuracy(AccuracySource):
     name: label.
   """
 
-  def __init__(self, model: Any, variables: Any, x: np.ndarray, y: np.ndarray, *,
-               strategy: str = "auto", chunk: int = 16, batch_size: int = 500,
-               name: str = "data"):
+  def __init__(
+    self,
+    model: Any,
+    variables: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    strategy: str = "auto",
+    chunk: int = 16,
+    batch_size: int = 500,
+    name: str = "data",
+  ):
     from cimjax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+
     self.name = name
     self.num_images = int(x.shape[0])
-    self._evaluate = eval_lib.make_evaluator(model, variables, x, y, strategy=strategy,
-                                             chunk=chunk, batch_size=batch_size)
+    self._evaluate = eval_lib.make_evaluator(
+      model, variables, x, y, strategy=strategy, chunk=chunk, batch_size=batch_size
+    )
     self.strategy = self._evaluate.strategy
     self.preferred_mode = "loop" if self.strategy == "loop" else "scan"
     module = getattr(model, "module", model)
     score = eval_lib.make_policy_score(module, variables)
     xb, yb, wb = eval_lib._batch_data(  # pylint: disable=protected-access
-        np.asarray(x, np.float32), np.asarray(y), min(batch_size, self.num_images))
+      np.asarray(x, np.float32), np.asarray(y), min(batch_size, self.num_images)
+    )
     vscore = jax.vmap(score, in_axes=(0, None, None, None))
     num, vchunk = self.num_images, chunk
 
@@ -274,8 +307,12 @@ class DataAccuracy(AccuracySource):
     return np.asarray(res.accuracy, np.float64)
 
   def describe(self) -> dict[str, Any]:
-    return {"name": self.name, "kind": "DataAccuracy", "images": self.num_images,
-            "strategy": self.strategy}
+    return {
+      "name": self.name,
+      "kind": "DataAccuracy",
+      "images": self.num_images,
+      "strategy": self.strategy,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,9 +350,14 @@ class TableAccuracy(AccuracySource):
     return {"name": self.name, "kind": "TableAccuracy", "size": int(self.table.shape[0])}
 
 
-def exhaustive_table(source: AccuracySource, space: space_lib.SearchSpace, *, chunk: int = 512,
-                     path: str | os.PathLike[str] | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+def exhaustive_table(
+  source: AccuracySource,
+  space: space_lib.SearchSpace,
+  *,
+  chunk: int = 512,
+  path: str | os.PathLike[str] | None = None,
+  progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
   """Evaluates every policy of ``space`` with ``source`` (resumable through ``path``).
 
   Args:
@@ -339,7 +381,7 @@ def exhaustive_table(source: AccuracySource, space: space_lib.SearchSpace, *, ch
         acc, done = np.asarray(z["acc"], np.float64), int(z["done"])
   while done < size:
     pols = space_lib.enumerate_policies(space, done, chunk)
-    acc[done:done + pols.shape[0]] = source(pols)
+    acc[done : done + pols.shape[0]] = source(pols)
     done += pols.shape[0]
     if p is not None:
       _save_npz(p, acc=acc, done=np.int64(done), size=np.int64(size), mask=space.mask)
@@ -410,9 +452,12 @@ class MemoAccuracy(AccuracySource):
     keys = list(self._memo)
     pols = np.stack([np.frombuffer(k, np.int8) for k in keys])
     num = pols.shape[1] // 2
-    _save_npz(Path(path), policies=pols.reshape(-1, num, 2),
-              accuracy=np.asarray([self._memo[k] for k in keys], np.float64),
-              tag=np.asarray(tag))
+    _save_npz(
+      Path(path),
+      policies=pols.reshape(-1, num, 2),
+      accuracy=np.asarray([self._memo[k] for k in keys], np.float64),
+      tag=np.asarray(tag),
+    )
 
   def load(self, path: str | os.PathLike[str], tag: str = "") -> int:
     """Adds the entries of a file written by :meth:`save` (if it exists); returns how many.
@@ -427,8 +472,10 @@ class MemoAccuracy(AccuracySource):
       pols, acc = z["policies"], z["accuracy"]
       saved = str(z["tag"]) if "tag" in z.files else ""
     if saved != tag:
-      raise ValueError(f"{p}: accuracy memo of another source (tag {saved!r}, expected "
-                       f"{tag!r}); delete it or use another workdir")
+      raise ValueError(
+        f"{p}: accuracy memo of another source (tag {saved!r}, expected "
+        f"{tag!r}); delete it or use another workdir"
+      )
     for pol, a in zip(pols, acc):
       self._memo[space_lib.policy_bytes(pol)] = float(a)
     return int(acc.shape[0])
@@ -458,6 +505,7 @@ class MultiProcessAccuracy(AccuracySource):
 
   def __call__(self, policies: Array) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     pols = np.asarray(policies, np.int32)
     if pols.ndim == 2:
       pols = pols[None]
@@ -466,7 +514,7 @@ class MultiProcessAccuracy(AccuracySource):
       return np.zeros((0,), np.float64)
     per = math.ceil(n / procs / self.block) * self.block
     padded = np.concatenate([pols, np.repeat(pols[-1:], per * procs - n, axis=0)])
-    mine = np.ascontiguousarray(self.inner(padded[me * per:(me + 1) * per]), np.float64)
+    mine = np.ascontiguousarray(self.inner(padded[me * per : (me + 1) * per]), np.float64)
     # float64 travels bit-exactly as pairs of uint32 (jax arrays are 32-bit by default).
     every = multihost_utils.process_allgather(mine.view(np.uint32))
     return np.ascontiguousarray(np.asarray(every, np.uint32)).view(np.float64).reshape(-1)[:n]
@@ -475,6 +523,14 @@ class MultiProcessAccuracy(AccuracySource):
     return {**self.inner.describe(), "processes": jax.process_count()}
 
 
-__all__ = ["AccuracySource", "DataAccuracy", "MemoAccuracy", "MultiProcessAccuracy",
-           "SYNTHETIC_KINDS", "SyntheticAccuracy", "TableAccuracy", "exhaustive_table",
-           "noise_gain"]
+__all__ = [
+  "AccuracySource",
+  "DataAccuracy",
+  "MemoAccuracy",
+  "MultiProcessAccuracy",
+  "SYNTHETIC_KINDS",
+  "SyntheticAccuracy",
+  "TableAccuracy",
+  "exhaustive_table",
+  "noise_gain",
+]

@@ -44,8 +44,14 @@ def make_random(space: space_lib.SearchSpace, population: int = 32) -> Agent:
     del policies, out, aux, key
     return state + 1, {}
 
-  return Agent(name="random", population=population, init=init, ask=ask, tell=tell,
-               config={"agent": "random", "population": population})
+  return Agent(
+    name="random",
+    population=population,
+    init=init,
+    ask=ask,
+    tell=tell,
+    config={"agent": "random", "population": population},
+  )
 
 
 def make_exhaustive(space: space_lib.SearchSpace, population: int = 256) -> Agent:
@@ -54,7 +60,7 @@ def make_exhaustive(space: space_lib.SearchSpace, population: int = 256) -> Agen
   Past the end, ``ask`` repeats the last policy (a repeat costs no budget).
   """
   size = space.size
-  if size >= 2 ** 31:
+  if size >= 2**31:
     raise ValueError(f"the space has {size:.3g} policies; exhaustive enumeration needs < 2^31")
 
   def init(key: jax.Array) -> jax.Array:
@@ -70,8 +76,14 @@ def make_exhaustive(space: space_lib.SearchSpace, population: int = 256) -> Agen
     del policies, aux, key
     return state + jnp.where(jnp.any(out.valid), population, 0).astype(jnp.int32), {}
 
-  return Agent(name="exhaustive", population=population, init=init, ask=ask, tell=tell,
-               config={"agent": "exhaustive", "population": population, "size": size})
+  return Agent(
+    name="exhaustive",
+    population=population,
+    init=init,
+    ask=ask,
+    tell=tell,
+    config={"agent": "exhaustive", "population": population, "size": size},
+  )
 
 
 class Optimum(NamedTuple):
@@ -98,8 +110,13 @@ class Optimum(NamedTuple):
   front_accuracy: np.ndarray
 
 
-def exhaustive_optimum(space: space_lib.SearchSpace, cost_table: Any, accuracy: np.ndarray,
-                       acc_target: float, chunk: int = 1 << 16) -> Optimum:
+def exhaustive_optimum(
+  space: space_lib.SearchSpace,
+  cost_table: Any,
+  accuracy: np.ndarray,
+  acc_target: float,
+  chunk: int = 1 << 16,
+) -> Optimum:
   """The exact optimum of a fully evaluated space.
 
   Args:
@@ -119,15 +136,22 @@ def exhaustive_optimum(space: space_lib.SearchSpace, cost_table: Any, accuracy: 
   ratio = np.empty(size)
   for s in range(0, size, chunk):
     pols = space_lib.enumerate_policies(space, s, chunk)
-    ratio[s:s + pols.shape[0]] = cost_lib.policy_cost(table, pols) / base
+    ratio[s : s + pols.shape[0]] = cost_lib.policy_cost(table, pols) / base
   rew = reward_lib.reward(acc, ratio, acc_target, xp=np)
   i = int(np.argmax(rew))
   from cimjax.search import env as env_lib  # pylint: disable=g-import-not-at-top
+
   front = env_lib.pareto_front(ratio, acc)
-  return Optimum(policy=space_lib.enumerate_policies(space, i, 1)[0], reward=float(rew[i]),
-                 accuracy=float(acc[i]), cost_ratio=float(ratio[i]),
-                 speedup=float(1.0 / ratio[i]), feasible=bool(acc[i] >= acc_target),
-                 front_cost_ratio=ratio[front], front_accuracy=acc[front])
+  return Optimum(
+    policy=space_lib.enumerate_policies(space, i, 1)[0],
+    reward=float(rew[i]),
+    accuracy=float(acc[i]),
+    cost_ratio=float(ratio[i]),
+    speedup=float(1.0 / ratio[i]),
+    feasible=bool(acc[i] >= acc_target),
+    front_cost_ratio=ratio[front],
+    front_accuracy=acc[front],
+  )
 
 
 class ParetoDP(NamedTuple):
@@ -157,8 +181,9 @@ class ParetoDP(NamedTuple):
     return pol
 
 
-def pareto_dp(space: space_lib.SearchSpace, cost_table: Any, damage: np.ndarray,
-              max_front: int = 5_000_000) -> ParetoDP:
+def pareto_dp(
+  space: space_lib.SearchSpace, cost_table: Any, damage: np.ndarray, max_front: int = 5_000_000
+) -> ParetoDP:
   """Pareto dynamic programme over layers for ``sum_l cost`` and ``sum_l damage``.
 
   After each layer only the (cost, damage) pairs that no other partial policy beats in both
@@ -187,23 +212,30 @@ def pareto_dp(space: space_lib.SearchSpace, cost_table: Any, damage: np.ndarray,
     d_l = dmg[l].reshape(-1)[codes]
     cc = (cost[:, None] + c_l[None, :]).reshape(-1)
     dd = (dam[:, None] + d_l[None, :]).reshape(-1)
-    order = np.lexsort((dd, cc))                       # cost ascending, then damage
+    order = np.lexsort((dd, cc))  # cost ascending, then damage
     cc, dd = cc[order], dd[order]
     run_min = np.minimum.accumulate(dd)
     keep = np.ones(cc.shape[0], bool)
-    keep[1:] = dd[1:] < run_min[:-1]                   # strictly better damage than all cheaper
+    keep[1:] = dd[1:] < run_min[:-1]  # strictly better damage than all cheaper
     sel = order[keep]
     parents.append((sel // len(codes)).astype(np.int64))
     choices.append(codes[sel % len(codes)].astype(np.int16))
     cost, dam = cc[keep], dd[keep]
     if cost.shape[0] > max_front:
-      raise RuntimeError(f"Pareto front has {cost.shape[0]} points after layer {l}; "
-                         f"above max_front = {max_front}")
+      raise RuntimeError(
+        f"Pareto front has {cost.shape[0]} points after layer {l}; above max_front = {max_front}"
+      )
   return ParetoDP(cost=cost, damage=dam, parents=parents, choices=choices)
 
 
-def dp_optimum(space: space_lib.SearchSpace, cost_table: Any, damage: np.ndarray,
-               acc_of_damage: Any, acc_target: float, max_front: int = 5_000_000) -> Optimum:
+def dp_optimum(
+  space: space_lib.SearchSpace,
+  cost_table: Any,
+  damage: np.ndarray,
+  acc_of_damage: Any,
+  acc_target: float,
+  max_front: int = 5_000_000,
+) -> Optimum:
   """Exact optimum when ``acc = acc_of_damage(sum_l damage[l, w_l - 1, a_l - 1])``.
 
   The reward decreases in both cost and damage, so its maximiser lies on the final front of
@@ -227,11 +259,24 @@ def dp_optimum(space: space_lib.SearchSpace, cost_table: Any, damage: np.ndarray
   ratio = dp.cost / base
   rew = reward_lib.reward(acc, ratio, acc_target, xp=np)
   i = int(np.argmax(rew))
-  return Optimum(policy=dp.policy(i), reward=float(rew[i]), accuracy=float(acc[i]),
-                 cost_ratio=float(ratio[i]), speedup=float(1.0 / ratio[i]),
-                 feasible=bool(acc[i] >= acc_target), front_cost_ratio=ratio,
-                 front_accuracy=acc)
+  return Optimum(
+    policy=dp.policy(i),
+    reward=float(rew[i]),
+    accuracy=float(acc[i]),
+    cost_ratio=float(ratio[i]),
+    speedup=float(1.0 / ratio[i]),
+    feasible=bool(acc[i] >= acc_target),
+    front_cost_ratio=ratio,
+    front_accuracy=acc,
+  )
 
 
-__all__ = ["Optimum", "ParetoDP", "dp_optimum", "exhaustive_optimum", "make_exhaustive",
-           "make_random", "pareto_dp"]
+__all__ = [
+  "Optimum",
+  "ParetoDP",
+  "dp_optimum",
+  "exhaustive_optimum",
+  "make_exhaustive",
+  "make_random",
+  "pareto_dp",
+]

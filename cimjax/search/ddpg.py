@@ -88,29 +88,32 @@ class DDPGState(NamedTuple):
   critic_target: Any
   actor_opt: Any
   critic_opt: Any
-  buf_s: jax.Array       # [cap, 10]
-  buf_a: jax.Array       # [cap]
-  buf_r: jax.Array       # [cap]
-  buf_s1: jax.Array      # [cap, 10]
-  buf_done: jax.Array    # [cap]
-  buf_ptr: jax.Array     # int32
-  buf_size: jax.Array    # int32
+  buf_s: jax.Array  # [cap, 10]
+  buf_a: jax.Array  # [cap]
+  buf_r: jax.Array  # [cap]
+  buf_s1: jax.Array  # [cap, 10]
+  buf_done: jax.Array  # [cap]
+  buf_ptr: jax.Array  # int32
+  buf_size: jax.Array  # int32
   moving_avg: jax.Array  # float32
-  has_avg: jax.Array     # bool
-  episode: jax.Array     # int32
+  has_avg: jax.Array  # bool
+  episode: jax.Array  # int32
 
 
-def _dense_init(key: jax.Array, din: int, dout: int, last: bool, init_w: float
-                ) -> dict[str, jax.Array]:
+def _dense_init(
+  key: jax.Array, din: int, dout: int, last: bool, init_w: float
+) -> dict[str, jax.Array]:
   kw, kb = jax.random.split(key)
   bound = init_w if last else 1.0 / np.sqrt(din)
-  return {"w": jax.random.uniform(kw, (din, dout), jnp.float32, -bound, bound),
-          "b": jax.random.uniform(kb, (dout,), jnp.float32, -1.0 / np.sqrt(din),
-                                  1.0 / np.sqrt(din))}
+  return {
+    "w": jax.random.uniform(kw, (din, dout), jnp.float32, -bound, bound),
+    "b": jax.random.uniform(kb, (dout,), jnp.float32, -1.0 / np.sqrt(din), 1.0 / np.sqrt(din)),
+  }
 
 
-def action_to_bits(action: jax.Array, options: jax.Array, num_options: jax.Array,
-                   contiguous: jax.Array) -> jax.Array:
+def action_to_bits(
+  action: jax.Array, options: jax.Array, num_options: jax.Array, contiguous: jax.Array
+) -> jax.Array:
   """Maps actions in [0, 1] to bits as CIM-AQ does (jittable, elementwise over steps).
 
   Args:
@@ -127,17 +130,17 @@ def action_to_bits(action: jax.Array, options: jax.Array, num_options: jax.Array
   lo = options[..., 0].astype(jnp.float32)
   hi = jnp.take_along_axis(options, (num_options - 1)[..., None], axis=-1)[..., 0]
   hi_f = hi.astype(jnp.float32)
-  haq = jnp.round((hi_f - lo + 1.0) * a + lo - 0.5)            # half to even, as np.round
+  haq = jnp.round((hi_f - lo + 1.0) * a + lo - 0.5)  # half to even, as np.round
   haq = jnp.clip(haq, lo, hi_f).astype(jnp.int32)
-  k = jnp.minimum(jnp.floor(a * num_options.astype(jnp.float32)).astype(jnp.int32),
-                  num_options - 1)
+  k = jnp.minimum(jnp.floor(a * num_options.astype(jnp.float32)).astype(jnp.int32), num_options - 1)
   k = jnp.clip(k, 0, 7)
   listed = jnp.take_along_axis(options, k[..., None], axis=-1)[..., 0]
   return jnp.where(contiguous, haq, listed).astype(jnp.int32)
 
 
-def make_ddpg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec],
-              config: DDPGConfig = DDPGConfig()) -> Agent:
+def make_ddpg(
+  space: space_lib.SearchSpace, specs: Sequence[LayerSpec], config: DDPGConfig = DDPGConfig()
+) -> Agent:
   """Builds the DDPG agent (population 1: one candidate per episode).
 
   Args:
@@ -153,7 +156,7 @@ def make_ddpg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec],
   num_steps = len(steps)
   if num_steps == 0:
     raise ValueError("the search space has no free decision (every layer is forced)")
-  feats = jnp.asarray(feat_lib.haq_features(specs, space))             # [S, 10]
+  feats = jnp.asarray(feat_lib.haq_features(specs, space))  # [S, 10]
   step_layer = jnp.asarray([l for l, _ in steps], jnp.int32)
   step_kind = jnp.asarray([k for _, k in steps], jnp.int32)
   opts = np.zeros((num_steps, 8), np.int32)
@@ -161,14 +164,16 @@ def make_ddpg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec],
   contig = np.zeros((num_steps,), bool)
   for i, (l, k) in enumerate(steps):
     o = (space.w_options if k == 0 else space.a_options)[l]
-    opts[i, :len(o)] = o
-    opts[i, len(o):] = o[-1]
+    opts[i, : len(o)] = o
+    opts[i, len(o) :] = o[-1]
     nopt[i] = len(o)
     contig[i] = bool(np.all(np.diff(o) == 1))
   opts_j, nopt_j, contig_j = jnp.asarray(opts), jnp.asarray(nopt), jnp.asarray(contig)
   # the policy of single-option layers/halves (fixed values)
-  base_pol = np.stack([np.asarray([o[-1] for o in space.w_options]),
-                       np.asarray([o[-1] for o in space.a_options])], axis=1).astype(np.int32)
+  base_pol = np.stack(
+    [np.asarray([o[-1] for o in space.w_options]), np.asarray([o[-1] for o in space.a_options])],
+    axis=1,
+  ).astype(np.int32)
   base_pol_j = jnp.asarray(base_pol)
   cap = cfg.replay_episodes * num_steps
   nf = feat_lib.NUM_HAQ_FEATURES
@@ -191,19 +196,36 @@ def make_ddpg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec],
     k = jax.random.split(ka, 3)
     h = cfg.hidden
     iw = cfg.init_w
-    actor = [_dense_init(k[0], nf, h, False, iw), _dense_init(k[1], h, h, False, iw),
-             _dense_init(k[2], h, 1, True, iw)]
+    actor = [
+      _dense_init(k[0], nf, h, False, iw),
+      _dense_init(k[1], h, h, False, iw),
+      _dense_init(k[2], h, 1, True, iw),
+    ]
     k = jax.random.split(kc, 4)
-    critic = [_dense_init(k[0], nf, h, False, iw), _dense_init(k[1], 1, h, False, iw),
-              _dense_init(k[2], h, h, False, iw), _dense_init(k[3], h, 1, True, iw)]
+    critic = [
+      _dense_init(k[0], nf, h, False, iw),
+      _dense_init(k[1], 1, h, False, iw),
+      _dense_init(k[2], h, h, False, iw),
+      _dense_init(k[3], h, 1, True, iw),
+    ]
     return DDPGState(
-        actor=actor, critic=critic, actor_target=actor, critic_target=critic,
-        actor_opt=actor_tx.init(actor), critic_opt=critic_tx.init(critic),
-        buf_s=jnp.zeros((cap, nf), jnp.float32), buf_a=jnp.zeros((cap,), jnp.float32),
-        buf_r=jnp.zeros((cap,), jnp.float32), buf_s1=jnp.zeros((cap, nf), jnp.float32),
-        buf_done=jnp.zeros((cap,), jnp.float32), buf_ptr=jnp.zeros((), jnp.int32),
-        buf_size=jnp.zeros((), jnp.int32), moving_avg=jnp.zeros((), jnp.float32),
-        has_avg=jnp.zeros((), bool), episode=jnp.zeros((), jnp.int32))
+      actor=actor,
+      critic=critic,
+      actor_target=actor,
+      critic_target=critic,
+      actor_opt=actor_tx.init(actor),
+      critic_opt=critic_tx.init(critic),
+      buf_s=jnp.zeros((cap, nf), jnp.float32),
+      buf_a=jnp.zeros((cap,), jnp.float32),
+      buf_r=jnp.zeros((cap,), jnp.float32),
+      buf_s1=jnp.zeros((cap, nf), jnp.float32),
+      buf_done=jnp.zeros((cap,), jnp.float32),
+      buf_ptr=jnp.zeros((), jnp.int32),
+      buf_size=jnp.zeros((), jnp.int32),
+      moving_avg=jnp.zeros((), jnp.float32),
+      has_avg=jnp.zeros((), bool),
+      episode=jnp.zeros((), jnp.int32),
+    )
 
   def sigma(episode: jax.Array) -> jax.Array:
     return cfg.init_sigma * cfg.sigma_decay ** (episode - cfg.warmup).astype(jnp.float32)
@@ -225,8 +247,9 @@ def make_ddpg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec],
       bits = action_to_bits(a, opts_j[t], nopt_j[t], contig_j[t])
       return bits, (s, a, bits)
 
-    _, (states, actions, bits) = jax.lax.scan(body, jnp.zeros((), jnp.int32),
-                                              (jnp.arange(num_steps), keys))
+    _, (states, actions, bits) = jax.lax.scan(
+      body, jnp.zeros((), jnp.int32), (jnp.arange(num_steps), keys)
+    )
     pol = base_pol_j.at[step_layer, step_kind].set(bits)
     return pol[None], (states, actions)
 
@@ -254,13 +277,19 @@ def make_ddpg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec],
     actor = optax.apply_updates(state.actor, au)
     soft = lambda t, x: (1.0 - cfg.tau) * t + cfg.tau * x  # noqa: E731
     return state._replace(
-        actor=actor, critic=critic, actor_opt=actor_opt, critic_opt=critic_opt,
-        actor_target=jax.tree.map(soft, state.actor_target, actor),
-        critic_target=jax.tree.map(soft, state.critic_target, critic),
-        moving_avg=ma, has_avg=jnp.ones((), bool)), {"critic_loss": cl, "actor_loss": al}
+      actor=actor,
+      critic=critic,
+      actor_opt=actor_opt,
+      critic_opt=critic_opt,
+      actor_target=jax.tree.map(soft, state.actor_target, actor),
+      critic_target=jax.tree.map(soft, state.critic_target, critic),
+      moving_avg=ma,
+      has_avg=jnp.ones((), bool),
+    ), {"critic_loss": cl, "actor_loss": al}
 
-  def tell(state: DDPGState, policies: jax.Array, out: Any, aux: Any, key: jax.Array
-           ) -> tuple[DDPGState, dict[str, jax.Array]]:
+  def tell(
+    state: DDPGState, policies: jax.Array, out: Any, aux: Any, key: jax.Array
+  ) -> tuple[DDPGState, dict[str, jax.Array]]:
     del policies
     states, actions = aux
     r = jnp.asarray(out.reward, jnp.float32)[0]
@@ -274,25 +303,39 @@ def make_ddpg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec],
     def body(st, xs):
       s, a, sn, d, k = xs
       p = st.buf_ptr
-      st = st._replace(buf_s=st.buf_s.at[p].set(s), buf_a=st.buf_a.at[p].set(a),
-                       buf_r=st.buf_r.at[p].set(r), buf_s1=st.buf_s1.at[p].set(sn),
-                       buf_done=st.buf_done.at[p].set(d), buf_ptr=(p + 1) % cap,
-                       buf_size=jnp.minimum(st.buf_size + 1, cap))
+      st = st._replace(
+        buf_s=st.buf_s.at[p].set(s),
+        buf_a=st.buf_a.at[p].set(a),
+        buf_r=st.buf_r.at[p].set(r),
+        buf_s1=st.buf_s1.at[p].set(sn),
+        buf_done=st.buf_done.at[p].set(d),
+        buf_ptr=(p + 1) % cap,
+        buf_size=jnp.minimum(st.buf_size + 1, cap),
+      )
       zero = jnp.zeros((), jnp.float32)
-      st, m = jax.lax.cond(learn, update, lambda st_, k_: (st_, {"critic_loss": zero,
-                                                                "actor_loss": zero}), st, k)
+      st, m = jax.lax.cond(
+        learn, update, lambda st_, k_: (st_, {"critic_loss": zero, "actor_loss": zero}), st, k
+      )
       return st, (m["critic_loss"], m["actor_loss"])
 
     new_state, (cl, al) = jax.lax.scan(body, state, (states, actions, s1, done, keys))
     new_state = new_state._replace(episode=state.episode + 1)
     out = jax.tree.map(lambda x, y: jnp.where(ok, x, y), new_state, state)
-    metrics = {"critic_loss": jnp.mean(cl), "actor_loss": jnp.mean(al),
-               "sigma": sigma(state.episode)}
+    metrics = {
+      "critic_loss": jnp.mean(cl),
+      "actor_loss": jnp.mean(al),
+      "sigma": sigma(state.episode),
+    }
     return out, metrics
 
-  return Agent(name="ddpg", population=1, init=init, ask=ask, tell=tell,
-               config={"agent": "ddpg", **dataclasses.asdict(cfg), "steps": num_steps,
-                       "replay_capacity": cap})
+  return Agent(
+    name="ddpg",
+    population=1,
+    init=init,
+    ask=ask,
+    tell=tell,
+    config={"agent": "ddpg", **dataclasses.asdict(cfg), "steps": num_steps, "replay_capacity": cap},
+  )
 
 
 __all__ = ["DDPGConfig", "DDPGState", "action_to_bits", "make_ddpg"]

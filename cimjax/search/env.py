@@ -100,23 +100,27 @@ def empty_history(capacity: int, num_layers: int, xp: Any = jnp) -> History:
   """An empty history of ``capacity`` rows (``xp``: ``jax.numpy`` or ``numpy``)."""
   k = -(-num_layers // space_lib.CODES_PER_WORD)
   return History(
-      policies=xp.zeros((capacity, num_layers, 2), xp.int8),
-      keys=xp.full((capacity, k), -1, xp.int32),
-      accuracy=xp.zeros((capacity,), xp.float32),
-      cost_ratio=xp.zeros((capacity,), xp.float32),
-      reward=xp.zeros((capacity,), xp.float32),
-      iteration=xp.zeros((capacity,), xp.int32),
-      count=xp.asarray(0, xp.int32))
+    policies=xp.zeros((capacity, num_layers, 2), xp.int8),
+    keys=xp.full((capacity, k), -1, xp.int32),
+    accuracy=xp.zeros((capacity,), xp.float32),
+    cost_ratio=xp.zeros((capacity,), xp.float32),
+    reward=xp.zeros((capacity,), xp.float32),
+    iteration=xp.zeros((capacity,), xp.int32),
+    count=xp.asarray(0, xp.int32),
+  )
 
 
-def make_params(cost_table: Array, acc_target: float,
-                baseline_bits: tuple[int, int] = (8, 8)) -> EnvParams:
+def make_params(
+  cost_table: Array, acc_target: float, baseline_bits: tuple[int, int] = (8, 8)
+) -> EnvParams:
   """:class:`EnvParams` from a ``[L, 8, 8]`` cost table (e.g. ``CostTables.latency_us``)."""
   table = np.asarray(cost_table, np.float64)
   base = float(cost_lib.baseline_cost(table, baseline_bits))
-  return EnvParams(cost_table=jnp.asarray(table, jnp.float32),
-                   baseline=jnp.asarray(base, jnp.float32),
-                   acc_target=jnp.asarray(acc_target, jnp.float32))
+  return EnvParams(
+    cost_table=jnp.asarray(table, jnp.float32),
+    baseline=jnp.asarray(base, jnp.float32),
+    acc_target=jnp.asarray(acc_target, jnp.float32),
+  )
 
 
 def cost_ratio(params: EnvParams, policies: jax.Array) -> jax.Array:
@@ -131,9 +135,14 @@ def score(params: EnvParams, acc: jax.Array, policies: jax.Array) -> tuple[jax.A
   return ratio, reward_lib.reward(acc, ratio, params.acc_target, speedup=params.baseline / cost)
 
 
-def evaluate_in_graph(params: EnvParams, history: History, policies: jax.Array,
-                      acc_fn: Any, iteration: jax.Array | int = 0,
-                      sharding: Any = None) -> tuple[History, EvalOut]:
+def evaluate_in_graph(
+  params: EnvParams,
+  history: History,
+  policies: jax.Array,
+  acc_fn: Any,
+  iteration: jax.Array | int = 0,
+  sharding: Any = None,
+) -> tuple[History, EvalOut]:
   """Scores a batch with the cache and budget semantics of the module docstring (jittable).
 
   The accuracy function runs on the whole batch (shapes are static); values of policies
@@ -154,13 +163,13 @@ def evaluate_in_graph(params: EnvParams, history: History, policies: jax.Array,
   policies = jnp.asarray(policies, jnp.int32)
   n = policies.shape[0]
   cap = history.accuracy.shape[0]
-  keys = space_lib.policy_keys(policies)                                   # [N, K]
+  keys = space_lib.policy_keys(policies)  # [N, K]
   filled = jnp.arange(cap) < history.count
   match = jnp.all(keys[:, None, :] == history.keys[None, :, :], axis=-1) & filled[None]
   in_hist = jnp.any(match, axis=1)
   hist_idx = jnp.argmax(match, axis=1).astype(jnp.int32)
-  same = jnp.all(keys[:, None, :] == keys[None, :, :], axis=-1)            # [N, N]
-  first_idx = jnp.argmax(same, axis=1).astype(jnp.int32)                  # first occurrence
+  same = jnp.all(keys[:, None, :] == keys[None, :, :], axis=-1)  # [N, N]
+  first_idx = jnp.argmax(same, axis=1).astype(jnp.int32)  # first occurrence
   is_first = first_idx == jnp.arange(n, dtype=jnp.int32)
   is_new = is_first & ~in_hist
   slot_new = history.count + jnp.cumsum(is_new.astype(jnp.int32)) - 1
@@ -179,22 +188,26 @@ def evaluate_in_graph(params: EnvParams, history: History, policies: jax.Array,
     acc = jax.lax.with_sharding_constraint(jnp.asarray(acc, jnp.float32), rep)
   ratio, rew = score(params, acc, policies)
 
-  write = jnp.where(ok_new, slot_new, cap)          # out-of-range rows are dropped
+  write = jnp.where(ok_new, slot_new, cap)  # out-of-range rows are dropped
   history = History(
-      policies=history.policies.at[write].set(policies.astype(jnp.int8), mode="drop"),
-      keys=history.keys.at[write].set(keys, mode="drop"),
-      accuracy=history.accuracy.at[write].set(acc, mode="drop"),
-      cost_ratio=history.cost_ratio.at[write].set(ratio.astype(jnp.float32), mode="drop"),
-      reward=history.reward.at[write].set(rew.astype(jnp.float32), mode="drop"),
-      iteration=history.iteration.at[write].set(
-          jnp.full((n,), iteration, jnp.int32), mode="drop"),
-      count=history.count + jnp.sum(ok_new).astype(jnp.int32))
+    policies=history.policies.at[write].set(policies.astype(jnp.int8), mode="drop"),
+    keys=history.keys.at[write].set(keys, mode="drop"),
+    accuracy=history.accuracy.at[write].set(acc, mode="drop"),
+    cost_ratio=history.cost_ratio.at[write].set(ratio.astype(jnp.float32), mode="drop"),
+    reward=history.reward.at[write].set(rew.astype(jnp.float32), mode="drop"),
+    iteration=history.iteration.at[write].set(jnp.full((n,), iteration, jnp.int32), mode="drop"),
+    count=history.count + jnp.sum(ok_new).astype(jnp.int32),
+  )
   safe = jnp.clip(slot, 0, cap - 1)
   zero = jnp.zeros((), jnp.float32)
-  out = EvalOut(accuracy=jnp.where(valid, history.accuracy[safe], zero),
-                cost_ratio=jnp.where(valid, history.cost_ratio[safe], ratio),
-                reward=jnp.where(valid, history.reward[safe], zero),
-                valid=valid, new=ok_new, slot=jnp.where(valid, slot, -1).astype(jnp.int32))
+  out = EvalOut(
+    accuracy=jnp.where(valid, history.accuracy[safe], zero),
+    cost_ratio=jnp.where(valid, history.cost_ratio[safe], ratio),
+    reward=jnp.where(valid, history.reward[safe], zero),
+    valid=valid,
+    new=ok_new,
+    slot=jnp.where(valid, slot, -1).astype(jnp.int32),
+  )
   return history, out
 
 
@@ -218,18 +231,28 @@ class SearchEnv:
     eval_seconds: wall time spent in the accuracy source.
   """
 
-  def __init__(self, space: space_lib.SearchSpace, cost_table: Any,
-               accuracy: acc_lib.AccuracySource, *, acc_drop: float, budget: int,
-               acc_ref: float | None = None, layer_names: list[str] | None = None):
+  def __init__(
+    self,
+    space: space_lib.SearchSpace,
+    cost_table: Any,
+    accuracy: acc_lib.AccuracySource,
+    *,
+    acc_drop: float,
+    budget: int,
+    acc_ref: float | None = None,
+    layer_names: list[str] | None = None,
+  ):
     import time  # pylint: disable=g-import-not-at-top
+
     self._time = time
     if not isinstance(budget, (int, np.integer)) or budget < 1:
       raise ValueError(f"budget = {budget!r}; allowed: an integer >= 1")
     table = getattr(cost_table, "latency_us", cost_table)
     self.table = np.asarray(table, np.float64)
     if self.table.shape != (space.num_layers, space_lib.TABLE_BITS, space_lib.TABLE_BITS):
-      raise ValueError(f"cost table has shape {self.table.shape}; expected "
-                       f"[{space.num_layers}, 8, 8]")
+      raise ValueError(
+        f"cost table has shape {self.table.shape}; expected [{space.num_layers}, 8, 8]"
+      )
     self.space, self.accuracy, self.budget = space, accuracy, int(budget)
     self.layer_names = layer_names
     self.eval_seconds = 0.0
@@ -242,9 +265,11 @@ class SearchEnv:
     self.acc_ref = float(acc_ref)
     self.acc_drop = float(acc_drop)
     self.acc_target = reward_lib.accuracy_target(self.acc_ref, acc_drop)
-    self.params = EnvParams(cost_table=jnp.asarray(self.table, jnp.float32),
-                            baseline=jnp.asarray(self.baseline, jnp.float32),
-                            acc_target=jnp.asarray(self.acc_target, jnp.float32))
+    self.params = EnvParams(
+      cost_table=jnp.asarray(self.table, jnp.float32),
+      baseline=jnp.asarray(self.baseline, jnp.float32),
+      acc_target=jnp.asarray(self.acc_target, jnp.float32),
+    )
     self.history = empty_history(self.budget, space.num_layers, np)
     self._cache: dict[bytes, int] = {}
 
@@ -326,14 +351,18 @@ class SearchEnv:
     safe = np.clip(slot, 0, self.budget - 1)
     ratio_all = (cost_lib.policy_cost(self.table, pols) / self.baseline).astype(np.float32)
     return EvalOut(
-        accuracy=np.where(valid, h.accuracy[safe], 0.0).astype(np.float32),
-        cost_ratio=np.where(valid, h.cost_ratio[safe], ratio_all).astype(np.float32),
-        reward=np.where(valid, h.reward[safe], 0.0).astype(np.float32),
-        valid=valid, new=new, slot=slot.astype(np.int32))
+      accuracy=np.where(valid, h.accuracy[safe], 0.0).astype(np.float32),
+      cost_ratio=np.where(valid, h.cost_ratio[safe], ratio_all).astype(np.float32),
+      reward=np.where(valid, h.reward[safe], 0.0).astype(np.float32),
+      valid=valid,
+      new=new,
+      slot=slot.astype(np.int32),
+    )
 
 
-def best_index(history: History, feasible_only: bool = False, acc_target: float | None = None
-               ) -> int:
+def best_index(
+  history: History, feasible_only: bool = False, acc_target: float | None = None
+) -> int:
   """Row of the highest reward (ties: the earliest); -1 when empty (or none feasible)."""
   n = int(history.count)
   if n == 0:
@@ -361,7 +390,7 @@ def pareto_front(cost_ratio: Array, accuracy: Array) -> np.ndarray:
   """
   c = np.asarray(cost_ratio, np.float64)
   a = np.asarray(accuracy, np.float64)
-  order = np.lexsort((-a, c))          # by cost ascending, then accuracy descending
+  order = np.lexsort((-a, c))  # by cost ascending, then accuracy descending
   front, best = [], -np.inf
   for i in order:
     if a[i] > best:
@@ -370,6 +399,17 @@ def pareto_front(cost_ratio: Array, accuracy: Array) -> np.ndarray:
   return np.asarray(front, np.int64)
 
 
-__all__ = ["EnvParams", "EvalOut", "History", "SearchEnv", "best_index", "best_so_far",
-           "cost_ratio", "empty_history", "evaluate_in_graph", "make_params", "pareto_front",
-           "score"]
+__all__ = [
+  "EnvParams",
+  "EvalOut",
+  "History",
+  "SearchEnv",
+  "best_index",
+  "best_so_far",
+  "cost_ratio",
+  "empty_history",
+  "evaluate_in_graph",
+  "make_params",
+  "pareto_front",
+  "score",
+]

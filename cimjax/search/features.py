@@ -30,8 +30,12 @@ def _minmax(x: np.ndarray) -> np.ndarray:
   return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
-def layer_features(specs: Sequence[LayerSpec], table: np.ndarray,
-                   space: space_lib.SearchSpace, tiles: np.ndarray | None = None) -> np.ndarray:
+def layer_features(
+  specs: Sequence[LayerSpec],
+  table: np.ndarray,
+  space: space_lib.SearchSpace,
+  tiles: np.ndarray | None = None,
+) -> np.ndarray:
   """Per-layer features for the PG agent's prior network.
 
   Args:
@@ -65,9 +69,25 @@ def layer_features(specs: Sequence[LayerSpec], table: np.ndarray,
   forced = (space.options_per_layer == 1).astype(np.float64)
   first = (l == 0).astype(np.float64)
   last = (l == num - 1).astype(np.float64)
-  feats = np.stack([lat8 / total, _minmax(np.log(np.maximum(lat8, 1e-12))), save_w, save_a,
-                    _minmax(tl), kind[:, 0], kind[:, 1], kind[:, 2], pos, _minmax(wc), signed,
-                    forced, first, last], axis=1)
+  feats = np.stack(
+    [
+      lat8 / total,
+      _minmax(np.log(np.maximum(lat8, 1e-12))),
+      save_w,
+      save_a,
+      _minmax(tl),
+      kind[:, 0],
+      kind[:, 1],
+      kind[:, 2],
+      pos,
+      _minmax(wc),
+      signed,
+      forced,
+      first,
+      last,
+    ],
+    axis=1,
+  )
   return feats.astype(np.float32)
 
 
@@ -92,13 +112,14 @@ def option_features(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
   sa = lat8[:, None] - t[:, 7, :]
   sj = (lat8[:, None, None] - t).reshape(num, 64)
   own = np.maximum(lat8, 1e-12)
-  w_feats = np.stack([sw / total * num, np.broadcast_to(bits / 8, sw.shape), sw / own[:, None]],
-                     axis=-1)
-  a_feats = np.stack([sa / total * num, np.broadcast_to(bits / 8, sa.shape), sa / own[:, None]],
-                     axis=-1)
+  w_feats = np.stack(
+    [sw / total * num, np.broadcast_to(bits / 8, sw.shape), sw / own[:, None]], axis=-1
+  )
+  a_feats = np.stack(
+    [sa / total * num, np.broadcast_to(bits / 8, sa.shape), sa / own[:, None]], axis=-1
+  )
   jb = (np.add.outer(bits, bits) / 16).reshape(64)
-  wa_feats = np.stack([sj / total * num, np.broadcast_to(jb, sj.shape), sj / own[:, None]],
-                      axis=-1)
+  wa_feats = np.stack([sj / total * num, np.broadcast_to(jb, sj.shape), sj / own[:, None]], axis=-1)
   return w_feats.astype(np.float32), a_feats.astype(np.float32), wa_feats.astype(np.float32)
 
 
@@ -140,13 +161,34 @@ def haq_features(specs: Sequence[LayerSpec], space: space_lib.SearchSpace) -> np
   rows = []
   for l, kind in steps:
     s = specs[l]
-    rows.append([haq_layer_type(s), s.in_channels, s.out_channels, s.stride, s.kernel[0],
-                 s.weight_count, s.input_size, l, 0.0, 1.0 if kind == 0 else 0.0])
+    rows.append(
+      [
+        haq_layer_type(s),
+        s.in_channels,
+        s.out_channels,
+        s.stride,
+        s.kernel[0],
+        s.weight_count,
+        s.input_size,
+        l,
+        0.0,
+        1.0 if kind == 0 else 0.0,
+      ]
+    )
   f = np.asarray(rows, np.float64).reshape(len(steps), NUM_HAQ_FEATURES)
   for j in range(8):
     f[:, j] = _minmax(f[:, j]) if len(steps) else f[:, j]
   return f.astype(np.float32)
 
 
-__all__ = ["KINDS", "NUM_HAQ_FEATURES", "NUM_LAYER_FEATURES", "NUM_OPTION_FEATURES",
-           "haq_features", "haq_layer_type", "haq_steps", "layer_features", "option_features"]
+__all__ = [
+  "KINDS",
+  "NUM_HAQ_FEATURES",
+  "NUM_LAYER_FEATURES",
+  "NUM_OPTION_FEATURES",
+  "haq_features",
+  "haq_layer_type",
+  "haq_steps",
+  "layer_features",
+  "option_features",
+]

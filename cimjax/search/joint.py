@@ -42,10 +42,14 @@ class JointState(NamedTuple):
   key: jax.Array
 
 
-def make_joint_step(trainer: Any, agent: Agent, params: env_lib.EnvParams,
-                    x_val: np.ndarray, y_val: np.ndarray, train_k: int = 2
-                    ) -> Callable[[JointState, tuple[Any, Any], jax.Array], tuple[JointState,
-                                                                                 dict[str, Any]]]:
+def make_joint_step(
+  trainer: Any,
+  agent: Agent,
+  params: env_lib.EnvParams,
+  x_val: np.ndarray,
+  y_val: np.ndarray,
+  train_k: int = 2,
+) -> Callable[[JointState, tuple[Any, Any], jax.Array], tuple[JointState, dict[str, Any]]]:
   """Builds the jitted joint step ``(state, batch, iteration) -> (state, metrics)``.
 
   Args:
@@ -71,8 +75,9 @@ def make_joint_step(trainer: Any, agent: Agent, params: env_lib.EnvParams,
     return 100.0 * jnp.mean(hit)
 
   @jax.jit
-  def step(state: JointState, batch: tuple[Any, Any], iteration: jax.Array
-           ) -> tuple[JointState, dict[str, Any]]:
+  def step(
+    state: JointState, batch: tuple[Any, Any], iteration: jax.Array
+  ) -> tuple[JointState, dict[str, Any]]:
     k_ask, k_tell = iteration_keys(state.key, iteration)
     pols, aux = agent.ask(state.agent, k_ask)
     train_state, tm = trainer.anyprec_step(state.train, batch, pols[:k])
@@ -80,13 +85,19 @@ def make_joint_step(trainer: Any, agent: Agent, params: env_lib.EnvParams,
     acc = jax.lax.map(lambda p: acc_of(variables, p), pols)
     ratio, rew = env_lib.score(params, acc, pols)
     n = pols.shape[0]
-    out = env_lib.EvalOut(accuracy=acc, cost_ratio=ratio, reward=rew,
-                          valid=jnp.ones((n,), bool), new=jnp.ones((n,), bool),
-                          slot=jnp.full((n,), -1, jnp.int32))
+    out = env_lib.EvalOut(
+      accuracy=acc,
+      cost_ratio=ratio,
+      reward=rew,
+      valid=jnp.ones((n,), bool),
+      new=jnp.ones((n,), bool),
+      slot=jnp.full((n,), -1, jnp.int32),
+    )
     agent_state, _ = agent.tell(state.agent, pols, out, aux, k_tell)
-    return (JointState(train=train_state, agent=agent_state, key=state.key),
-            {"policies": pols, "accuracy": acc, "cost_ratio": ratio, "reward": rew,
-             "loss": tm["loss"]})
+    return (
+      JointState(train=train_state, agent=agent_state, key=state.key),
+      {"policies": pols, "accuracy": acc, "cost_ratio": ratio, "reward": rew, "loss": tm["loss"]},
+    )
 
   return step
 
@@ -113,10 +124,22 @@ class JointResult:
   wall_s: float
 
 
-def run_joint(trainer: Any, agent: Agent, params: env_lib.EnvParams, train_state: Any,
-              batches: Any, x_val: np.ndarray, y_val: np.ndarray, *, steps: int,
-              seed: int = 0, train_k: int = 2, final: Any = None, top_k: int = 5,
-              progress: Callable[[int, float], None] | None = None) -> JointResult:
+def run_joint(
+  trainer: Any,
+  agent: Agent,
+  params: env_lib.EnvParams,
+  train_state: Any,
+  batches: Any,
+  x_val: np.ndarray,
+  y_val: np.ndarray,
+  *,
+  steps: int,
+  seed: int = 0,
+  train_k: int = 2,
+  final: Any = None,
+  top_k: int = 5,
+  progress: Callable[[int, float], None] | None = None,
+) -> JointResult:
   """Runs joint search + any-precision training for ``steps`` steps.
 
   Args:
@@ -156,23 +179,46 @@ def run_joint(trainer: Any, agent: Agent, params: env_lib.EnvParams, train_state
     best_per_step.append(float(rew.max()))
     if progress is not None:
       progress(i + 1, best_per_step[-1])
-  top = sorted(seen.values(), key=lambda t: -t[0])[:max(top_k, 1)]
+  top = sorted(seen.values(), key=lambda t: -t[0])[: max(top_k, 1)]
   pols = np.stack([p for _, p in top])
   variables = state.train.variables
   if final is None:
+
     def final(v, ps):  # the step's validation batch with the final weights
-      fn = jax.jit(lambda p: 100.0 * jnp.mean((jnp.argmax(forward(
-          trainer.module, v, jnp.asarray(x_val, jnp.float32), p)[0], -1) == jnp.asarray(
-              y_val, jnp.int32)).astype(jnp.float32)))
+      fn = jax.jit(
+        lambda p: (
+          100.0
+          * jnp.mean(
+            (
+              jnp.argmax(forward(trainer.module, v, jnp.asarray(x_val, jnp.float32), p)[0], -1)
+              == jnp.asarray(y_val, jnp.int32)
+            ).astype(jnp.float32)
+          )
+        )
+      )
       return np.asarray([float(fn(jnp.asarray(p))) for p in ps])
+
   acc = np.asarray(final(variables, pols), np.float64)
   ratio, rew = env_lib.score(params, jnp.asarray(acc, jnp.float32), jnp.asarray(pols))
-  cands = [{"policy": pols[j].tolist(), "step_reward": top[j][0], "accuracy": float(acc[j]),
-            "cost_ratio": float(ratio[j]), "reward": float(rew[j])} for j in range(len(top))]
+  cands = [
+    {
+      "policy": pols[j].tolist(),
+      "step_reward": top[j][0],
+      "accuracy": float(acc[j]),
+      "cost_ratio": float(ratio[j]),
+      "reward": float(rew[j]),
+    }
+    for j in range(len(top))
+  ]
   best = int(np.argmax(np.asarray(rew)))
-  return JointResult(state=state, best_policy=pols[best], candidates=cands,
-                     rewards=best_per_step, evaluations=steps * agent.population,
-                     wall_s=time.perf_counter() - t0)
+  return JointResult(
+    state=state,
+    best_policy=pols[best],
+    candidates=cands,
+    rewards=best_per_step,
+    evaluations=steps * agent.population,
+    wall_s=time.perf_counter() - t0,
+  )
 
 
 __all__ = ["JointResult", "JointState", "make_joint_step", "run_joint"]

@@ -199,8 +199,11 @@ def _mlp_init(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]
   keys = jax.random.split(key, len(sizes) - 1)
   for i, (k, din, dout) in enumerate(zip(keys, sizes[:-1], sizes[1:])):
     last = i == len(sizes) - 2
-    w = (jnp.zeros((din, dout), jnp.float32) if last else
-         jax.random.normal(k, (din, dout), jnp.float32) * jnp.sqrt(2.0 / din))
+    w = (
+      jnp.zeros((din, dout), jnp.float32)
+      if last
+      else jax.random.normal(k, (din, dout), jnp.float32) * jnp.sqrt(2.0 / din)
+    )
     layers.append({"w": w, "b": jnp.zeros((dout,), jnp.float32)})
   return layers
 
@@ -213,8 +216,9 @@ def _mlp(layers: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
   return x[..., 0]
 
 
-def utilities(reward: jax.Array, valid: jax.Array, kind: str = "rank",
-              elite_frac: float = 0.25) -> jax.Array:
+def utilities(
+  reward: jax.Array, valid: jax.Array, kind: str = "rank", elite_frac: float = 0.25
+) -> jax.Array:
   """Advantages of a population (0 on invalid candidates; zero-mean over the valid ones).
 
   Args:
@@ -236,7 +240,7 @@ def utilities(reward: jax.Array, valid: jax.Array, kind: str = "rank",
     return jnp.where(v, (r - mean) / (std + 1e-8), 0.0)
   less = jnp.sum(v[None, :] & (r[None, :] < r[:, None]), axis=1).astype(jnp.float32)
   eq = jnp.sum(v[None, :] & (r[None, :] == r[:, None]), axis=1).astype(jnp.float32)
-  rank = less + 0.5 * (eq - 1.0)                    # 0 .. nv-1, ties averaged
+  rank = less + 0.5 * (eq - 1.0)  # 0 .. nv-1, ties averaged
   if kind == "rank":
     u = rank / jnp.maximum(nv - 1.0, 1.0) - 0.5
     return jnp.where(v, u, 0.0)
@@ -262,12 +266,11 @@ def model_features(policies: Any, xp: Any = np) -> Any:
     then 1 (intercept).
   """
   dtype = np.float64 if xp is np else jnp.float32
-  eye = xp.asarray(np.diag([1.0] * 7 + [0.0]), dtype)          # row b - 1; 8 bits -> zeros
+  eye = xp.asarray(np.diag([1.0] * 7 + [0.0]), dtype)  # row b - 1; 8 bits -> zeros
   pols = xp.asarray(policies)
   n, num = pols.shape[:2]
   x = xp.concatenate([eye[pols[..., 0] - 1], eye[pols[..., 1] - 1]], axis=-1)  # [N, L, 16]
-  return xp.concatenate([x.reshape(n, 16 * num), x.sum(axis=1), xp.ones((n, 1), dtype)],
-                        axis=1)
+  return xp.concatenate([x.reshape(n, 16 * num), x.sum(axis=1), xp.ones((n, 1), dtype)], axis=1)
 
 
 def model_ridge_penalty(num_layers: int, ridge: float) -> np.ndarray:
@@ -277,13 +280,21 @@ def model_ridge_penalty(num_layers: int, ridge: float) -> np.ndarray:
   prior: an untested bit-width at a layer is expected to hurt like it does elsewhere).
   """
   reg = np.full((16 * num_layers + 17,), ridge, np.float64)
-  reg[16 * num_layers:] = 1e-3
+  reg[16 * num_layers :] = 1e-3
   return reg
 
 
-def model_update(gram: np.ndarray, moment: np.ndarray, yy: np.ndarray, wsum: np.ndarray,
-                 policies: np.ndarray, rel: np.ndarray, new: np.ndarray, ridge: float,
-                 tau: float) -> tuple[np.ndarray, ...]:
+def model_update(
+  gram: np.ndarray,
+  moment: np.ndarray,
+  yy: np.ndarray,
+  wsum: np.ndarray,
+  policies: np.ndarray,
+  rel: np.ndarray,
+  new: np.ndarray,
+  ridge: float,
+  tau: float,
+) -> tuple[np.ndarray, ...]:
   """Adds evaluated candidates to the accuracy model and refits it (float64, on the host).
 
   The fit is the weighted ridge regression ``min_c sum_i w_i (x_i c - y_i)^2 + sum_j r_j c_j^2``
@@ -349,14 +360,19 @@ def thompson_std(diag: np.ndarray, sd: float, num_layers: int, misfit: float) ->
   """
   post = sd / np.sqrt(np.maximum(np.asarray(diag, np.float64), 1e-12))
   if misfit:
-    post = np.sqrt(post ** 2 + (misfit * sd) ** 2 / (2.0 * num_layers))
-  post[16 * num_layers:] = 0.0
+    post = np.sqrt(post**2 + (misfit * sd) ** 2 / (2.0 * num_layers))
+  post[16 * num_layers :] = 0.0
   return post
 
 
-def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table: Any,
-            config: PGConfig = PGConfig(), tiles: Any = None,
-            acc_target: float | None = None) -> Agent:
+def make_pg(
+  space: space_lib.SearchSpace,
+  specs: Sequence[LayerSpec],
+  cost_table: Any,
+  config: PGConfig = PGConfig(),
+  tiles: Any = None,
+  acc_target: float | None = None,
+) -> Agent:
   """Builds the policy-gradient agent.
 
   Model-based updates (``config.model_steps > 0``, Dyna style): besides the REINFORCE step on
@@ -426,8 +442,10 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
     kw, ka = jax.random.split(key)
     sizes = (in_dim, cfg.hidden, cfg.hidden, 1)
     if cfg.head == "factored":
-      params = {"theta_w": jnp.zeros((num, 8), jnp.float32),
-                "theta_a": jnp.zeros((num, 8), jnp.float32)}
+      params = {
+        "theta_w": jnp.zeros((num, 8), jnp.float32),
+        "theta_a": jnp.zeros((num, 8), jnp.float32),
+      }
       if cfg.prior:
         params["prior_w"] = _mlp_init(kw, sizes)
         params["prior_a"] = _mlp_init(ka, sizes)
@@ -435,12 +453,19 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
       params = {"theta": jnp.zeros((num, 64), jnp.float32)}
       if cfg.prior:
         params["prior"] = _mlp_init(kw, sizes)
-    return PGState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
-                   gram=jnp.zeros((dim, dim), jnp.float32),
-                   moment=jnp.zeros((dim,), jnp.float32), coef=jnp.zeros((dim,), jnp.float32),
-                   yy=jnp.zeros((), jnp.float32), wsum=jnp.zeros((), jnp.float32),
-                   plan_err=jnp.zeros((), jnp.float32), model_sd=jnp.zeros((), jnp.float32),
-                   mutation=jnp.zeros((), jnp.float32))
+    return PGState(
+      params=params,
+      opt_state=tx.init(params),
+      step=jnp.zeros((), jnp.int32),
+      gram=jnp.zeros((dim, dim), jnp.float32),
+      moment=jnp.zeros((dim,), jnp.float32),
+      coef=jnp.zeros((dim,), jnp.float32),
+      yy=jnp.zeros((), jnp.float32),
+      wsum=jnp.zeros((), jnp.float32),
+      plan_err=jnp.zeros((), jnp.float32),
+      model_sd=jnp.zeros((), jnp.float32),
+      mutation=jnp.zeros((), jnp.float32),
+    )
 
   def sample(params: Any, key: jax.Array, n: int) -> jax.Array:
     lg = logits(params)
@@ -463,24 +488,26 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
   def plan_front(c: np.ndarray) -> tuple[Any, np.ndarray]:
     """The exact (cost, predicted accuracy) Pareto front of the model with coefficients c."""
     from cimjax.search import baselines  # pylint: disable=g-import-not-at-top
-    cw = c[:16 * num].reshape(num, 16) + c[16 * num:16 * num + 16][None, :]
-    cw[:, 7] = cw[:, 15] = 0.0                              # 8 bits: the reference
-    damage = -(cw[:, :8, None] + cw[:, None, 8:])          # [L, 8, 8], 0 at 8/8
+
+    cw = c[: 16 * num].reshape(num, 16) + c[16 * num : 16 * num + 16][None, :]
+    cw[:, 7] = cw[:, 15] = 0.0  # 8 bits: the reference
+    damage = -(cw[:, :8, None] + cw[:, None, 8:])  # [L, 8, 8], 0 at 8/8
     front = baselines.pareto_dp(space, table, damage)
-    return front, c[-1] - front.damage                      # predicted acc - target
+    return front, c[-1] - front.damage  # predicted acc - target
 
   def pick(front: Any, rel: np.ndarray, margin: float) -> np.ndarray:
     ok = np.flatnonzero(rel >= margin)
-    i = int(ok[0]) if ok.size else int(np.argmax(rel))      # cheapest predicted-feasible
+    i = int(ok[0]) if ok.size else int(np.argmax(rel))  # cheapest predicted-feasible
     return front.policy(i)
 
-  def host_plan(coef: np.ndarray, sigma: np.ndarray, diag: np.ndarray, seed: np.ndarray
-                ) -> np.ndarray:
+  def host_plan(
+    coef: np.ndarray, sigma: np.ndarray, diag: np.ndarray, seed: np.ndarray
+  ) -> np.ndarray:
     c = np.asarray(coef, np.float64)
     sd = max(float(sigma), cfg.plan_min_sigma)
     out = np.zeros((cfg.plan, num, 2), np.int32)
     det = cfg.plan - n_ts
-    if det:                                                 # the model's optimum per margin
+    if det:  # the model's optimum per margin
       front, rel = plan_front(c)
       for k in range(det):
         out[k] = pick(front, rel, float(margins_det[k]) * sd)
@@ -499,6 +526,7 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
     Returns the candidates and which of them were changed (bool ``[N]``).
     """
     from cimjax import policy as policy_lib  # pylint: disable=g-import-not-at-top
+
     ku, kr = jax.random.split(key)
     fresh = policy_lib.random_policies(kr, j_mask.reshape(num, 8, 8), pols.shape[0])
     flip = jax.random.uniform(ku, pols.shape[:2]) < rate
@@ -507,7 +535,7 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
 
   def ask(state: PGState, key: jax.Array) -> tuple[jax.Array, Any]:
     pols = sample(state.params, key, cfg.population)
-    extra = pols[n_sample:]              # fill the planned slots while the model has no data
+    extra = pols[n_sample:]  # fill the planned slots while the model has no data
     pols = pols[:n_sample]
     on_policy = jnp.ones((n_sample,), bool)
     if cfg.mutation_target:
@@ -520,10 +548,15 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
     if not cfg.plan:
       return pols, on_policy
     no_data = state.wsum <= 0.0
-    seed = jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2 ** 31 - 1, jnp.int32)
-    planned = jax.pure_callback(host_plan, jax.ShapeDtypeStruct((cfg.plan, num, 2), jnp.int32),
-                                state.coef, jnp.maximum(state.model_sd, state.plan_err),
-                                jnp.diagonal(state.gram) + reg32, seed)
+    seed = jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2**31 - 1, jnp.int32)
+    planned = jax.pure_callback(
+      host_plan,
+      jax.ShapeDtypeStruct((cfg.plan, num, 2), jnp.int32),
+      state.coef,
+      jnp.maximum(state.model_sd, state.plan_err),
+      jnp.diagonal(state.gram) + reg32,
+      seed,
+    )
     planned = jnp.where(no_data, extra, planned)
     on_policy = jnp.concatenate([on_policy, jnp.broadcast_to(no_data, (cfg.plan,))])
     return jnp.concatenate([pols, planned], axis=0), on_policy
@@ -553,9 +586,14 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
       return cost_lib.expected_cost_factored(ratio_table, lg[0], lg[1])
     return cost_lib.expected_cost(ratio_table, lg[0].reshape(num, 8, 8))
 
-  def pg_step(params: Any, opt_state: Any, policies: jax.Array, reward: jax.Array,
-              valid: jax.Array, entropy_coef: float = cfg.entropy_coef
-              ) -> tuple[Any, Any, dict[str, jax.Array]]:
+  def pg_step(
+    params: Any,
+    opt_state: Any,
+    policies: jax.Array,
+    reward: jax.Array,
+    valid: jax.Array,
+    entropy_coef: float = cfg.entropy_coef,
+  ) -> tuple[Any, Any, dict[str, jax.Array]]:
     u = utilities(reward, valid, cfg.utility, cfg.elite_frac)
     nv = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
 
@@ -572,8 +610,11 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
     # No update when nothing was valid (e.g. the budget ran out mid-batch).
     ok = jnp.any(valid)
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-    return (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state),
-            {"loss": loss, "entropy": ent, "expected_cost_ratio": er})
+    return (
+      jax.tree.map(keep, new_params, params),
+      jax.tree.map(keep, new_opt, opt_state),
+      {"loss": loss, "entropy": ent, "expected_cost_ratio": er},
+    )
 
   def host_model(gram, moment, yy, wsum, plan_err, coef, policies, accuracy, new, planned):
     # NumPy only in here: outside jit the arguments may arrive as jax Arrays, and a jax
@@ -587,8 +628,7 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
       pred = model_features(policies[planned]) @ np.asarray(coef, np.float64)
       err = float(np.mean(np.maximum(pred - rel[planned], 0.0)))
       plan_err = np.float32((1.0 - err_rate) * float(plan_err) + err_rate * err)
-    out = model_update(gram, moment, yy, wsum, policies, rel, new, cfg.model_ridge,
-                       cfg.model_tau)
+    out = model_update(gram, moment, yy, wsum, policies, rel, new, cfg.model_ridge, cfg.model_tau)
     return (*out, plan_err)
 
   def predict(coef: jax.Array, policies: jax.Array) -> jax.Array:
@@ -597,18 +637,21 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
   def adapt_mutation(rate: jax.Array, new: jax.Array) -> jax.Array:
     if not cfg.mutation_target:
       return rate
-    share = jnp.mean(new[:n_sample].astype(jnp.float32))     # new policies among the samples
+    share = jnp.mean(new[:n_sample].astype(jnp.float32))  # new policies among the samples
     up = jnp.minimum(jnp.maximum(rate * cfg.mutation_gain, cfg.mutation_min), 1.0)
     down = rate / cfg.mutation_gain
-    return jnp.where(share < cfg.mutation_target, up,
-                     jnp.where(down < cfg.mutation_min, 0.0, down)).astype(jnp.float32)
+    return jnp.where(
+      share < cfg.mutation_target, up, jnp.where(down < cfg.mutation_min, 0.0, down)
+    ).astype(jnp.float32)
 
-  def tell(state: PGState, policies: jax.Array, out: Any, aux: Any = None,
-           key: jax.Array | None = None) -> tuple[PGState, dict[str, Any]]:
+  def tell(
+    state: PGState, policies: jax.Array, out: Any, aux: Any = None, key: jax.Array | None = None
+  ) -> tuple[PGState, dict[str, Any]]:
     # on-policy samples: not planned (off-policy), not mutated
     sampled = (jnp.arange(cfg.population) < n_sample) if aux is None else aux
-    params, opt_state, metrics = pg_step(state.params, state.opt_state, policies, out.reward,
-                                         out.valid & sampled)
+    params, opt_state, metrics = pg_step(
+      state.params, state.opt_state, policies, out.reward, out.valid & sampled
+    )
     gram, moment, coef, yy, wsum = state.gram, state.moment, state.coef, state.yy, state.wsum
     plan_err, model_sd = state.plan_err, state.model_sd
     if use_model:
@@ -616,9 +659,19 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
       planned = out.valid & (jnp.arange(cfg.population) >= n_sample) & ~sampled
       f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
       gram, moment, yy, wsum, coef, model_sd, plan_err = jax.pure_callback(
-          host_model, (f32(dim, dim), f32(dim), f32(), f32(), f32(dim), f32(), f32()),
-          gram, moment, yy, wsum, plan_err, state.coef, policies,
-          jnp.asarray(out.accuracy, jnp.float32), out.new, planned)
+        host_model,
+        (f32(dim, dim), f32(dim), f32(), f32(), f32(dim), f32(), f32()),
+        gram,
+        moment,
+        yy,
+        wsum,
+        plan_err,
+        state.coef,
+        policies,
+        jnp.asarray(out.accuracy, jnp.float32),
+        out.new,
+        planned,
+      )
     if cfg.model_steps:
       keys = jax.random.split(key, cfg.model_steps)
 
@@ -628,19 +681,35 @@ def make_pg(space: space_lib.SearchSpace, specs: Sequence[LayerSpec], cost_table
         acc_hat = predict(coef, pols) + target32
         ratio = cost_lib.policy_cost(cost32, pols) / base_cost
         rew = reward_lib.reward(acc_hat, ratio, target32)
-        p, o, m = pg_step(p, o, pols, rew, jnp.ones((cfg.model_population,), bool),
-                          cfg.model_entropy_coef)
+        p, o, m = pg_step(
+          p, o, pols, rew, jnp.ones((cfg.model_population,), bool), cfg.model_entropy_coef
+        )
         return (p, o), m["entropy"]
 
       (params, opt_state), _ = jax.lax.scan(imagine, (params, opt_state), keys)
-    new_state = PGState(params=params, opt_state=opt_state,
-                        step=state.step + jnp.any(out.valid).astype(jnp.int32), gram=gram,
-                        moment=moment, coef=coef, yy=yy, wsum=wsum, plan_err=plan_err,
-                        model_sd=model_sd, mutation=adapt_mutation(state.mutation, out.new))
+    new_state = PGState(
+      params=params,
+      opt_state=opt_state,
+      step=state.step + jnp.any(out.valid).astype(jnp.int32),
+      gram=gram,
+      moment=moment,
+      coef=coef,
+      yy=yy,
+      wsum=wsum,
+      plan_err=plan_err,
+      model_sd=model_sd,
+      mutation=adapt_mutation(state.mutation, out.new),
+    )
     return new_state, metrics
 
-  return Agent(name="pg", population=cfg.population, init=init, ask=ask, tell=tell,
-               config={"agent": "pg", **dataclasses.asdict(cfg)})
+  return Agent(
+    name="pg",
+    population=cfg.population,
+    init=init,
+    ask=ask,
+    tell=tell,
+    config={"agent": "pg", **dataclasses.asdict(cfg)},
+  )
 
 
 __all__ = ["HEADS", "PGConfig", "PGState", "UTILITIES", "make_pg", "thompson_std", "utilities"]

@@ -22,8 +22,10 @@ from cimjax.spec import LayerSpec
 
 def _figure():
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg", force=True)
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 
@@ -54,8 +56,15 @@ def plot_pareto(result: Any, path: str | os.PathLike[str]) -> Path:
   ax.plot(sp[front], acc[front], "-o", ms=3, color="tab:blue", label="Pareto front")
   ax.axhline(result.acc_ref, color="tab:green", lw=0.8, ls="--", label="INT8 reference")
   ax.axhline(result.acc_target, color="tab:red", lw=0.8, ls="--", label="accuracy target")
-  ax.scatter([result.best_speedup], [result.best_accuracy], marker="*", s=140, color="tab:orange",
-             zorder=5, label="best reward")
+  ax.scatter(
+    [result.best_speedup],
+    [result.best_accuracy],
+    marker="*",
+    s=140,
+    color="tab:orange",
+    zorder=5,
+    label="best reward",
+  )
   lo = min(result.acc_target - 5.0, float(np.min(acc[front])) if len(front) else 0.0)
   ax.set_ylim(max(lo, float(np.min(acc)) - 0.5), max(result.acc_ref, float(np.max(acc))) + 0.5)
   ax.set_xlabel("speedup over 8/8")
@@ -68,8 +77,9 @@ def plot_pareto(result: Any, path: str | os.PathLike[str]) -> Path:
   return out
 
 
-def plot_bits(result: Any, path: str | os.PathLike[str],
-              names: Sequence[str] | None = None) -> Path:
+def plot_bits(
+  result: Any, path: str | os.PathLike[str], names: Sequence[str] | None = None
+) -> Path:
   """Per-layer weight/activation bits of the best policy."""
   plt = _figure()
   pol = np.asarray(result.best_policy)
@@ -80,19 +90,22 @@ def plot_bits(result: Any, path: str | os.PathLike[str],
   ax.bar(x + 0.2, pol[:, 1], width=0.4, label="activation bits")
   ax.set_ylim(0, 8.8)
   ax.set_xticks(x)
-  ax.set_xticklabels(names if names is not None and num <= 40 else [str(i) for i in x],
-                     rotation=90, fontsize=6)
+  ax.set_xticklabels(
+    names if names is not None and num <= 40 else [str(i) for i in x], rotation=90, fontsize=6
+  )
   ax.set_ylabel("bits")
-  ax.set_title(f"best policy: speedup {result.best_speedup:.3f}x, "
-               f"accuracy {result.best_accuracy:.2f}%")
+  ax.set_title(
+    f"best policy: speedup {result.best_speedup:.3f}x, accuracy {result.best_accuracy:.2f}%"
+  )
   ax.legend(fontsize=7)
   out = _save(fig, Path(path))
   plt.close(fig)
   return out
 
 
-def plot_latency(result: Any, path: str | os.PathLike[str], report: dict[str, Any],
-                 baseline: Sequence[float]) -> Path:
+def plot_latency(
+  result: Any, path: str | os.PathLike[str], report: dict[str, Any], baseline: Sequence[float]
+) -> Path:
   """Per-layer latency at 8/8 and with the best policy (log scale)."""
   plt = _figure()
   after = np.asarray([r["latency_us"] for r in report["layers"]])
@@ -104,8 +117,11 @@ def plot_latency(result: Any, path: str | os.PathLike[str], report: dict[str, An
   ax.bar(x + 0.2, after, width=0.4, label="best policy")
   ax.set_yscale("log")
   ax.set_xticks(x)
-  ax.set_xticklabels([r["name"] for r in report["layers"]] if num <= 40 else [str(i) for i in x],
-                     rotation=90, fontsize=6)
+  ax.set_xticklabels(
+    [r["name"] for r in report["layers"]] if num <= 40 else [str(i) for i in x],
+    rotation=90,
+    fontsize=6,
+  )
   ax.set_ylabel("latency (us)")
   ax.set_title(f"total {before.sum() / 1e3:.1f} ms -> {after.sum() / 1e3:.1f} ms")
   ax.legend(fontsize=7)
@@ -114,20 +130,29 @@ def plot_latency(result: Any, path: str | os.PathLike[str], report: dict[str, An
   return out
 
 
-def write_plots(result: Any, workdir: str | os.PathLike[str], *,
-                specs: Sequence[LayerSpec] | None = None, hw: Any = None) -> dict[str, Path]:
+def write_plots(
+  result: Any,
+  workdir: str | os.PathLike[str],
+  *,
+  specs: Sequence[LayerSpec] | None = None,
+  hw: Any = None,
+) -> dict[str, Path]:
   """Writes ``pareto.png``, ``bits.png`` and (with ``specs`` and ``hw``) ``latency.png``."""
   wd = Path(workdir)
   names = [s.name for s in specs] if specs is not None else None
-  out = {"pareto_png": plot_pareto(result, wd / "pareto.png"),
-         "bits_png": plot_bits(result, wd / "bits.png", names)}
+  out = {
+    "pareto_png": plot_pareto(result, wd / "pareto.png"),
+    "bits_png": plot_bits(result, wd / "bits.png", names),
+  }
   if specs is not None and hw is not None:
     from cimjax import cost as cost_lib  # pylint: disable=g-import-not-at-top
     from cimjax import policy as policy_lib  # pylint: disable=g-import-not-at-top
+
     report = result.report or cost_lib.layer_report(specs, hw, result.best_policy)
     base = cost_lib.layer_report(specs, hw, policy_lib.uniform_policy(len(specs), 8, 8))
-    out["latency_png"] = plot_latency(result, wd / "latency.png", report,
-                                      [r["latency_us"] for r in base["layers"]])
+    out["latency_png"] = plot_latency(
+      result, wd / "latency.png", report, [r["latency_us"] for r in base["layers"]]
+    )
   return out
 
 

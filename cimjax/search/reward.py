@@ -18,9 +18,9 @@ from typing import Any
 import jax.numpy as jnp
 
 Array = Any
-BELOW_SCALE = 10.0     # reward per point below the target
-SPEED_SCALE = 100.0    # reward per unit of (1 / cost_ratio - 1)
-ABOVE_SCALE = 0.1      # reward per point above the target
+BELOW_SCALE = 10.0  # reward per point below the target
+SPEED_SCALE = 100.0  # reward per unit of (1 / cost_ratio - 1)
+ABOVE_SCALE = 0.1  # reward per point above the target
 
 
 def accuracy_target(acc_ref: float, acc_drop: float) -> float:
@@ -28,8 +28,9 @@ def accuracy_target(acc_ref: float, acc_drop: float) -> float:
   return float(acc_ref) - float(acc_drop)
 
 
-def reward(acc: Array, cost_ratio: Array, acc_target: Array, xp: Any = jnp,
-           speedup: Array | None = None) -> Array:
+def reward(
+  acc: Array, cost_ratio: Array, acc_target: Array, xp: Any = jnp, speedup: Array | None = None
+) -> Array:
   """CIM-AQ's episode reward.
 
   Args:

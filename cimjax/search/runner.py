@@ -52,7 +52,7 @@ from cimjax.spec import LayerSpec
 
 MODES = ("auto", "loop", "scan")
 AGENTS = ("pg", "ddpg", "random", "exhaustive")
-ProgressFn = Callable[[int, int, int, float], None]   # (iteration, used, budget, best reward)
+ProgressFn = Callable[[int, int, int, float], None]  # (iteration, used, budget, best reward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,9 +110,15 @@ class SearchConfig:
     return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def make_agent(name: str, space: space_lib.SearchSpace, specs: Sequence[LayerSpec],
-               cost_table: Any, config: SearchConfig = SearchConfig(), tiles: Any = None,
-               acc_target: float | None = None) -> Agent:
+def make_agent(
+  name: str,
+  space: space_lib.SearchSpace,
+  specs: Sequence[LayerSpec],
+  cost_table: Any,
+  config: SearchConfig = SearchConfig(),
+  tiles: Any = None,
+  acc_target: float | None = None,
+) -> Agent:
   """Builds agent ``name`` (one of :data:`AGENTS`) for a space.
 
   ``acc_target`` (the environment's) is needed by the model-based PG agent.
@@ -121,8 +127,9 @@ def make_agent(name: str, space: space_lib.SearchSpace, specs: Sequence[LayerSpe
   if name == "pg":
     cfg = config.pg
     if pop:  # keep the planned share of the population
-      cfg = dataclasses.replace(cfg, population=pop,
-                                plan=min(round(cfg.plan * pop / cfg.population), pop - 1))
+      cfg = dataclasses.replace(
+        cfg, population=pop, plan=min(round(cfg.plan * pop / cfg.population), pop - 1)
+      )
     return pg_lib.make_pg(space, specs, cost_table, cfg, tiles=tiles, acc_target=acc_target)
   if name == "ddpg":
     return ddpg_lib.make_ddpg(space, specs, config.ddpg)
@@ -145,10 +152,14 @@ def initial_state(agent: Agent, budget: int, num_layers: int, seed: int) -> Loop
   """The loop state before the first iteration (the agent initialised from the seed)."""
   key = jax.random.PRNGKey(seed)
   k_init, k_run = jax.random.split(key)
-  return LoopState(agent=agent.init(k_init),
-                   history=env_lib.empty_history(budget, num_layers, jnp),
-                   iteration=jnp.zeros((), jnp.int32), stall=jnp.zeros((), jnp.int32),
-                   done=jnp.zeros((), bool), key=k_run)
+  return LoopState(
+    agent=agent.init(k_init),
+    history=env_lib.empty_history(budget, num_layers, jnp),
+    iteration=jnp.zeros((), jnp.int32),
+    stall=jnp.zeros((), jnp.int32),
+    done=jnp.zeros((), bool),
+    key=k_run,
+  )
 
 
 def resolve_mode(mode: str, accuracy: acc_lib.AccuracySource) -> str:
@@ -162,24 +173,36 @@ def resolve_mode(mode: str, accuracy: acc_lib.AccuracySource) -> str:
   return mode
 
 
-def make_scan_segment(agent: Agent, params: env_lib.EnvParams, acc_fn: Any, *, length: int,
-                      max_iters: int, stall_iters: int, sharding: Any = None,
-                      progress: ProgressFn | None = None) -> Callable[[LoopState], LoopState]:
+def make_scan_segment(
+  agent: Agent,
+  params: env_lib.EnvParams,
+  acc_fn: Any,
+  *,
+  length: int,
+  max_iters: int,
+  stall_iters: int,
+  sharding: Any = None,
+  progress: ProgressFn | None = None,
+) -> Callable[[LoopState], LoopState]:
   """A jitted function advancing a :class:`LoopState` by ``length`` iterations (scan mode).
 
   Iterations after ``done`` are skipped (``lax.cond``), so the result does not depend on how
   the run is cut into segments.
   """
-  replicated = None if sharding is None else jax.sharding.NamedSharding(
-      sharding.mesh, jax.sharding.PartitionSpec())
+  replicated = (
+    None
+    if sharding is None
+    else jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  )
 
   def one(state: LoopState) -> LoopState:
     k_ask, k_tell = iteration_keys(state.key, state.iteration)
     pols, aux = agent.ask(state.agent, k_ask)
     if sharding is not None:  # the agent stays replicated; only the evaluation is sharded
       pols = jax.lax.with_sharding_constraint(pols, replicated)
-    hist, out = env_lib.evaluate_in_graph(params, state.history, pols, acc_fn,
-                                          state.iteration, sharding)
+    hist, out = env_lib.evaluate_in_graph(
+      params, state.history, pols, acc_fn, state.iteration, sharding
+    )
     if sharding is not None:
       out = jax.lax.with_sharding_constraint(out, replicated)
     ag, _ = agent.tell(state.agent, pols, out, aux, k_tell)
@@ -192,10 +215,10 @@ def make_scan_segment(agent: Agent, params: env_lib.EnvParams, acc_fn: Any, *, l
       done = done | (stall >= stall_iters)
     if progress is not None:
       best = jnp.max(jnp.where(jnp.arange(cap) < hist.count, hist.reward, -jnp.inf))
-      jax.debug.callback(lambda i, u, c, b: progress(int(i), int(u), int(c), float(b)),
-                         it, hist.count, cap, best)
-    return LoopState(agent=ag, history=hist, iteration=it, stall=stall, done=done,
-                     key=state.key)
+      jax.debug.callback(
+        lambda i, u, c, b: progress(int(i), int(u), int(c), float(b)), it, hist.count, cap, best
+      )
+    return LoopState(agent=ag, history=hist, iteration=it, stall=stall, done=done, key=state.key)
 
   def step(state: LoopState, _: Any) -> tuple[LoopState, None]:
     return jax.lax.cond(state.done, lambda s: s, one, state), None
@@ -208,12 +231,22 @@ def make_scan_segment(agent: Agent, params: env_lib.EnvParams, acc_fn: Any, *, l
   return segment
 
 
-def search_loop(agent: Agent, env: env_lib.SearchEnv, *, seed: int = 0, mode: str = "auto",
-                max_iters: int = 0, stall_iters: int = 50, checkpointer: SearchCheckpointer | None
-                = None, checkpoint_every: int = 0, scan_chunk: int = 0,
-                meta: dict[str, Any] | None = None, sharding: Any = None,
-                progress: ProgressFn | None = None, stop_after: int | None = None
-                ) -> tuple[LoopState, dict[str, Any]]:
+def search_loop(
+  agent: Agent,
+  env: env_lib.SearchEnv,
+  *,
+  seed: int = 0,
+  mode: str = "auto",
+  max_iters: int = 0,
+  stall_iters: int = 50,
+  checkpointer: SearchCheckpointer | None = None,
+  checkpoint_every: int = 0,
+  scan_chunk: int = 0,
+  meta: dict[str, Any] | None = None,
+  sharding: Any = None,
+  progress: ProgressFn | None = None,
+  stop_after: int | None = None,
+) -> tuple[LoopState, dict[str, Any]]:
   """Runs (or resumes) a search; ``env.history`` holds the result afterwards.
 
   Args:
@@ -250,38 +283,67 @@ def search_loop(agent: Agent, env: env_lib.SearchEnv, *, seed: int = 0, mode: st
   if checkpointer is not None and checkpointer.latest_iteration() is not None:
     state, saved = checkpointer.restore(state)
     saved_cfg = saved.get("search")
-    if saved_cfg is not None and meta.get("search") is not None and saved_cfg != json.loads(
-        json.dumps(meta["search"])):
-      raise ValueError(f"{checkpointer.directory} holds a search with a different "
-                       f"configuration; use another workdir or the same settings")
+    if (
+      saved_cfg is not None
+      and meta.get("search") is not None
+      and saved_cfg != json.loads(json.dumps(meta["search"]))
+    ):
+      raise ValueError(
+        f"{checkpointer.directory} holds a search with a different "
+        f"configuration; use another workdir or the same settings"
+      )
     resumed_from = int(state.iteration)
     env.set_history(state.history)
     env.eval_seconds += float(saved.get("eval_s", 0.0))
   t0 = time.perf_counter()
-  wall_before = 0.0 if checkpointer is None or resumed_from is None else float(
-      saved.get("wall_s", 0.0))
+  wall_before = (
+    0.0 if checkpointer is None or resumed_from is None else float(saved.get("wall_s", 0.0))
+  )
 
   def save(st: LoopState) -> None:
     if checkpointer is not None:
-      checkpointer.save(st, {**meta, "iteration": int(st.iteration), "used": int(
-          st.history.count), "wall_s": wall_before + time.perf_counter() - t0,
-                             "eval_s": env.eval_seconds, "mode": mode})
+      checkpointer.save(
+        st,
+        {
+          **meta,
+          "iteration": int(st.iteration),
+          "used": int(st.history.count),
+          "wall_s": wall_before + time.perf_counter() - t0,
+          "eval_s": env.eval_seconds,
+          "mode": mode,
+        },
+      )
 
   limit = max_iters if stop_after is None else min(max_iters, stop_after)
   if mode == "scan":
     chunk = scan_chunk or checkpoint_every or max_iters
     chunk = max(1, min(chunk, max_iters))
     acc_fn = env.accuracy.fn
-    segment = make_scan_segment(agent, env.params, acc_fn, length=chunk, max_iters=max_iters,
-                                stall_iters=stall_iters, sharding=sharding, progress=progress)
+    segment = make_scan_segment(
+      agent,
+      env.params,
+      acc_fn,
+      length=chunk,
+      max_iters=max_iters,
+      stall_iters=stall_iters,
+      sharding=sharding,
+      progress=progress,
+    )
     state = state._replace(history=env_lib.History(*(jnp.asarray(x) for x in state.history)))
     t_eval = time.perf_counter()
     while not bool(state.done) and int(state.iteration) < limit:
       if stop_after is not None and int(state.iteration) + chunk > limit:
         # finish exactly at ``limit`` with a shorter segment (tests of interruption)
-        seg = make_scan_segment(agent, env.params, acc_fn, length=limit - int(state.iteration),
-                                max_iters=max_iters, stall_iters=stall_iters,
-                                sharding=sharding, progress=progress)
+        seg = make_scan_segment(
+          agent,
+          env.params,
+          acc_fn,
+          length=limit - int(state.iteration),
+          max_iters=max_iters,
+          stall_iters=stall_iters,
+          sharding=sharding,
+          progress=progress,
+        )
         state = seg(state)
       else:
         state = segment(state)
@@ -305,17 +367,30 @@ def search_loop(agent: Agent, env: env_lib.SearchEnv, *, seed: int = 0, mode: st
       it += 1
       done = env.exhausted or it >= max_iters or (stall_iters > 0 and stall >= stall_iters)
       if progress is not None:
-        progress(it, env.used, env.budget, float(np.max(env.history.reward[:env.used]))
-                 if env.used else float("-inf"))
+        progress(
+          it,
+          env.used,
+          env.budget,
+          float(np.max(env.history.reward[: env.used])) if env.used else float("-inf"),
+        )
       if checkpoint_every and it % checkpoint_every == 0 and not done:
         save(LoopState(ag, env.history, np.int32(it), np.int32(stall), np.bool_(done), key))
-    state = LoopState(agent=ag, history=env.history, iteration=np.asarray(it, np.int32),
-                      stall=np.asarray(stall, np.int32), done=np.asarray(done),
-                      key=key)
+    state = LoopState(
+      agent=ag,
+      history=env.history,
+      iteration=np.asarray(it, np.int32),
+      stall=np.asarray(stall, np.int32),
+      done=np.asarray(done),
+      key=key,
+    )
     save(state)
-  stats = {"mode": mode, "iterations": int(state.iteration),
-           "wall_s": wall_before + time.perf_counter() - t0, "eval_s": env.eval_seconds,
-           "resumed_from": resumed_from}
+  stats = {
+    "mode": mode,
+    "iterations": int(state.iteration),
+    "wall_s": wall_before + time.perf_counter() - t0,
+    "eval_s": env.eval_seconds,
+    "resumed_from": resumed_from,
+  }
   return state, stats
 
 
@@ -389,17 +464,43 @@ class SearchResult:
     n = self.evals_used
     h = self.history
     idx = env_lib.pareto_front(h.cost_ratio[:n], h.accuracy[:n])
-    return [{"policy": h.policies[i].astype(int).tolist(), "accuracy": float(h.accuracy[i]),
-             "cost_ratio": float(h.cost_ratio[i]), "speedup": float(1.0 / h.cost_ratio[i]),
-             "reward": float(h.reward[i]), "feasible": bool(h.accuracy[i] >= np.float32(
-                 self.acc_target))} for i in idx]
+    return [
+      {
+        "policy": h.policies[i].astype(int).tolist(),
+        "accuracy": float(h.accuracy[i]),
+        "cost_ratio": float(h.cost_ratio[i]),
+        "speedup": float(1.0 / h.cost_ratio[i]),
+        "reward": float(h.reward[i]),
+        "feasible": bool(h.accuracy[i] >= np.float32(self.acc_target)),
+      }
+      for i in idx
+    ]
 
   def summary(self) -> dict[str, Any]:
     """JSON-ready summary (no history)."""
-    out = {k: getattr(self, k) for k in (
-        "agent", "best_reward", "best_accuracy", "best_cost_ratio", "best_speedup", "feasible",
-        "acc_ref", "acc_target", "acc_drop", "evals_used", "budget", "iterations", "wall_s",
-        "eval_s", "mode", "space", "config", "final")}
+    out = {
+      k: getattr(self, k)
+      for k in (
+        "agent",
+        "best_reward",
+        "best_accuracy",
+        "best_cost_ratio",
+        "best_speedup",
+        "feasible",
+        "acc_ref",
+        "acc_target",
+        "acc_drop",
+        "evals_used",
+        "budget",
+        "iterations",
+        "wall_s",
+        "eval_s",
+        "mode",
+        "space",
+        "config",
+        "final",
+      )
+    }
     out["best_policy"] = np.asarray(self.best_policy).astype(int).tolist()
     if self.report is not None:
       out["latency_us"] = self.report["total_latency_us"]
@@ -416,18 +517,33 @@ def best_within(history: env_lib.History, evals: int, acc_target: float) -> dict
   """Best (highest-reward) candidate among the first ``evals`` evaluations."""
   n = min(int(history.count), int(evals))
   if n == 0:
-    return {"reward": float("-inf"), "speedup": float("nan"), "accuracy": float("nan"),
-            "feasible": False, "policy": None, "evals": 0}
+    return {
+      "reward": float("-inf"),
+      "speedup": float("nan"),
+      "accuracy": float("nan"),
+      "feasible": False,
+      "policy": None,
+      "evals": 0,
+    }
   r = np.asarray(history.reward[:n], np.float64)
   i = int(np.argmax(r))
-  return {"reward": float(r[i]), "speedup": float(1.0 / history.cost_ratio[i]),
-          "accuracy": float(history.accuracy[i]),
-          "feasible": bool(history.accuracy[i] >= np.float32(acc_target)),
-          "policy": history.policies[i].astype(int).tolist(), "evals": n}
+  return {
+    "reward": float(r[i]),
+    "speedup": float(1.0 / history.cost_ratio[i]),
+    "accuracy": float(history.accuracy[i]),
+    "feasible": bool(history.accuracy[i] >= np.float32(acc_target)),
+    "policy": history.policies[i].astype(int).tolist(),
+    "evals": n,
+  }
 
 
-def evals_to_reach(history: env_lib.History, acc_target: float, *, speedup: float | None = None,
-                   reward: float | None = None) -> int | None:
+def evals_to_reach(
+  history: env_lib.History,
+  acc_target: float,
+  *,
+  speedup: float | None = None,
+  reward: float | None = None,
+) -> int | None:
   """First evaluation count at which the best-so-far reaches a level (None: never).
 
   Args:
@@ -440,8 +556,9 @@ def evals_to_reach(history: env_lib.History, acc_target: float, *, speedup: floa
   if n == 0:
     return None
   if reward is not None:
-    hit = np.flatnonzero(np.maximum.accumulate(np.asarray(history.reward[:n], np.float64))
-                         >= reward)
+    hit = np.flatnonzero(
+      np.maximum.accumulate(np.asarray(history.reward[:n], np.float64)) >= reward
+    )
   else:
     ok = np.asarray(history.accuracy[:n]) >= np.float32(acc_target)
     sp = np.where(ok, 1.0 / np.asarray(history.cost_ratio[:n], np.float64), 0.0)
@@ -449,8 +566,9 @@ def evals_to_reach(history: env_lib.History, acc_target: float, *, speedup: floa
   return int(hit[0]) + 1 if hit.size else None
 
 
-def make_result(agent: Agent, env: env_lib.SearchEnv, stats: dict[str, Any],
-                config: SearchConfig | None = None) -> SearchResult:
+def make_result(
+  agent: Agent, env: env_lib.SearchEnv, stats: dict[str, Any], config: SearchConfig | None = None
+) -> SearchResult:
   """Builds a :class:`SearchResult` from a finished loop."""
   h = env.history
   i = env_lib.best_index(h)
@@ -458,19 +576,35 @@ def make_result(agent: Agent, env: env_lib.SearchEnv, stats: dict[str, Any],
     raise RuntimeError("the search evaluated no candidate")
   pol = h.policies[i].astype(np.int32)
   return SearchResult(
-      agent=agent.name, best_policy=pol, best_reward=float(h.reward[i]),
-      best_accuracy=float(h.accuracy[i]), best_cost_ratio=float(h.cost_ratio[i]),
-      best_speedup=float(1.0 / h.cost_ratio[i]),
-      feasible=bool(h.accuracy[i] >= np.float32(env.acc_target)), acc_ref=env.acc_ref,
-      acc_target=env.acc_target, acc_drop=env.acc_drop, evals_used=env.used,
-      budget=env.budget, iterations=int(stats["iterations"]), wall_s=float(stats["wall_s"]),
-      eval_s=float(stats["eval_s"]), history=env_lib.History(*(np.asarray(x) for x in h)),
-      mode=stats["mode"], space=env.space.describe(),
-      config=config.to_dict() if config is not None else dict(agent.config))
+    agent=agent.name,
+    best_policy=pol,
+    best_reward=float(h.reward[i]),
+    best_accuracy=float(h.accuracy[i]),
+    best_cost_ratio=float(h.cost_ratio[i]),
+    best_speedup=float(1.0 / h.cost_ratio[i]),
+    feasible=bool(h.accuracy[i] >= np.float32(env.acc_target)),
+    acc_ref=env.acc_ref,
+    acc_target=env.acc_target,
+    acc_drop=env.acc_drop,
+    evals_used=env.used,
+    budget=env.budget,
+    iterations=int(stats["iterations"]),
+    wall_s=float(stats["wall_s"]),
+    eval_s=float(stats["eval_s"]),
+    history=env_lib.History(*(np.asarray(x) for x in h)),
+    mode=stats["mode"],
+    space=env.space.describe(),
+    config=config.to_dict() if config is not None else dict(agent.config),
+  )
 
 
-def reevaluate(result: SearchResult, final: acc_lib.AccuracySource, cost_table: Any,
-               top_k: int = 5, acc_ref: float | None = None) -> dict[str, Any]:
+def reevaluate(
+  result: SearchResult,
+  final: acc_lib.AccuracySource,
+  cost_table: Any,
+  top_k: int = 5,
+  acc_ref: float | None = None,
+) -> dict[str, Any]:
   """Re-evaluates the ``top_k`` search candidates on a second source (another split).
 
   The search's winner is the highest noisy reward of many candidates (winner's curse, digest
@@ -483,10 +617,11 @@ def reevaluate(result: SearchResult, final: acc_lib.AccuracySource, cost_table: 
   """
   h = result.history
   n = result.evals_used
-  order = np.argsort(-np.asarray(h.reward[:n], np.float64), kind="stable")[:max(top_k, 1)]
+  order = np.argsort(-np.asarray(h.reward[:n], np.float64), kind="stable")[: max(top_k, 1)]
   pols = h.policies[order].astype(np.int32)
-  ref_pol = policy_lib.uniform_policy(pols.shape[1], result.space["io_bits"],
-                                      result.space["io_bits"])
+  ref_pol = policy_lib.uniform_policy(
+    pols.shape[1], result.space["io_bits"], result.space["io_bits"]
+  )
   if acc_ref is None:
     acc_ref = float(final(ref_pol[None])[0])
   target = acc_ref - result.acc_drop
@@ -494,27 +629,50 @@ def reevaluate(result: SearchResult, final: acc_lib.AccuracySource, cost_table: 
   table = np.asarray(cost_table, np.float64)
   ratio = cost_lib.policy_cost(table, pols) / cost_lib.policy_cost(table, ref_pol)
   from cimjax.search import reward as reward_lib  # pylint: disable=g-import-not-at-top
+
   rew = reward_lib.reward(acc, ratio, target, xp=np)
-  cands = [{"policy": pols[j].tolist(), "search_accuracy": float(h.accuracy[order[j]]),
-            "search_reward": float(h.reward[order[j]]), "accuracy": float(acc[j]),
-            "cost_ratio": float(ratio[j]), "speedup": float(1.0 / ratio[j]),
-            "reward": float(rew[j]), "feasible": bool(acc[j] >= target)}
-           for j in range(len(order))]
-  return {"name": final.name, "acc_ref": acc_ref, "acc_target": target, "candidates": cands,
-          "best": cands[0]}
+  cands = [
+    {
+      "policy": pols[j].tolist(),
+      "search_accuracy": float(h.accuracy[order[j]]),
+      "search_reward": float(h.reward[order[j]]),
+      "accuracy": float(acc[j]),
+      "cost_ratio": float(ratio[j]),
+      "speedup": float(1.0 / ratio[j]),
+      "reward": float(rew[j]),
+      "feasible": bool(acc[j] >= target),
+    }
+    for j in range(len(order))
+  ]
+  return {
+    "name": final.name,
+    "acc_ref": acc_ref,
+    "acc_target": target,
+    "candidates": cands,
+    "best": cands[0],
+  }
 
 
 # ----------------------------------------------------------------------------------------------
 # Entry point
 
 
-def run_search(model_def: Any, specs: Sequence[LayerSpec], tables: Any,
-               accuracy: acc_lib.AccuracySource, config: SearchConfig = SearchConfig(), *,
-               hw: hw_lib.HardwareTarget | None = None,
-               final_accuracy: acc_lib.AccuracySource | None = None,
-               workdir: str | os.PathLike[str] | None = None, sharding: Any = None,
-               progress: ProgressFn | None = None, plots: bool = True,
-               acc_ref: float | None = None, stop_after: int | None = None) -> SearchResult:
+def run_search(
+  model_def: Any,
+  specs: Sequence[LayerSpec],
+  tables: Any,
+  accuracy: acc_lib.AccuracySource,
+  config: SearchConfig = SearchConfig(),
+  *,
+  hw: hw_lib.HardwareTarget | None = None,
+  final_accuracy: acc_lib.AccuracySource | None = None,
+  workdir: str | os.PathLike[str] | None = None,
+  sharding: Any = None,
+  progress: ProgressFn | None = None,
+  plots: bool = True,
+  acc_ref: float | None = None,
+  stop_after: int | None = None,
+) -> SearchResult:
   """Searches per-layer bit-widths of a model on a target.
 
   Args:
@@ -545,20 +703,41 @@ def run_search(model_def: Any, specs: Sequence[LayerSpec], tables: Any,
   budget = cfg.budget
   if cfg.agent == "exhaustive" and not budget:
     budget = space.size
-  env = env_lib.SearchEnv(space, latency, accuracy, acc_drop=cfg.acc_drop, budget=budget,
-                          acc_ref=acc_ref, layer_names=[s.name for s in specs])
-  agent = make_agent(cfg.agent, space, specs, latency, cfg, tiles=tiles,
-                     acc_target=env.acc_target)
-  meta = {"search": cfg.to_dict(), "agent": agent.config, "acc_ref": env.acc_ref,
-          "model": getattr(model_def, "name", None), "hw": hw.name if hw else None}
+  env = env_lib.SearchEnv(
+    space,
+    latency,
+    accuracy,
+    acc_drop=cfg.acc_drop,
+    budget=budget,
+    acc_ref=acc_ref,
+    layer_names=[s.name for s in specs],
+  )
+  agent = make_agent(cfg.agent, space, specs, latency, cfg, tiles=tiles, acc_target=env.acc_target)
+  meta = {
+    "search": cfg.to_dict(),
+    "agent": agent.config,
+    "acc_ref": env.acc_ref,
+    "model": getattr(model_def, "name", None),
+    "hw": hw.name if hw else None,
+  }
   ckpt = SearchCheckpointer(Path(workdir) / "checkpoints") if workdir is not None else None
   try:
     stall = cfg.stall_iters or math.ceil(cfg.stall_candidates / agent.population)
     final_state, stats = search_loop(
-        agent, env, seed=cfg.seed, mode=cfg.mode, max_iters=cfg.max_iters,
-        stall_iters=max(stall, 0), checkpointer=ckpt, checkpoint_every=cfg.checkpoint_every,
-        scan_chunk=cfg.scan_chunk, meta=meta, sharding=sharding, progress=progress,
-        stop_after=stop_after)
+      agent,
+      env,
+      seed=cfg.seed,
+      mode=cfg.mode,
+      max_iters=cfg.max_iters,
+      stall_iters=max(stall, 0),
+      checkpointer=ckpt,
+      checkpoint_every=cfg.checkpoint_every,
+      scan_chunk=cfg.scan_chunk,
+      meta=meta,
+      sharding=sharding,
+      progress=progress,
+      stop_after=stop_after,
+    )
   finally:
     if ckpt is not None:
       ckpt.close()
@@ -568,15 +747,21 @@ def run_search(model_def: Any, specs: Sequence[LayerSpec], tables: Any,
   if final_accuracy is not None:
     result.final = reevaluate(result, final_accuracy, latency, cfg.final_top_k)
   if workdir is not None and bool(final_state.done) and jax.process_index() == 0:
-    write_outputs(result, workdir, specs=specs, hw=hw, model_name=getattr(model_def, "name",
-                                                                          None), plots=plots)
+    write_outputs(
+      result, workdir, specs=specs, hw=hw, model_name=getattr(model_def, "name", None), plots=plots
+    )
   return result
 
 
-def write_outputs(result: SearchResult, workdir: str | os.PathLike[str], *,
-                  specs: Sequence[LayerSpec] | None = None,
-                  hw: hw_lib.HardwareTarget | None = None, model_name: str | None = None,
-                  plots: bool = True) -> dict[str, Path]:
+def write_outputs(
+  result: SearchResult,
+  workdir: str | os.PathLike[str],
+  *,
+  specs: Sequence[LayerSpec] | None = None,
+  hw: hw_lib.HardwareTarget | None = None,
+  model_name: str | None = None,
+  plots: bool = True,
+) -> dict[str, Path]:
   """Writes a search's outputs atomically (temporary file + rename).
 
   Files: ``best_policy.npy`` (CIM-AQ format), ``report.json``, ``pareto.json``,
@@ -586,6 +771,7 @@ def write_outputs(result: SearchResult, workdir: str | os.PathLike[str], *,
     ``{name: path}`` of the files written.
   """
   from cimjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
   wd = Path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
   out: dict[str, Path] = {}
@@ -593,15 +779,23 @@ def write_outputs(result: SearchResult, workdir: str | os.PathLike[str], *,
   rep = {"model": model_name, "hw": hw.name if hw else None, **result.summary()}
   out["report"] = ckpt_lib.write_json_atomic(wd / "report.json", rep)
   front = result.pareto()
-  out["pareto"] = ckpt_lib.write_json_atomic(wd / "pareto.json", {
-      "acc_ref": result.acc_ref, "acc_target": result.acc_target, "points": front})
+  out["pareto"] = ckpt_lib.write_json_atomic(
+    wd / "pareto.json",
+    {"acc_ref": result.acc_ref, "acc_target": result.acc_target, "points": front},
+  )
   n = result.evals_used
   h = result.history
-  out["history"] = _atomic_npz(wd / "history.npz", policies=h.policies[:n],
-                               accuracy=h.accuracy[:n], cost_ratio=h.cost_ratio[:n],
-                               reward=h.reward[:n], iteration=h.iteration[:n])
+  out["history"] = _atomic_npz(
+    wd / "history.npz",
+    policies=h.policies[:n],
+    accuracy=h.accuracy[:n],
+    cost_ratio=h.cost_ratio[:n],
+    reward=h.reward[:n],
+    iteration=h.iteration[:n],
+  )
   if plots:
     from cimjax.search import plots as plots_lib  # pylint: disable=g-import-not-at-top
+
     out.update(plots_lib.write_plots(result, wd, specs=specs, hw=hw))
   return out
 
@@ -611,6 +805,21 @@ def _atomic_npz(path: Path, **arrays: Any) -> Path:
   return path
 
 
-__all__ = ["AGENTS", "MODES", "SearchConfig", "SearchResult", "best_within", "default_max_iters",
-           "evals_to_reach", "initial_state", "make_agent", "make_result", "make_scan_segment",
-           "reevaluate", "resolve_mode", "run_search", "search_loop", "write_outputs"]
+__all__ = [
+  "AGENTS",
+  "MODES",
+  "SearchConfig",
+  "SearchResult",
+  "best_within",
+  "default_max_iters",
+  "evals_to_reach",
+  "initial_state",
+  "make_agent",
+  "make_result",
+  "make_scan_segment",
+  "reevaluate",
+  "resolve_mode",
+  "run_search",
+  "search_loop",
+  "write_outputs",
+]

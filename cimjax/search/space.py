@@ -25,8 +25,8 @@ import numpy as np
 from cimjax import policy as policy_lib
 
 Array = Any
-TABLE_BITS = 8          # B of the cost tables: bits 1..8
-CODES_PER_WORD = 5      # 5 x 6 bits = 30 bits per int32 key word
+TABLE_BITS = 8  # B of the cost tables: bits 1..8
+CODES_PER_WORD = 5  # 5 x 6 bits = 30 bits per int32 key word
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -110,8 +110,9 @@ class SearchSpace:
     if p.ndim == 2:
       p = p[None]
     if p.ndim != 3 or p.shape[1:] != (self.num_layers, 2):
-      raise policy_lib.PolicyError(f"policies have shape {list(p.shape)}; expected "
-                                   f"[N, {self.num_layers}, 2]")
+      raise policy_lib.PolicyError(
+        f"policies have shape {list(p.shape)}; expected [N, {self.num_layers}, 2]"
+      )
     bad = ~self.contains(p)
     if bad.any():
       i = int(np.flatnonzero(bad)[0])
@@ -120,21 +121,34 @@ class SearchSpace:
         if not (1 <= w <= TABLE_BITS and 1 <= a <= TABLE_BITS and self.mask[l, w - 1, a - 1]):
           name = f"layer {l}" + (f" ({layer_names[l]})" if layer_names else "")
           raise policy_lib.PolicyError(
-              f"candidate {i}, {name}: bits ({w}, {a}) are outside the search space "
-              f"(constraint {self.constraint!r}, bits {self.min_bits}..{self.max_bits}; "
-              f"allowed w {self.w_options[l].tolist()}, a {self.a_options[l].tolist()})")
+            f"candidate {i}, {name}: bits ({w}, {a}) are outside the search space "
+            f"(constraint {self.constraint!r}, bits {self.min_bits}..{self.max_bits}; "
+            f"allowed w {self.w_options[l].tolist()}, a {self.a_options[l].tolist()})"
+          )
 
   def describe(self) -> dict[str, Any]:
     """JSON-ready summary."""
-    return {"num_layers": self.num_layers, "constraint": self.constraint,
-            "cell_bits": self.cell_bits, "min_bits": self.min_bits, "max_bits": self.max_bits,
-            "io_bits": self.io_bits, "size": float(self.size),
-            "w_options": [o.tolist() for o in self.w_options],
-            "a_options": [o.tolist() for o in self.a_options]}
+    return {
+      "num_layers": self.num_layers,
+      "constraint": self.constraint,
+      "cell_bits": self.cell_bits,
+      "min_bits": self.min_bits,
+      "max_bits": self.max_bits,
+      "io_bits": self.io_bits,
+      "size": float(self.size),
+      "w_options": [o.tolist() for o in self.w_options],
+      "a_options": [o.tolist() for o in self.a_options],
+    }
 
 
-def make_space(num_layers: int, constraint: str | None = "none", cell_bits: int | None = None,
-               min_bits: int = 2, max_bits: int = 8, io_bits: int | None = None) -> SearchSpace:
+def make_space(
+  num_layers: int,
+  constraint: str | None = "none",
+  cell_bits: int | None = None,
+  min_bits: int = 2,
+  max_bits: int = 8,
+  io_bits: int | None = None,
+) -> SearchSpace:
   """Builds the search space of one model and constraint.
 
   Args:
@@ -156,14 +170,23 @@ def make_space(num_layers: int, constraint: str | None = "none", cell_bits: int 
     raise policy_lib.PolicyError(f"max_bits = {max_bits!r}; allowed: an integer <= {TABLE_BITS}")
   io = max_bits if io_bits is None else io_bits
   cb = cell_bits if c in ("weight", "both") else None
-  mask = policy_lib.action_mask(num_layers, c, cell_bits=cb, min_bits=min_bits,
-                                max_bits=max_bits, io_bits=io)
+  mask = policy_lib.action_mask(
+    num_layers, c, cell_bits=cb, min_bits=min_bits, max_bits=max_bits, io_bits=io
+  )
   pad = TABLE_BITS - mask.shape[1]
   if pad:
     mask = np.pad(mask, ((0, 0), (0, pad), (0, pad)))
-  return SearchSpace(num_layers=num_layers, constraint=c, cell_bits=cb, min_bits=min_bits,
-                     max_bits=max_bits, io_bits=io, mask=mask, w_mask=mask.any(axis=2),
-                     a_mask=mask.any(axis=1))
+  return SearchSpace(
+    num_layers=num_layers,
+    constraint=c,
+    cell_bits=cb,
+    min_bits=min_bits,
+    max_bits=max_bits,
+    io_bits=io,
+    mask=mask,
+    w_mask=mask.any(axis=2),
+    a_mask=mask.any(axis=1),
+  )
 
 
 def policy_keys(policies: Array, xp: Any = jnp) -> Array:
@@ -177,14 +200,14 @@ def policy_keys(policies: Array, xp: Any = jnp) -> Array:
     int32 ``[..., K]`` with ``K = ceil(L / 5)``.
   """
   p = xp.asarray(policies).astype(xp.int32)
-  codes = (p[..., 0] - 1) * TABLE_BITS + (p[..., 1] - 1)            # [..., L] in 0..63
+  codes = (p[..., 0] - 1) * TABLE_BITS + (p[..., 1] - 1)  # [..., L] in 0..63
   num_layers = codes.shape[-1]
   k = -(-num_layers // CODES_PER_WORD)
   pad = k * CODES_PER_WORD - num_layers
   if pad:
     codes = xp.concatenate([codes, xp.zeros(codes.shape[:-1] + (pad,), xp.int32)], axis=-1)
   codes = codes.reshape(codes.shape[:-1] + (k, CODES_PER_WORD))
-  scale = xp.asarray([64 ** j for j in range(CODES_PER_WORD)], xp.int32)
+  scale = xp.asarray([64**j for j in range(CODES_PER_WORD)], xp.int32)
   return (codes * scale).sum(axis=-1).astype(xp.int32)
 
 
@@ -213,7 +236,8 @@ def option_indices(space: SearchSpace, policies: Array, xp: Any = jnp) -> Array:
   p = xp.asarray(policies).astype(idt)
   code = (p[..., 0] - 1) * TABLE_BITS + (p[..., 1] - 1)
   r = xp.asarray(ranks.astype(np.int64 if xp is np else np.int32))[
-      xp.arange(space.num_layers), code]
+    xp.arange(space.num_layers), code
+  ]
   return (r * xp.asarray(strides.astype(np.int64 if xp is np else np.int32))).sum(axis=-1)
 
 
@@ -248,13 +272,13 @@ def enumerate_policies_jnp(space: SearchSpace, index: jax.Array) -> jax.Array:
   pairs = np.zeros((space.num_layers, width), np.int32)
   for l, r in enumerate(flat):
     nz = np.flatnonzero(r)
-    pairs[l, :len(nz)] = nz
+    pairs[l, : len(nz)] = nz
   radix = space.options_per_layer.astype(np.int32)
   rem = index.astype(jnp.int32)
   digits = []
   for l in range(space.num_layers - 1, -1, -1):
     digits.append(rem % int(radix[l]))
     rem = rem // int(radix[l])
-  digits = jnp.stack(digits[::-1], axis=-1)                      # [N, L]
+  digits = jnp.stack(digits[::-1], axis=-1)  # [N, L]
   code = jnp.asarray(pairs)[jnp.arange(space.num_layers), digits]
   return jnp.stack([code // TABLE_BITS + 1, code % TABLE_BITS + 1], axis=-1).astype(jnp.int32)

@@ -65,8 +65,9 @@ class SearchCheckpointer:
     host = jax.tree.map(np.asarray, jax.device_get(state))
     self._ck.save(int(host.iteration), host, dict(meta))
 
-  def restore(self, target: LoopState, iteration: int | None = None
-              ) -> tuple[LoopState, dict[str, Any]]:
+  def restore(
+    self, target: LoopState, iteration: int | None = None
+  ) -> tuple[LoopState, dict[str, Any]]:
     """Restores the newest (or the given) checkpoint into the structure of ``target``."""
     tree, meta = self._ck.restore(jax.tree.map(np.asarray, target), iteration)
     return LoopState(*tree) if not isinstance(tree, LoopState) else tree, meta
