@@ -16,16 +16,20 @@ here unpickles: orbax stores arrays with tensorstore and metadata as JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from cimjax import io
-from cimjax.errors import CheckpointError  # noqa: F401 (re-exported)
+from cimjax.errors import CheckpointError, CorruptCheckpointError  # noqa: F401 (re-exported)
 
 
 def abstract_like(tree: Any) -> Any:
@@ -91,9 +95,8 @@ class Checkpointer:
       if not force:
         return
       self._manager.delete(step)
-    args = ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}))
-    )
+    meta = {**dict(meta or {}), DIGEST_KEY: tree_digest(state)}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     self._manager.save(step, args=args, force=True)
     self._manager.wait_until_finished()
 
@@ -120,12 +123,52 @@ class Checkpointer:
     )
     try:
       out = self._manager.restore(int(step), args=args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-      raise CheckpointError(
-        f"{self.directory}: checkpoint {step} does not match the expected "
-        f"training state ({type(e).__name__}: {e})"
-      ) from None
-    return out.state, dict(out.meta or {})
+    except Exception as e:  # orbax/tensorstore raise many types
+      if _is_data_loss(e):
+        raise CorruptCheckpointError(
+          f"{self.directory}: checkpoint {step} is corrupt ({_first_line(e)})"
+        ) from None
+      if isinstance(e, ValueError | KeyError | TypeError):
+        raise CheckpointError(
+          f"{self.directory}: checkpoint {step} does not match the expected "
+          f"training state ({type(e).__name__}: {e})"
+        ) from None
+      raise
+    meta = dict(out.meta or {})
+    want = meta.pop(DIGEST_KEY, None)
+    if want is not None and tree_digest(out.state) != want:
+      raise CorruptCheckpointError(
+        f"{self.directory}: checkpoint {step} is corrupt (its arrays do not match the "
+        "digest written with them)"
+      )
+    return out.state, meta
+
+  def restore_intact(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """Restores the newest checkpoint that reads back intact, skipping corrupt ones.
+
+    A checkpoint whose files fail to read (bytes flipped on a bad disk, a copy cut short:
+    orbax and tensorstore verify their chunks) is reported in one warning line naming its step
+    and the cause, and the next older one is tried.
+
+    Args:
+      target: as in :meth:`restore`.
+
+    Returns:
+      ``(step, state, meta)`` of the newest intact checkpoint, or None when none is left
+      (then the caller restarts the stage from its beginning).
+
+    Raises:
+      CheckpointError: a checkpoint reads back but does not match ``target`` (a changed model
+        or config, which an older checkpoint would not fix).
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        state, meta = self.restore(target, step)
+      except CorruptCheckpointError as e:
+        logging.warning("%s; trying an older one", e)
+        continue
+      return step, state, meta
+    return None
 
   def restore_meta(self, step: int | None = None) -> dict[str, Any]:
     """Only the JSON metadata of checkpoint ``step`` (default: the latest)."""
@@ -146,6 +189,38 @@ class Checkpointer:
     self.close()
 
 
+DIGEST_KEY = "_state_sha256"
+
+
+def tree_digest(tree: Any) -> str:
+  """SHA-256 over a pytree's leaves (path, dtype, shape and bytes), in tree order."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _is_data_loss(e: BaseException) -> bool:
+  text = f"{type(e).__name__}: {e}"
+  return isinstance(e, FileNotFoundError | json.JSONDecodeError | UnicodeDecodeError) or any(
+    k in text for k in ("DATA_LOSS", "corrupt", "Corrupt", "checksum", "truncated")
+  )
+
+
+def _first_line(e: BaseException) -> str:
+  """The cause in a few words: the file orbax/tensorstore names, or the message's start."""
+  text = str(e)
+  files = re.findall(r'local file "([^"]+)"', text)
+  if files:
+    return f"cannot read {files[-1]}"
+  line = (text.strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {line[:200]}"
+
+
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
   """Writes ``obj`` as indented, key-sorted JSON atomically (see :mod:`cimjax.io`)."""
   return io.write_json(path, obj, sort_keys=True, allow_nan=True)
@@ -157,4 +232,12 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     return json.load(f)
 
 
-__all__ = ["CheckpointError", "Checkpointer", "abstract_like", "read_json", "write_json_atomic"]
+__all__ = [
+  "CheckpointError",
+  "Checkpointer",
+  "CorruptCheckpointError",
+  "tree_digest",
+  "abstract_like",
+  "read_json",
+  "write_json_atomic",
+]

@@ -4,9 +4,9 @@ Everything here is a pure function. The tables are computed once per (model, tar
 ``[L, B, B]`` arrays indexed ``[layer, w_bits - 1, a_bits - 1]`` (``B = max_bits``); a policy's
 cost is then a gather, so it is cheap, jittable and vmappable over candidate policies.
 
-Geometry (DESIGN.md section 1, CIM-AQ ``create_custom_latency_table.py``), for a layer with
-output dim ``m``, input dim ``n``, ``inv`` MVM invocations and ``rep`` repeats, on a target with
-``N`` rows, ``M`` columns, ``c`` cell bits and ``d`` DAC bits::
+Geometry (docs/architecture.md section 3; CIM-AQ's ``create_custom_latency_table.py``), for a
+layer with output dim ``m``, input dim ``n``, ``inv`` MVM invocations and ``rep`` repeats, on a
+target with ``N`` rows, ``M`` columns, ``c`` cell bits and ``d`` DAC bits::
 
   S      = ceil(w / c)                          weight slices
   cols   = m * S;  rows = n                     physical columns / rows of one matrix
@@ -149,7 +149,7 @@ def geometry_arrays(specs: Sequence[LayerSpec]) -> dict[str, np.ndarray]:
   """
   if len(specs) == 0:
     raise ValueError("no layers: the cost model needs at least one LayerSpec")
-  out = {"m": [], "n": [], "inv": [], "rep": []}
+  out: dict[str, list[int]] = {"m": [], "n": [], "inv": [], "rep": []}
   for i, s in enumerate(specs):
     for key, field in (("m", "m"), ("n", "n"), ("inv", "invocations"), ("rep", "repeat")):
       v = getattr(s, field)
@@ -507,7 +507,7 @@ def layer_report(
   )
   bw, ba = baseline_bits
   t = cost_tables(specs, hw, max_bits=max_bits, xp=np)
-  layers = []
+  layers: list[dict[str, Any]] = []
   for l, s in enumerate(specs):
     w, a = int(pol[l, 0]), int(pol[l, 1])
     layers.append(

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from cimjax import io
 from cimjax.errors import DataError  # noqa: F401 (re-exported)
 
 DEFAULT_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -299,17 +300,16 @@ def write_fashion_subset(
   itr, ite = pick(ytr, n_train_per_class), pick(yte, n_test_per_class)
   p = Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
-  tmp = p.with_name(p.name + ".tmp.npz")
-  np.savez_compressed(
-    tmp,
-    x_train=xtr[itr],
-    y_train=ytr[itr],
-    x_test=xte[ite],
-    y_test=yte[ite],
-    train_index=itr.astype(np.int64),
-    test_index=ite.astype(np.int64),
-  )
-  os.replace(tmp, p)
+  with io.atomic_path(p) as tmp, open(tmp, "wb") as f:
+    np.savez_compressed(
+      f,
+      x_train=xtr[itr],
+      y_train=ytr[itr],
+      x_test=xte[ite],
+      y_test=yte[ite],
+      train_index=itr.astype(np.int64),
+      test_index=ite.astype(np.int64),
+    )
   return p
 
 

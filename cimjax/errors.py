@@ -49,14 +49,23 @@ class CheckpointError(CimjaxError, RuntimeError):
   """A checkpoint cannot be found or does not match the expected state."""
 
 
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint's files cannot be read back intact (flipped bytes, a truncated copy)."""
+
+
 class ProgramError(CimjaxError, ValueError):
   """A program cannot be compiled, saved, loaded or executed (the message says why)."""
+
+
+class WorkdirBusyError(CimjaxError, RuntimeError):
+  """Another live run holds the workdir's lock (the message names its process and host)."""
 
 
 __all__ = [
   "CheckpointError",
   "CimjaxError",
   "ConfigError",
+  "CorruptCheckpointError",
   "DataError",
   "HwError",
   "PipelineError",
@@ -65,4 +74,5 @@ __all__ = [
   "ProgramError",
   "StageError",
   "UsageError",
+  "WorkdirBusyError",
 ]

@@ -21,7 +21,12 @@ Strategies (``strategy=``):
 - ``"auto"``: ``"loop"`` on CPU, ``"shard"`` with several accelerators, else ``"vmap"``.
 
 Every strategy computes the same per-candidate function; integer operands make the results
-independent of batching (DESIGN.md section 3), so accuracy equals the single-policy evaluation.
+independent of batching (docs/architecture.md), so accuracy equals the single-policy evaluation.
+
+:func:`evaluate_policy` is the single-policy evaluator (accuracy in percent and mean loss of
+one policy, or of the float model, over masked fixed-size batches); training and the pipeline
+use it through :func:`cimjax.train.evaluate`. :func:`cross_entropy` is the per-example loss that
+both report.
 
 Peak memory (float32) of one chunk is about::
 
@@ -43,9 +48,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from cimjax import data as data_lib
 from cimjax import models as models_lib
 from cimjax.spec import LayerSpec
+from cimjax.variables import FAST_COMPILE
 
 Array = jax.Array
 STRATEGIES = ("auto", "loop", "vmap", "map", "shard")
@@ -124,6 +132,79 @@ def make_policy_score(
   return score
 
 
+Runner = Callable[[Array], tuple[np.ndarray, np.ndarray]]  # policies -> (correct, loss sum)
+Score = Callable[[Array, Array, Array, Array], tuple[Array, Array]]
+
+
+def _loop_runner(score: Score, data: tuple[Array, Array, Array]) -> Runner:
+  """``"loop"``: one jitted call a candidate."""
+  one = jax.jit(score)
+
+  def run(pols: Array) -> tuple[np.ndarray, np.ndarray]:
+    out = [one(p, *data) for p in pols]
+    return (np.asarray([int(c) for c, _ in out]), np.asarray([float(l) for _, l in out]))
+
+  return run
+
+
+def _chunked_runner(
+  score: Score,
+  data: tuple[Array, Array, Array],
+  chunk: int,
+  devices: Sequence[Any] | None,
+  shard: bool,
+) -> Runner:
+  """``"vmap"``/``"shard"``: one jitted vmapped call a chunk (sharded over devices)."""
+  xb, yb, wb = data
+  vscore = jax.vmap(score, in_axes=(0, None, None, None))
+  size, ndev = chunk, 1
+  sharding = None
+  if shard:
+    devs = list(devices if devices is not None else jax.devices())
+    mesh = jax.sharding.Mesh(np.asarray(devs), ("cand",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("cand"))
+    ndev = len(devs)
+    size = _round_up(chunk, ndev)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    xb, yb, wb = (jax.device_put(a, rep) for a in (xb, yb, wb))
+  many = jax.jit(vscore)
+
+  def run(pols: Array) -> tuple[np.ndarray, np.ndarray]:
+    n = pols.shape[0]
+    step = size if n >= size else _round_up(n, ndev)  # small N: no padding to a full chunk
+    padded = _pad_rows(pols, step)
+    cs, ls = [], []
+    for start in range(0, padded.shape[0], step):
+      part = padded[start : start + step]
+      if sharding is not None:
+        part = jax.device_put(part, sharding)
+      c, l = many(part, xb, yb, wb)
+      cs.append(np.asarray(c))
+      ls.append(np.asarray(l))
+    return np.concatenate(cs)[:n], np.concatenate(ls)[:n]
+
+  return run
+
+
+def _mapped_runner(score: Score, data: tuple[Array, Array, Array], chunk: int) -> Runner:
+  """``"map"``: one call for all candidates, chunked inside by ``lax.map``."""
+  vscore = jax.vmap(score, in_axes=(0, None, None, None))
+
+  @functools.partial(jax.jit, static_argnums=4)
+  def mapped(pols, xb, yb, wb, size):
+    groups = pols.reshape(-1, size, *pols.shape[1:])
+    c, l = jax.lax.map(lambda g: vscore(g, xb, yb, wb), groups)
+    return c.reshape(-1), l.reshape(-1)
+
+  def run(pols: Array) -> tuple[np.ndarray, np.ndarray]:
+    n = pols.shape[0]
+    size = min(chunk, n)
+    c, l = mapped(_pad_rows(pols, size), *data, size)
+    return np.asarray(c)[:n], np.asarray(l)[:n]
+
+  return run
+
+
 def make_evaluator(
   model: Any,
   variables: Any,
@@ -163,60 +244,14 @@ def make_evaluator(
   num = int(x.shape[0])
   if num == 0 or y.shape[0] != num:
     raise ValueError(f"x has {num} images and y {y.shape[0]} labels; need equal and > 0")
-  xb, yb, wb = _batch_data(np.asarray(x, np.float32), np.asarray(y), min(batch_size, num))
+  data = _batch_data(np.asarray(x, np.float32), np.asarray(y), min(batch_size, num))
   score = make_policy_score(module, variables)
-
   if strategy == "loop":
-    one = jax.jit(score)
-
-    def run(pols: Array) -> tuple[np.ndarray, np.ndarray]:
-      out = [one(p, xb, yb, wb) for p in pols]
-      return (np.asarray([int(c) for c, _ in out]), np.asarray([float(l) for _, l in out]))
-
+    run = _loop_runner(score, data)
   elif strategy in ("vmap", "shard"):
-    vscore = jax.vmap(score, in_axes=(0, None, None, None))
-    size, ndev = chunk, 1
-    sharding = None
-    if strategy == "shard":
-      devs = list(devices if devices is not None else jax.devices())
-      mesh = jax.sharding.Mesh(
-        np.asarray(devs), ("cand",), axis_types=(jax.sharding.AxisType.Auto,)
-      )
-      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("cand"))
-      ndev = len(devs)
-      size = _round_up(chunk, ndev)
-      rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      xb, yb, wb = (jax.device_put(a, rep) for a in (xb, yb, wb))
-    many = jax.jit(vscore)
-
-    def run(pols: Array) -> tuple[np.ndarray, np.ndarray]:
-      n = pols.shape[0]
-      step = size if n >= size else _round_up(n, ndev)  # small N: no padding to a full chunk
-      padded = _pad_rows(pols, step)
-      cs, ls = [], []
-      for start in range(0, padded.shape[0], step):
-        part = padded[start : start + step]
-        if sharding is not None:
-          part = jax.device_put(part, sharding)
-        c, l = many(part, xb, yb, wb)
-        cs.append(np.asarray(c))
-        ls.append(np.asarray(l))
-      return np.concatenate(cs)[:n], np.concatenate(ls)[:n]
-
-  else:  # "map": one call for all candidates, chunked inside.
-    vscore = jax.vmap(score, in_axes=(0, None, None, None))
-
-    @functools.partial(jax.jit, static_argnums=4)
-    def mapped(pols, xb, yb, wb, size):
-      groups = pols.reshape(-1, size, *pols.shape[1:])
-      c, l = jax.lax.map(lambda g: vscore(g, xb, yb, wb), groups)
-      return c.reshape(-1), l.reshape(-1)
-
-    def run(pols: Array) -> tuple[np.ndarray, np.ndarray]:
-      n = pols.shape[0]
-      size = min(chunk, n)
-      c, l = mapped(_pad_rows(pols, size), xb, yb, wb, size)
-      return np.asarray(c)[:n], np.asarray(l)[:n]
+    run = _chunked_runner(score, data, chunk, devices, shard=strategy == "shard")
+  else:
+    run = _mapped_runner(score, data, chunk)
 
   def evaluate(policies: Any) -> EvalResult:
     pols = jnp.asarray(policies, jnp.int32)
@@ -247,11 +282,102 @@ def _pad_rows(pols: Array, multiple: int) -> Array:
   return jnp.concatenate([pols, jnp.repeat(pols[-1:], target - n, axis=0)])
 
 
-def evaluate_policy(
-  model: Any, variables: Any, x: np.ndarray, y: np.ndarray, policy: Any, *, batch_size: int = 500
-) -> tuple[float, float]:
-  """Single-policy evaluation: ``(accuracy %, mean loss)`` (reference for the strategies)."""
-  res = make_evaluator(model, variables, x, y, strategy="loop", batch_size=batch_size)(
-    jnp.asarray(policy)[None]
+def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0) -> Array:
+  """Per-example softmax cross-entropy.
+
+  Args:
+    logits: ``[B, C]``.
+    labels: int ``[B]``.
+    label_smoothing: mass spread uniformly over the ``C`` classes (training only).
+
+  Returns:
+    ``[B]`` losses in nats.
+  """
+  n = logits.shape[-1]
+  onehot = jax.nn.one_hot(labels, n)
+  if label_smoothing:
+    onehot = onehot * (1.0 - label_smoothing) + label_smoothing / n
+  return optax.softmax_cross_entropy(logits, onehot)
+
+
+def _batch_counts(
+  variables: Any, x: Array, y: Array, mask: Array, policy: Array | None, *, module: Any
+) -> tuple[Array, Array]:
+  """``(correct, summed loss)`` of one masked batch (float32 scalars)."""
+  logits, _ = models_lib.forward(module, variables, x, policy)
+  m = mask.astype(jnp.float32)
+  correct = jnp.sum((jnp.argmax(logits, -1) == y).astype(jnp.float32) * m)
+  loss = jnp.sum(cross_entropy(logits, y) * m)
+  return correct, loss
+
+
+# The module is static (one compilation per model and batch shape); ``fast_compile`` picks the
+# XLA options (without the expensive passes: faster compiles, slower batches).
+_BATCH_COUNTS = {
+  fast: jax.jit(
+    _batch_counts, static_argnames="module", compiler_options=FAST_COMPILE if fast else None
   )
-  return float(res.accuracy[0]), float(res.loss[0])
+  for fast in (False, True)
+}
+
+
+def evaluate_policy(
+  model: Any,
+  variables: Any,
+  x: np.ndarray,
+  y: np.ndarray,
+  policy: Any = None,
+  *,
+  batch_size: int = 500,
+  fast_compile: bool = False,
+) -> tuple[float, float]:
+  """Accuracy and mean loss of one policy (the reference for the batched strategies).
+
+  The data is scanned in batches of exactly ``batch_size`` images (the last one padded and
+  masked, as :func:`cimjax.data.eval_batches` does), so one compilation serves every split.
+  Batch-norm models use the running statistics in ``variables`` as they are.
+
+  Args:
+    model: a :class:`cimjax.models.ModelDef` or a Flax module.
+    variables: ``{"params", ["batch_stats"]}``.
+    x: ``[num, H, W, C]`` float32 images.
+    y: ``[num]`` int labels.
+    policy: int ``[L, 2]``, or None for the float model.
+    batch_size: images a forward pass.
+    fast_compile: compile without XLA's expensive optimisations (small splits, tests).
+
+  Returns:
+    ``(accuracy in percent, mean cross-entropy)``.
+
+  Raises:
+    ValueError: no images, or a label count that differs from the image count.
+  """
+  num = int(np.shape(x)[0])
+  if num == 0 or np.shape(y)[0] != num:
+    raise ValueError(f"x has {num} images and y {np.shape(y)[0]} labels; need equal and > 0")
+  fn = _BATCH_COUNTS[bool(fast_compile)]
+  module = getattr(model, "module", model)
+  pol = None if policy is None else jnp.asarray(policy, jnp.int32)
+  split = data_lib.Dataset(np.asarray(x), np.asarray(y), np.arange(num))
+  outs = [
+    fn(variables, xb, yb, mb, pol, module=module)
+    for xb, yb, mb in data_lib.eval_batches(split, batch_size)
+  ]
+  correct, loss = 0.0, 0.0
+  for c, l in jax.device_get(outs):
+    correct += float(c)
+    loss += float(l)
+  return 100.0 * correct / num, loss / num
+
+
+__all__ = [
+  "EvalResult",
+  "STRATEGIES",
+  "activation_floats",
+  "chunk_bytes",
+  "cross_entropy",
+  "default_strategy",
+  "evaluate_policy",
+  "make_evaluator",
+  "make_policy_score",
+]

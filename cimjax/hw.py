@@ -56,7 +56,7 @@ _ENERGY_FIELDS = ("e_dac_pj", "e_cell_read_pj", "e_adc_pj", "e_shift_add_pj", "e
 
 @dataclasses.dataclass(frozen=True)
 class HardwareTarget:
-  """One CIM accelerator configuration (DESIGN.md sections 1 and 3).
+  """One CIM accelerator configuration (docs/architecture.md, sections 1 and 3).
 
   Attributes:
     name: short identifier, e.g. ``"rram_256_c4"``.
@@ -211,7 +211,7 @@ def hw_search_path() -> list[Path]:
 
 def list_hw() -> list[str]:
   """Names of the targets found on :func:`hw_search_path`, sorted, without duplicates."""
-  names = set()
+  names: set[str] = set()
   for d in hw_search_path():
     if d.is_dir():
       names.update(p.stem for p in d.glob("*.toml") if p.is_file())

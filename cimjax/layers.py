@@ -6,11 +6,11 @@ order is the model's call order and nothing is hand-numbered. The same context r
 layer's CIM geometry (:class:`cimjax.spec.LayerSpec`), which is how :mod:`cimjax.trace` derives
 geometry without dimension files.
 
-Integer operands (DESIGN.md section 3): each layer quantizes its input activation and its weight
-to integer codes, multiplies the codes (``precision=HIGHEST``; float32 sums of integers are
-exact below 2^24, or int32 when ``ctx.int_dtype`` is int32) and applies the scales after the
-matmul. The integer product can be replaced by a hook (``ctx.mvm``), which is how the crossbar
-simulator runs inside a forward pass.
+Integer operands (docs/architecture.md, section 3): each layer quantizes its input activation and
+its weight to integer codes, multiplies the codes (``precision=HIGHEST``; float32 sums of
+integers are exact below 2^24, or int32 when ``ctx.int_dtype`` is int32) and applies the scales
+after the matmul. The integer product can be replaced by a hook (``ctx.mvm``), which is how the
+crossbar simulator runs inside a forward pass.
 
 Clipping ranges are learned per bit-width: a table ``[B, ...]`` whose row ``b-1`` serves
 bit-width ``b`` (gathered with the traced bit-width), so one set of parameters serves every

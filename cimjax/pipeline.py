@@ -13,45 +13,56 @@ Workdir layout (``DIR``)::
   DIR/compile/                     program/ (manifest + arrays), compile_report.json, result.json
   DIR/report.json, DIR/report.md   the report (plots under DIR/plots/)
 
-A stage is finished when its ``result.json`` exists (written atomically, last). Training and
-search stages resume from their checkpoints when interrupted; the later stages are short and
-simply rerun.
+The stages are the table :data:`STAGE_TABLE` (names :data:`STAGES`): the training stages of
+:mod:`cimjax.train` with the search between any-precision QAT and fine-tuning, then the stages
+that evaluate, compile and report. A stage is finished when its ``result.json`` exists
+(:func:`cimjax.train.is_done`; written atomically, last) and is then skipped; the report writes
+none and is rebuilt on every run. Training and search stages resume from their checkpoints when
+interrupted; the later stages are short and simply rerun. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from cimjax import compile as compile_lib
+from cimjax import compiler as compile_lib
 from cimjax import cost as cost_lib
 from cimjax import hw as hw_lib
 from cimjax import io
 from cimjax import policy as policy_lib
+from cimjax import stages as stages_lib
 from cimjax import train as train_lib
 from cimjax.errors import PipelineError  # noqa: F401 (re-exported)
-from cimjax.search import accuracy as acc_lib
-from cimjax.search import runner as search_lib
+from cimjax.models import ModelDef
+from cimjax.stages import choose_policy  # noqa: F401 (re-exported)
 from cimjax.trace import trace_specs
 
-STAGES = ("fp32", "int8", "anyprec", "search", "finetune", "evaluate", "compile", "report")
+if TYPE_CHECKING:
+  from cimjax import data as data_lib
+  from cimjax import report as report_lib
+
 FINETUNE_NAME = "chosen"
+*_PRETRAIN, _FINETUNE = train_lib.STAGES  # fp32, int8, anyprec; finetune
 
 
 def default_config() -> ml_collections.ConfigDict:
   """The embedded default: small CNN on Fashion-MNIST, rram_64_c2, 0.5 points, both constraints.
 
+  This is the run config, the one config schema of cimjax: ``train`` (the training config,
+  :func:`cimjax.train.default_config`), ``hw``, ``search``, ``compile``, ``from_policy``.
   Sized to finish in well under 10 minutes on a 2-core CPU: short stages on the full train
   split (fewer epochs on all 55,000 images beat more epochs on a subset at equal time,
-  BUILD_NOTES.md), the search on 1,000 held-out validation images (the re-evaluation on 4,000
-  others), the final numbers on the full 10,000-image test file.
+  BUILD_NOTES.md), the search on 2,000 held-out validation images (the re-evaluation and the
+  choice on the 3,000 others), the final numbers on the full 10,000-image test file.
   """
   c = ml_collections.ConfigDict()
   t = train_lib.default_config()
@@ -93,51 +104,13 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def choose_policy(
-  search_best: np.ndarray, final: dict[str, Any] | None
-) -> tuple[np.ndarray, dict[str, Any]]:
-  """The policy the run fine-tunes: the best *final-split* reward among the re-evaluated ones.
-
-  The search's winner is the best of many noisy scores on the search images (winner's curse):
-  on the default run it typically loses 1-2 points on other images. The pipeline's final split
-  is held-out *validation* data (never test), so choosing on it is legitimate: among the
-  ``final_top_k`` best search candidates, the highest reward on the final split wins, which is
-  the fastest one that still meets the accuracy target there (or, if none does, the closest).
-
-  Args:
-    search_best: the search's winner ``[L, 2]`` (used when there is no final re-evaluation).
-    final: :func:`cimjax.search.runner.reevaluate`'s dict, or None.
-
-  Returns:
-    ``(policy [L, 2] int32, JSON-able description of the choice)``.
-  """
-  if not final or not final.get("candidates"):
-    return np.asarray(search_best, np.int32), {"by": "search reward"}
-  cands = final["candidates"]
-  j = max(range(len(cands)), key=lambda i: (cands[i]["reward"], -i))
-  c = cands[j]
-  return np.asarray(c["policy"], np.int32), {
-    "by": f"{final['name']} reward",
-    "rank_in_search": j,
-    "pool": len(cands),
-    "final_accuracy": c["accuracy"],
-    "final_target": final["acc_target"],
-    "feasible_on_final": c["feasible"],
-    "speedup": c["speedup"],
-    "search_winner_final_accuracy": cands[0]["accuracy"],
-  }
-
-
 def _json(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json())
 
 
-def _done(d: Path) -> bool:
-  return (d / "result.json").is_file()
-
-
 def _read(d: Path) -> dict[str, Any]:
-  return json.loads((d / "result.json").read_text())
+  """A stage's ``result.json`` (``{}`` when the stage has not finished)."""
+  return json.loads((d / "result.json").read_text()) if train_lib.is_done(d) else {}
 
 
 def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -150,6 +123,133 @@ def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   policy_lib.normalize_constraint(config.search.constraint)
   train_lib.validate_config(config.train)
   return config
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages: each computes its result from the pipeline's shared state.
+
+
+def _train(stage: str) -> Callable[[Pipeline], dict[str, Any]]:
+  """The training stage ``stage`` (:func:`cimjax.train.run_stage`; it writes its result)."""
+
+  def run(p: Pipeline) -> dict[str, Any]:
+    return train_lib.run_stage(p.config.train, stage, p.workdir, splits=p.splits)
+
+  return run
+
+
+def _search(p: Pipeline) -> dict[str, Any]:
+  """The search on the validation split, the choice on its held-out rest (or a given policy)."""
+  d = p.stage_dir("search")
+  if p.given_policy is not None:
+    return stages_lib.given_policy_stage(d, p.given_policy, p.config.from_policy)
+  task = stages_lib.data_task(
+    p.model,
+    p.variables("anyprec", "search"),
+    p.splits,
+    p.hw,
+    search_images=int(p.config.search.search_images),
+    final_split="val",
+    batch_size=p.config.train.eval_batch_size,
+  )
+  return stages_lib.run_search_stage(p.config, d, task, hw=p.hw)
+
+
+def _finetune(p: Pipeline) -> dict[str, Any]:
+  """Mixed-precision fine-tuning of the chosen policy."""
+  return train_lib.run_stage(
+    p.config.train,
+    _FINETUNE,
+    p.workdir,
+    policy=p.chosen_policy(),
+    policy_name=FINETUNE_NAME,
+    splits=p.splits,
+  )
+
+
+def _evaluate(p: Pipeline) -> dict[str, Any]:
+  """Validation and test accuracy of FP32, INT8, the search proxy and the fine-tuned model."""
+  pol = p.chosen_policy()
+  out: dict[str, Any] = {"policy": pol.tolist()}
+  for name, stage, policy in (
+    ("fp32", "fp32", None),
+    ("int8", "int8", policy_lib.uniform_policy(len(p.specs()), 8, 8)),
+    ("anyprec_proxy", "anyprec", pol),
+    ("mixed", _FINETUNE, pol),
+  ):
+    v = p.variables(stage, "evaluate")
+    out[name] = train_lib.evaluate_splits(
+      v, p.model, p.splits, p.config.train, policy, ("val", "test")
+    )
+  return out
+
+
+def _compile(p: Pipeline) -> dict[str, Any]:
+  """Compilation of the fine-tuned model onto the crossbars, with bit-exact verification."""
+  v = p.variables(_FINETUNE, "compile")
+  test = p.splits.test
+  cc = p.config.compile
+  n_eval = min(int(cc.eval_images), len(test))
+  res = compile_lib.compile_and_verify(
+    p.model,
+    v,
+    p.chosen_policy(),
+    p.hw,
+    workdir=p.stage_dir("compile"),
+    verify_inputs=test.images[: int(cc.num_verify)],
+    input_scheme=cc.input_scheme,
+    model_kwargs=dict(p.config.train.model_kwargs),
+    eval_data=(test.images[:n_eval], test.labels[:n_eval]) if n_eval else None,
+  )
+  return {
+    "verify": res.summary["verify"],
+    "accuracy": res.accuracy,
+    "eval_images": n_eval,
+    "total_latency_us": res.summary["total_latency_us"],
+    "total_energy_pj": res.summary["total_energy_pj"],
+    "total_tiles": res.summary["total_tiles"],
+    "cost_model_mismatches": res.summary["cost_model_mismatches"],
+    "program": str(res.path),
+  }
+
+
+def _report(p: Pipeline) -> dict[str, Any]:
+  """``report.json`` and ``report.md`` (:func:`cimjax.report.write_report`)."""
+  from cimjax import report as report_lib  # pylint: disable=g-import-not-at-top
+
+  return report_lib.write_report(run_summary(p), p.log)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of the run.
+
+  Attributes:
+    name: its name (``--stages``); its folder is ``Pipeline.stage_dir(name)``.
+    run: computes the stage in a :class:`Pipeline`; returns its result.
+    writes_result: the pipeline writes the result, with the stage's wall time, to the stage's
+      ``result.json`` (False: the stage writes its own, as the training stages do, or none, as
+      the report).
+  """
+
+  name: str
+  run: Callable[[Pipeline], dict[str, Any]]
+  writes_result: bool = True
+
+
+STAGE_TABLE: tuple[Stage, ...] = (
+  *(Stage(s, _train(s), writes_result=False) for s in _PRETRAIN),
+  Stage("search", _search),
+  Stage(_FINETUNE, _finetune, writes_result=False),
+  Stage("evaluate", _evaluate),
+  Stage("compile", _compile),
+  Stage("report", _report, writes_result=False),
+)
+STAGES = tuple(s.name for s in STAGE_TABLE)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
 
 
 class Pipeline:
@@ -172,220 +272,138 @@ class Pipeline:
     self._model = None
     self.given_policy = None
     if self.config.from_policy:  # fail early, before any training
-      specs = trace_specs(self.model)
+      specs = self.specs()
       self.given_policy = policy_lib.load_policy(
         self.config.from_policy, len(specs), layer_names=[s.name for s in specs]
       )
 
   # -- shared state --------------------------------------------------------------------------
   @property
-  def splits(self):
+  def splits(self) -> data_lib.Splits:
+    """The config's data splits (loaded once)."""
     if self._splits is None:
       self._splits = train_lib.load_splits(self.config.train)
     return self._splits
 
   @property
-  def model(self):
+  def model(self) -> ModelDef:
+    """The config's model, its input shape taken from the data (built once)."""
     if self._model is None:
       self._model = train_lib.build_model(self.config.train, self.splits)
     return self._model
 
+  def specs(self) -> list[Any]:
+    """The model's layer specs in policy order."""
+    return trace_specs(self.model)
+
   def stage_dir(self, stage: str) -> Path:
-    if stage == "finetune":
-      return train_lib.stage_dir(self.workdir, "finetune", FINETUNE_NAME)
+    """The folder of ``stage`` (fine-tuning: ``finetune/chosen``)."""
+    if stage == _FINETUNE:
+      return train_lib.stage_dir(self.workdir, _FINETUNE, FINETUNE_NAME)
     return self.workdir / stage
+
+  def variables(self, stage: str, needed_by: str) -> Any:
+    """The final variables of the finished training ``stage`` (for stage ``needed_by``)."""
+    d = self.stage_dir(stage)
+    if not train_lib.is_done(d):
+      raise PipelineError(f"stage {needed_by} needs the finished {stage} stage in {d}")
+    return train_lib.load_variables(d, self.model)
+
+  def chosen_policy(self) -> np.ndarray:
+    """The policy the search stage chose (or was given), ``[L, 2]`` int32."""
+    d = self.stage_dir("search")
+    if not train_lib.is_done(d):
+      raise PipelineError(f"no chosen policy: run the search stage first ({d})")
+    return np.asarray(_read(d)["chosen_policy"], np.int32)
 
   def check_config(self) -> None:
     """Writes ``config.json`` on the first run; refuses to continue a run with another config."""
     path = self.workdir / "config.json"
     cur = _json(self.config)
-    if path.is_file():
-      old = json.loads(path.read_text())
-      if old != cur:
-        diff = sorted(
-          k
-          for k in set(_flatten(old)) | set(_flatten(cur))
-          if _flatten(old).get(k) != _flatten(cur).get(k)
-        )
-        raise PipelineError(
-          f"{self.workdir} holds a run with another config (fields "
-          f"{', '.join(diff[:5])}); use a new --workdir"
-        )
-    else:
+    if not path.is_file():
       io.write_json(path, cur)
+      return
+    saved = json.loads(path.read_text())
+    if saved != cur:
+      old, new = _flatten(saved), _flatten(cur)
+      diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      raise PipelineError(
+        f"{self.workdir} holds a run with another config (fields "
+        f"{', '.join(diff[:5])}); use a new --workdir"
+      )
 
-  # -- stages -------------------------------------------------------------------------------
-  def run(self, stages: Sequence[str] = STAGES) -> dict[str, Any]:
-    """Runs ``stages`` in order (finished ones are skipped); returns the report if written."""
+  def describe(self) -> str:
+    """One line naming the model, the data, the target, the workdir and the devices."""
+    t = self.config.train
+    return (
+      f"cimjax run: {t.model} on {t.data.name}, target {self.hw.name}, workdir "
+      f"{self.workdir}, devices {device_summary()}"
+    )
+
+  # -- running -------------------------------------------------------------------------------
+  def run(self, stages: Sequence[str] = STAGES) -> dict[str, Any] | None:
+    """Runs ``stages`` in run order (finished ones are skipped); returns the report if written."""
     bad = [s for s in stages if s not in STAGES]
     if bad:
       raise PipelineError(f"--stages has {bad}; allowed: {', '.join(STAGES)}")
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.check_config()
     report = None
-    for stage in STAGES:
-      if stage not in stages:
-        continue
-      d = self.stage_dir(stage)
-      if stage != "report" and _done(d):
-        self.log(f"[{stage}] already finished in {d}")
-        continue
-      self.log(f"[{stage}] running")
-      t0 = time.time()
-      out = getattr(self, f"stage_{stage}")()
-      dt = time.time() - t0
-      if stage in ("search", "evaluate", "compile"):
-        out["stage_time_s"] = round(dt, 2)
-        io.write_json(d / "result.json", out)  # written last: marks the stage finished
-      self.log(f"[{stage}] done in {dt:.1f} s")
-      if stage == "report":
-        report = out
+    for stage in STAGE_TABLE:
+      if stage.name in stages:
+        out = self.run_stage(stage)
+        if stage.name == "report":
+          report = out
     return report
 
-  def _train(self, stage: str, **kw: Any) -> dict[str, Any]:
-    return train_lib.run_stage(self.config.train, stage, self.workdir, splits=self.splits, **kw)
-
-  def stage_fp32(self) -> dict[str, Any]:
-    return self._train("fp32")
-
-  def stage_int8(self) -> dict[str, Any]:
-    return self._train("int8")
-
-  def stage_anyprec(self) -> dict[str, Any]:
-    return self._train("anyprec")
-
-  def specs_and_tables(self):
-    specs = trace_specs(self.model)
-    return specs, cost_lib.cost_tables(specs, self.hw, xp=np)
-
-  def stage_search(self) -> dict[str, Any]:
-    d = self.stage_dir("search")
-    specs, tables = self.specs_and_tables()
-    sc = self.config.search
-    if self.given_policy is not None:
-      pol = self.given_policy
-      result = {
-        "chosen_policy": np.asarray(pol).tolist(),
-        "source": str(self.config.from_policy),
-        "searched": False,
-      }
-      policy_lib.save_policy(d / "chosen_policy.npy", pol)
-      return result
-    src = self.stage_dir("anyprec")
-    if not _done(src):
-      raise PipelineError(f"stage search needs the finished anyprec stage in {src}")
-    variables = train_lib.load_variables(src, self.model)
-    val = self.splits.val
-    n_search = min(int(sc.search_images), len(val) - 1) if sc.search_images > 0 else len(val) // 2
-    bs = self.config.train.eval_batch_size
-    search_acc = acc_lib.DataAccuracy(
-      self.model,
-      variables,
-      val.images[:n_search],
-      val.labels[:n_search],
-      batch_size=bs,
-      name="val_search",
-    )
-    final_acc = acc_lib.DataAccuracy(
-      self.model,
-      variables,
-      val.images[n_search:],
-      val.labels[n_search:],
-      batch_size=bs,
-      name="val_final",
-    )
-    cfg = search_lib.SearchConfig(
-      agent=sc.agent,
-      budget=int(sc.budget),
-      acc_drop=float(sc.acc_drop),
-      constraint=sc.constraint,
-      seed=int(sc.seed),
-      mode=sc.mode,
-      population=int(sc.population),
-      final_top_k=int(sc.final_top_k),
-    )
-    res = search_lib.run_search(
-      self.model, specs, tables, search_acc, cfg, hw=self.hw, final_accuracy=final_acc, workdir=d
-    )
-    chosen, pick = choose_policy(res.best_policy, res.final)
-    policy_lib.save_policy(d / "chosen_policy.npy", chosen)
-    result = {
-      "chosen_policy": np.asarray(chosen).tolist(),
-      "searched": True,
-      "summary": res.summary(),
-      "search_images": n_search,
-      "final_images": len(val) - n_search,
-      "chosen": pick,
-    }
-    return result
-
-  def chosen_policy(self) -> np.ndarray:
-    d = self.stage_dir("search")
-    if not _done(d):
-      raise PipelineError(f"no chosen policy: run the search stage first ({d})")
-    return np.asarray(_read(d)["chosen_policy"], np.int32)
-
-  def stage_finetune(self) -> dict[str, Any]:
-    return train_lib.run_stage(
-      self.config.train,
-      "finetune",
-      self.workdir,
-      policy=self.chosen_policy(),
-      policy_name=FINETUNE_NAME,
-      splits=self.splits,
-    )
-
-  def stage_evaluate(self) -> dict[str, Any]:
-    specs = trace_specs(self.model)
-    pol = self.chosen_policy()
-    t = self.config.train
-    out: dict[str, Any] = {"policy": pol.tolist()}
-    for name, stage, p in (
-      ("fp32", "fp32", None),
-      ("int8", "int8", policy_lib.uniform_policy(len(specs), 8, 8)),
-      ("anyprec_proxy", "anyprec", pol),
-      ("mixed", "finetune", pol),
-    ):
-      d = self.stage_dir(stage)
-      if not _done(d):
-        raise PipelineError(f"stage evaluate needs the finished {stage} stage in {d}")
-      v = train_lib.load_variables(d, self.model)
-      out[name] = train_lib.evaluate_policy(v, self.model, self.splits, t, p, ("val", "test"))
+  def run_stage(self, stage: Stage) -> dict[str, Any] | None:
+    """Runs one stage unless it is finished; returns its result (None when skipped)."""
+    d = self.stage_dir(stage.name)
+    if train_lib.is_done(d):
+      self.log(f"[{stage.name}] already finished in {d}")
+      return None
+    self.log(f"[{stage.name}] running")
+    t0 = time.time()
+    out = stage.run(self)
+    dt = time.time() - t0
+    if stage.writes_result:
+      out["stage_time_s"] = round(dt, 2)
+      io.write_json(d / "result.json", out)  # written last: marks the stage finished
+    self.log(f"[{stage.name}] done in {dt:.1f} s")
     return out
 
-  def stage_compile(self) -> dict[str, Any]:
-    d = self.stage_dir("compile")
-    v = train_lib.load_variables(self.stage_dir("finetune"), self.model)
-    test = self.splits.test
-    cc = self.config.compile
-    n_eval = min(int(cc.eval_images), len(test))
-    res = compile_lib.compile_and_verify(
-      self.model,
-      v,
-      self.chosen_policy(),
-      self.hw,
-      workdir=d,
-      verify_inputs=test.images[: int(cc.num_verify)],
-      input_scheme=cc.input_scheme,
-      model_kwargs=dict(self.config.train.model_kwargs),
-      eval_data=(test.images[:n_eval], test.labels[:n_eval]) if n_eval else None,
-    )
-    result = {
-      "verify": res.summary["verify"],
-      "accuracy": res.accuracy,
-      "eval_images": n_eval,
-      "total_latency_us": res.summary["total_latency_us"],
-      "total_energy_pj": res.summary["total_energy_pj"],
-      "total_tiles": res.summary["total_tiles"],
-      "cost_model_mismatches": res.summary["cost_model_mismatches"],
-      "program": str(res.path),
-    }
-    return result
 
-  def stage_report(self) -> dict[str, Any]:
-    from cimjax import report as report_lib  # pylint: disable=g-import-not-at-top
+def run_summary(p: Pipeline) -> report_lib.RunSummary:
+  """The figures of the run in ``p`` that its report needs (a :class:`cimjax.report.RunSummary`)."""
+  from cimjax import report as report_lib  # pylint: disable=g-import-not-at-top
 
-    return report_lib.write_report(self)
+  t = p.config.train
+  results = {s: _read(p.stage_dir(s)) for s in STAGES if s != "report"}
+  policy = np.asarray(
+    results["evaluate"].get("policy") or results["search"]["chosen_policy"], np.int32
+  )
+  specs = p.specs()
+  splits = p.splits
+  return report_lib.RunSummary(
+    model=t.model,
+    dataset=t.data.name,
+    hw=p.hw.name,
+    hw_description=p.hw.description,
+    latency_mode=p.hw.latency_mode,
+    train_images=len(splits.train),
+    val_images=len(splits.val),
+    test_images=len(splits.test),
+    train_subset=bool(t.data.train_size and t.data.train_size > 0),
+    epochs={s: float(t[s].epochs) for s in train_lib.STAGES},
+    allowed_drop=float(p.config.search.acc_drop),
+    results=results,
+    policy=policy.tolist(),
+    cost_int8=cost_lib.layer_report(specs, p.hw, policy_lib.uniform_policy(len(specs), 8, 8)),
+    cost_mixed=cost_lib.layer_report(specs, p.hw, policy),
+    metrics={s: p.stage_dir(s) / "metrics.jsonl" for s in train_lib.STAGES},
+    search_dir=p.stage_dir("search"),
+    workdir=p.workdir,
+  )
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

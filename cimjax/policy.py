@@ -1,11 +1,11 @@
 """Bit-width policies: arrays, constraints, action masks and CIM-AQ compatible ``.npy`` I/O.
 
-Contract (DESIGN.md section 3): a policy is an int32 array ``[L, 2]`` of
+Contract (docs/architecture.md): a policy is an int32 array ``[L, 2]`` of
 (weight_bits, activation_bits) in the model's layer (call) order; a batch of candidates is
 ``[N, L, 2]``. Files are ``.npy`` holding an integer ``[L, 2]`` array exactly like CIM-AQ's
 policy files; they are loaded with ``allow_pickle=False``.
 
-Constraints (CIM-AQ's four variants, DESIGN.md section 1):
+Constraints (CIM-AQ's four variants, docs/architecture.md):
 
 - ``"none"``: every layer may take any (w, a) in ``min_bits..max_bits``.
 - ``"io"``: the first and last layers are forced to ``io_bits``/``io_bits`` (8/8).
@@ -260,25 +260,33 @@ def uniform_policy(num_layers: int, w_bits: int = 8, a_bits: int = 8) -> np.ndar
 
 @functools.partial(jax.jit, static_argnames=("n",))
 def random_policies(key: jax.Array, mask: Any, n: int) -> jax.Array:
-  """Samples policies uniformly among the allowed pairs of each layer.
+  """Samples policies, each layer's (w, a) pair independently.
 
   Jitted, with ``n`` static; it can be called inside other jitted code.
 
   Args:
     key: PRNG key.
-    mask: bool ``[L, B, B]`` (see :func:`action_mask`); every layer needs an allowed pair.
+    mask: bool ``[L, B, B]`` allowed pairs (see :func:`action_mask`): each layer's pair is then
+      uniform over its allowed ones. Or non-negative float weights ``[L, B, B]``: each layer's
+      pair is drawn with probability proportional to its weight. Every layer needs an allowed
+      (positive) pair.
     n: number of policies.
 
   Returns:
-    int32 ``[n, L, 2]``; each layer's (w, a) is uniform over its allowed pairs, independently.
+    int32 ``[n, L, 2]``.
   """
-  mask = jnp.asarray(mask, dtype=bool)
+  mask = jnp.asarray(mask)
   num_layers, b1, b2 = mask.shape
-  logits = jnp.where(mask.reshape(num_layers, b1 * b2), 0.0, -jnp.inf)
+  flat = mask.reshape(num_layers, b1 * b2)
+  if flat.dtype == jnp.bool_:
+    logits = jnp.where(flat, 0.0, -jnp.inf)
+  else:
+    w = flat.astype(jnp.float32)
+    logits = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
   idx = jax.random.categorical(key, logits, axis=-1, shape=(n, num_layers))
-  w = idx // b2 + 1
-  a = idx % b2 + 1
-  return jnp.stack([w, a], axis=-1).astype(jnp.int32)
+  w_bits = idx // b2 + 1
+  a_bits = idx % b2 + 1
+  return jnp.stack([w_bits, a_bits], axis=-1).astype(jnp.int32)
 
 
 def load_policy(

@@ -4,7 +4,7 @@ Every function here takes the bit-width as data (a Python int, or an integer or 
 ``jax.Array`` of any shape that broadcasts), so one jitted function serves every bit-width and
 ``jax.vmap`` over a batch of bit-widths works. Nothing re-traces when bits change.
 
-Conventions (DESIGN.md section 3):
+Conventions (docs/architecture.md, section 3):
 
 * Weights: symmetric, signed, narrow range ``[-(2^(b-1)-1), 2^(b-1)-1]``; the step is
   ``clip / (2^(b-1)-1)``.

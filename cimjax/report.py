@@ -7,7 +7,9 @@ the compiled program's schedule gives the same figures.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +19,58 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cimjax import cost as cost_lib  # noqa: E402
 from cimjax import io  # noqa: E402
-from cimjax import policy as policy_lib  # noqa: E402
-
-TRAIN_STAGES = ("fp32", "int8", "anyprec", "finetune")
 
 
-def _read(path: Path) -> dict[str, Any]:
-  return json.loads(path.read_text()) if path.is_file() else {}
+@dataclasses.dataclass
+class RunSummary:
+  """The figures of a run that its report needs (built by the pipeline: ``Pipeline.summary``).
+
+  Attributes:
+    model: zoo model name.
+    dataset: dataset name.
+    hw: target name.
+    hw_description: the target's description.
+    latency_mode: the target's latency mode.
+    train_images: images of the train split.
+    val_images: images of the validation split.
+    test_images: images of the test split.
+    train_subset: whether training used a subset of the train file.
+    epochs: epochs of each training stage.
+    allowed_drop: allowed accuracy drop from INT8 (points).
+    results: each stage's ``result.json`` by stage name, ``{}`` for a missing one (``fp32``,
+      ``int8``, ``anyprec``, ``search``, ``finetune``, ``evaluate``, ``compile``, in run order).
+    policy: the chosen policy ``[L, 2]``.
+    cost_int8: :func:`cimjax.cost.layer_report` of 8/8 on the target.
+    cost_mixed: :func:`cimjax.cost.layer_report` of the chosen policy.
+    metrics: ``metrics.jsonl`` of each training stage (the training plot).
+    search_dir: the search stage's folder (its plots).
+    workdir: the run directory (the report is written there).
+  """
+
+  model: str
+  dataset: str
+  hw: str
+  hw_description: str
+  latency_mode: str
+  train_images: int
+  val_images: int
+  test_images: int
+  train_subset: bool
+  epochs: dict[str, float]
+  allowed_drop: float
+  results: dict[str, dict[str, Any]]
+  policy: list[list[int]]
+  cost_int8: dict[str, Any]
+  cost_mixed: dict[str, Any]
+  metrics: dict[str, Path]
+  search_dir: Path
+  workdir: Path
 
 
 def _pct(v: Any) -> float | None:
-  return None if v is None else round(100.0 * float(v), 3)
+  """An accuracy (already in percent) rounded for the report."""
+  return None if v is None else round(float(v), 3)
 
 
 def _metrics(path: Path) -> list[dict[str, Any]]:
@@ -44,15 +85,19 @@ def _metrics(path: Path) -> list[dict[str, Any]]:
   return rows
 
 
-def plot_training(pipe: Any, path: Path) -> Path | None:
-  """Training loss and accuracy of each training stage against steps (one PNG)."""
+def plot_training(metrics: dict[str, Path], path: Path) -> Path | None:
+  """Training loss and accuracy of each training stage against steps (one PNG).
+
+  Args:
+    metrics: ``metrics.jsonl`` of each training stage, in run order.
+    path: the PNG to write.
+
+  Returns:
+    ``path``, or None when no stage logged a training step.
+  """
   curves = {}
-  for stage in TRAIN_STAGES:
-    rows = [
-      r
-      for r in _metrics(pipe.stage_dir(stage) / "metrics.jsonl")
-      if r.get("kind") == "train" and "loss" in r
-    ]
+  for stage, file in metrics.items():
+    rows = [r for r in _metrics(file) if r.get("kind") == "train" and "loss" in r]
     if rows:
       curves[stage] = rows
   if not curves:
@@ -81,59 +126,49 @@ def plot_training(pipe: Any, path: Path) -> Path | None:
   return path
 
 
-def build_report(pipe: Any) -> dict[str, Any]:
-  """Collects every figure of a finished run into one JSON-ready dict."""
-  cfg = pipe.config
-  t = cfg.train
-  res = {
-    s: _read(pipe.stage_dir(s) / "result.json")
-    for s in ("fp32", "int8", "anyprec", "search", "finetune", "evaluate", "compile")
-  }
-  ev = res["evaluate"]
-  specs, _ = pipe.specs_and_tables()
-  n = len(specs)
-  policy = np.asarray(ev.get("policy") or res["search"]["chosen_policy"], np.int32)
-  base = cost_lib.layer_report(specs, pipe.hw, policy_lib.uniform_policy(n, 8, 8))
-  chosen = cost_lib.layer_report(specs, pipe.hw, policy)
-  tiles8 = int(sum(l["tiles"] * l["repeat"] for l in base["layers"]))
-  tiles_c = int(sum(l["tiles"] * l["repeat"] for l in chosen["layers"]))
+def _tiles(cost: dict[str, Any]) -> int:
+  return int(sum(l["tiles"] * l["repeat"] for l in cost["layers"]))
+
+
+def _accuracy(ev: dict[str, Any], drop: float) -> dict[str, Any]:
+  """The accuracy figures (percent) and the test drop of the mixed model against INT8."""
   acc = {
     k: {"val": _pct(ev.get(k, {}).get("val")), "test": _pct(ev.get(k, {}).get("test"))}
     for k in ("fp32", "int8", "anyprec_proxy", "mixed")
   }
-  drop = float(cfg.search.acc_drop)
   test_drop = (
     acc["int8"]["test"] - acc["mixed"]["test"]
     if acc["int8"]["test"] is not None and acc["mixed"]["test"] is not None
     else None
   )
-  search = res["search"].get("summary", {})
-  comp = res["compile"]
-  verify = comp.get("verify", {})
-  splits = pipe.splits
-  report = {
-    "model": t.model,
-    "dataset": t.data.name,
-    "hw": pipe.hw.name,
-    "hw_description": pipe.hw.description,
-    "latency_mode": pipe.hw.latency_mode,
-    "data": {
-      "train_images": len(splits.train),
-      "val_images": len(splits.val),
-      "test_images": len(splits.test),
-      "subset_note": (
-        f"training used {len(splits.train)} of the train file's images "
-        "(a subset, to fit the default run's time budget)"
-        if t.data.train_size and t.data.train_size > 0
-        else ""
-      ),
-      "epochs": {st: float(t[st].epochs) for st in ("fp32", "int8", "anyprec", "finetune")},
-    },
+  return {
     "accuracy": acc,
     "allowed_drop": drop,
     "test_drop_vs_int8": None if test_drop is None else round(test_drop, 3),
     "within_allowed_drop": None if test_drop is None else bool(test_drop <= drop + 1e-9),
-    "policy": policy.tolist(),
+  }
+
+
+def _data(s: RunSummary) -> dict[str, Any]:
+  return {
+    "train_images": s.train_images,
+    "val_images": s.val_images,
+    "test_images": s.test_images,
+    "subset_note": (
+      f"training used {s.train_images} of the train file's images "
+      "(a subset, to fit the default run's time budget)"
+      if s.train_subset
+      else ""
+    ),
+    "epochs": dict(s.epochs),
+  }
+
+
+def _cost(s: RunSummary) -> dict[str, Any]:
+  """Per-layer and total latency, energy and crossbar tiles: 8/8 against the chosen policy."""
+  base, chosen = s.cost_int8, s.cost_mixed
+  return {
+    "policy": s.policy,
     "layers": [
       {
         "name": a["name"],
@@ -151,39 +186,66 @@ def build_report(pipe: Any) -> dict[str, Any]:
     ],
     "latency_us": {"int8": base["total_latency_us"], "mixed": chosen["total_latency_us"]},
     "energy_pj": {"int8": base["total_energy_pj"], "mixed": chosen["total_energy_pj"]},
-    "crossbar_tiles": {"int8": tiles8, "mixed": tiles_c},
+    "crossbar_tiles": {"int8": _tiles(base), "mixed": _tiles(chosen)},
     "speedup": base["total_latency_us"] / chosen["total_latency_us"],
     "energy_saving": 1.0 - chosen["total_energy_pj"] / base["total_energy_pj"],
-    "search": {
-      "searched": res["search"].get("searched"),
-      "agent": search.get("agent"),
-      "evaluations": search.get("evals_used"),
-      "budget": search.get("budget"),
-      "wall_s": search.get("wall_s"),
-      "acc_ref_val": search.get("acc_ref"),
-      "acc_target_val": search.get("acc_target"),
-      "best_reward": search.get("best_reward"),
-      "search_images": res["search"].get("search_images"),
-      "final_images": res["search"].get("final_images"),
-      "source": res["search"].get("source"),
-      "chosen": res["search"].get("chosen"),
-    },
-    "verification": {
-      "bit_exact": verify.get("ok"),
-      "layers_checked": len(verify.get("layers", [])),
-      "mismatched_layers": [
-        c.get("name", c.get("index"))
-        for c in verify.get("layers", [])
-        if not (c.get("exact") and c.get("weights_match", True))
-      ],
-      "logits_equal": verify.get("logits_equal"),
-      "cost_model_mismatches": comp.get("cost_model_mismatches"),
-      "program_latency_us": comp.get("total_latency_us"),
-      "program_energy_pj": comp.get("total_energy_pj"),
-      "crossbar_accuracy": comp.get("accuracy"),
-      "eval_images": comp.get("eval_images"),
-    },
-    "stage_time_s": {s: res[s].get("stage_time_s") for s in res},
+  }
+
+
+def _search(res: dict[str, Any]) -> dict[str, Any]:
+  """The search figures from the search stage's result."""
+  search = res.get("summary", {})
+  return {
+    "searched": res.get("searched"),
+    "agent": search.get("agent"),
+    "evaluations": search.get("evals_used"),
+    "budget": search.get("budget"),
+    "wall_s": search.get("wall_s"),
+    "acc_ref_val": search.get("acc_ref"),
+    "acc_target_val": search.get("acc_target"),
+    "best_reward": search.get("best_reward"),
+    "search_images": res.get("search_images"),
+    "final_images": res.get("final_images"),
+    "source": res.get("source"),
+    "chosen": res.get("chosen"),
+  }
+
+
+def _verification(comp: dict[str, Any]) -> dict[str, Any]:
+  """The verification figures from the compile stage's result."""
+  verify = comp.get("verify", {})
+  return {
+    "bit_exact": verify.get("ok"),
+    "layers_checked": len(verify.get("layers", [])),
+    "mismatched_layers": [
+      c.get("name", c.get("index"))
+      for c in verify.get("layers", [])
+      if not (c.get("exact") and c.get("weights_match", True))
+    ],
+    "logits_equal": verify.get("logits_equal"),
+    "cost_model_mismatches": comp.get("cost_model_mismatches"),
+    "program_latency_us": comp.get("total_latency_us"),
+    "program_energy_pj": comp.get("total_energy_pj"),
+    "crossbar_accuracy": comp.get("accuracy"),
+    "eval_images": comp.get("eval_images"),
+  }
+
+
+def build_report(s: RunSummary) -> dict[str, Any]:
+  """Collects every figure of a finished run into one JSON-ready dict."""
+  res = s.results
+  report = {
+    "model": s.model,
+    "dataset": s.dataset,
+    "hw": s.hw,
+    "hw_description": s.hw_description,
+    "latency_mode": s.latency_mode,
+    "data": _data(s),
+    **_accuracy(res["evaluate"], s.allowed_drop),
+    **_cost(s),
+    "search": _search(res["search"]),
+    "verification": _verification(res["compile"]),
+    "stage_time_s": {k: r.get("stage_time_s") for k, r in res.items()},
   }
   report["total_time_s"] = round(sum(v for v in report["stage_time_s"].values() if v), 1)
   return report
@@ -208,9 +270,8 @@ def _fmt(v: Any, nd: int = 2) -> str:
   return str(v)
 
 
-def render_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
-  """``report.md``: the report's figures as tables, with the plots embedded."""
-  a = r["accuracy"]
+def _intro_lines(r: dict[str, Any]) -> list[str]:
+  """The title, the target and the data and training lengths."""
   lines = [
     f"# cimjax run: {r['model']} on {r['dataset']}, target {r['hw']}",
     "",
@@ -234,7 +295,12 @@ def render_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
       "(`train/small_cnn_fashion.py`) gain about a point of FP32 accuracy.",
       "",
     ]
-  lines += [
+  return lines
+
+
+def _accuracy_lines(r: dict[str, Any]) -> list[str]:
+  a = r["accuracy"]
+  return [
     "## Accuracy (top-1 %)",
     "",
     "| model | val | test |",
@@ -249,6 +315,11 @@ def render_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
     f"{_fmt(r['test_drop_vs_int8'])} points "
     f"({'within' if r['within_allowed_drop'] else 'NOT within'} the allowed drop).",
     "",
+  ]
+
+
+def _cost_lines(r: dict[str, Any]) -> list[str]:
+  lines = [
     "## CIM cost",
     "",
     "| | INT8 (8/8) | mixed | ratio |",
@@ -272,9 +343,11 @@ def render_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
       f"{_fmt(l['latency_us'])} | {_fmt(l['energy_pj_8_8'], 0)} -> "
       f"{_fmt(l['energy_pj'], 0)} |"
     )
-  s = r["search"]
-  v = r["verification"]
-  lines += [
+  return lines
+
+
+def _search_lines(s: dict[str, Any]) -> list[str]:
+  return [
     "",
     "## Search",
     "",
@@ -290,6 +363,11 @@ def render_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
       else f"No search: the policy was given ({s['source']})."
     ),
     "",
+  ]
+
+
+def _verification_lines(v: dict[str, Any]) -> list[str]:
+  return [
     "## Compilation and verification",
     "",
     f"- Bit-exact (ideal ADC, no noise) on every layer: **{v['bit_exact']}** "
@@ -301,15 +379,30 @@ def render_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
     f"{_fmt(v['program_energy_pj'], 0)} pJ).",
     _xbar_line(v),
     "",
-    "## Plots",
-    "",
   ]
+
+
+def _plots_and_time_lines(r: dict[str, Any], plots: dict[str, str]) -> list[str]:
+  lines = ["## Plots", ""]
   for title, rel in plots.items():
     lines += [f"### {title}", "", f"![{title}]({rel})", ""]
   lines += ["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
   for k, sec in r["stage_time_s"].items():
     lines.append(f"| {k} | {_fmt(sec, 1)} |")
   lines += [f"| total | {_fmt(r['total_time_s'], 1)} |", ""]
+  return lines
+
+
+def render_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
+  """``report.md``: the report's figures as tables, with the plots embedded."""
+  lines = [
+    *_intro_lines(r),
+    *_accuracy_lines(r),
+    *_cost_lines(r),
+    *_search_lines(r["search"]),
+    *_verification_lines(r["verification"]),
+    *_plots_and_time_lines(r, plots),
+  ]
   return "\n".join(lines)
 
 
@@ -324,24 +417,32 @@ def _xbar_line(v: dict[str, Any]) -> str:
   )
 
 
-def write_report(pipe: Any) -> dict[str, Any]:
-  """Writes ``report.json``, ``report.md`` and the training plot; prints a short summary."""
-  r = build_report(pipe)
-  wd = pipe.workdir
+def write_report(summary: RunSummary, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Writes ``report.json``, ``report.md`` and the training plot; logs a short summary.
+
+  Args:
+    summary: the run's figures.
+    log: a function printing one line (the summary).
+
+  Returns:
+    The report (the contents of ``report.json``).
+  """
+  r = build_report(summary)
+  wd = summary.workdir
   plots = {}
   for title, name in (
     ("Pareto front (search)", "pareto.png"),
     ("Per-layer bits", "bits.png"),
     ("Per-layer latency, 8/8 vs chosen", "latency.png"),
   ):
-    if (pipe.stage_dir("search") / name).is_file():
+    if (summary.search_dir / name).is_file():
       plots[title] = f"search/{name}"
-  if plot_training(pipe, wd / "plots" / "training.png"):
+  if plot_training(summary.metrics, wd / "plots" / "training.png"):
     plots["Training curves"] = "plots/training.png"
   r["plots"] = plots
   io.write_json(wd / "report.json", r)
   io.write_text(wd / "report.md", render_markdown(r, plots))
-  pipe.log(summary_line(r))
+  log(summary_line(r))
   return r
 
 

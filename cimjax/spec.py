@@ -10,7 +10,7 @@ LayerKind = Literal["Conv2D", "Dense", "MatMul"]
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-  """Geometry of one quantizable layer, as the CIM cost model sees it (DESIGN.md section 1).
+  """Geometry of one quantizable layer, as the CIM cost model sees it (docs/architecture.md).
 
   A layer is one matrix of ``n`` rows (input dim) by ``m`` columns (output dim), programmed into
   crossbars and applied ``invocations`` times per inference, ``repeat`` times over (groups of a

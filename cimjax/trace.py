@@ -18,7 +18,7 @@ from cimjax.spec import LayerSpec
 
 
 def trace_specs(model: Any, input_shape: tuple[int, ...] | None = None) -> list[LayerSpec]:
-  """Ordered geometry of a model's quantizable layers (DESIGN.md section 1).
+  """Ordered geometry of a model's quantizable layers (docs/architecture.md, section 3).
 
   Args:
     model: a :class:`cimjax.models.ModelDef`, or a Flax module whose ``__call__(x, ctx)``

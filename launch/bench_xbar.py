@@ -13,7 +13,8 @@ Measures, on the default JAX device (CPU unless a GPU is present), in one run:
    layer on the simulator, against the fake-quantised forward pass (native conv).
 
 Prints a table and writes JSON (``--out``). Times are medians over ``--repeats`` calls after a
-warm-up (compile) call.
+warm-up (compile) call. Bad input prints one line ``launch.bench_xbar: error: ...`` on stderr and
+exits with status 2.
 """
 
 from __future__ import annotations
@@ -24,14 +25,33 @@ import platform
 import statistics
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags
 
-_OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
-_TOKENS = flags.DEFINE_integer("tokens", 4096, "Input vectors per MVM batch (layer benches).")
-_BATCH = flags.DEFINE_integer("batch", 16, "Images per ResNet-20 forward pass.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median).")
+from cimjax import cli as cli_lib
+from cimjax.errors import CimjaxError, UsageError
+
+PROG = "launch.bench_xbar"
+
+FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
+_OUT = flags.DEFINE_string(
+  "out", None, "Write the results as JSON to this file.", flag_values=FLAGS
+)
+_TOKENS = flags.DEFINE_integer(
+  "tokens",
+  4096,
+  "Input vectors per MVM batch (layer benches).",
+  lower_bound=1,
+  flag_values=FLAGS,
+)
+_BATCH = flags.DEFINE_integer(
+  "batch", 16, "Images per ResNet-20 forward pass.", lower_bound=1, flag_values=FLAGS
+)
+_REPEATS = flags.DEFINE_integer(
+  "repeats", 5, "Timed calls per measurement (median).", lower_bound=1, flag_values=FLAGS
+)
 
 
 def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
@@ -155,6 +175,7 @@ def bench_resnet20(batch: int, repeats: int) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+  """Plain-text table of the results (throughput, and relative to each bench's reference)."""
   head = ("bench", "case", "seconds", "throughput", "vs reference")
   lines = []
   ref: dict[str, float] = {}
@@ -178,17 +199,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
   return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(l) for l in lines])
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def machine_info() -> dict[str, Any]:
+  """Device, JAX version, CPUs and the crossbar configuration of the layer benches."""
   import jax
 
-  rows = []
-  rows += bench_layer(256, 256, _TOKENS.value, _REPEATS.value)
-  rows += bench_layer(256, 64, _TOKENS.value, _REPEATS.value)
-  rows += bench_resnet20(_BATCH.value, _REPEATS.value)
   dev = jax.devices()[0]
-  meta = {
+  return {
     "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
     "jax": jax.__version__,
     "cpu_count": os.cpu_count(),
@@ -203,17 +219,41 @@ def main(argv: list[str]) -> None:
       "a_bits": 8,
     },
   }
+
+
+def write_json(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+  """Writes ``{"meta", "results"}`` to ``out`` atomically; returns its absolute path."""
+  path = os.path.abspath(out)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".bench_xbar.", dir=os.path.dirname(path))
+  with os.fdopen(fd, "w") as f:
+    json.dump({"meta": meta, "results": rows}, f, indent=1)
+  os.replace(tmp, path)
+  return path
+
+
+def main(argv: list[str]) -> None:
+  """absl entry point."""
+  try:
+    if len(argv) > 1:
+      raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    rows = []
+    rows += bench_layer(256, 256, _TOKENS.value, _REPEATS.value)
+    rows += bench_layer(256, 64, _TOKENS.value, _REPEATS.value)
+    rows += bench_resnet20(_BATCH.value, _REPEATS.value)
+  except CimjaxError as e:
+    cli_lib.fail(PROG, e)
+  meta = machine_info()
   print(f"device {meta['device']}, jax {meta['jax']}, {meta['cpu_count']} CPUs")
   print(format_table(rows))
   if _OUT.value:
-    path = os.path.abspath(_OUT.value)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bench_xbar.", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-      json.dump({"meta": meta, "results": rows}, f, indent=1)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    print(f"wrote {write_json(_OUT.value, meta, rows)}")
+
+
+def run() -> None:
+  """Entry point of ``python -m launch.bench_xbar``."""
+  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, PROG))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

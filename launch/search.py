@@ -3,9 +3,7 @@
 See :mod:`cimjax.cli.search` for the flags, the outputs and the exit codes.
 """
 
-from absl import app
-
-import cimjax.cli.search
+from cimjax.cli import search
 
 if __name__ == "__main__":
-  app.run(cimjax.cli.search.main, flags_parser=cimjax.cli.search.parse_flags)
+  search.run()

@@ -3,9 +3,7 @@
 See :mod:`cimjax.cli.train` for the flags, the stage layout and the exit codes.
 """
 
-from absl import app
-
-import cimjax.cli.train
+from cimjax.cli import train
 
 if __name__ == "__main__":
-  app.run(cimjax.cli.train.main, flags_parser=cimjax.cli.train.parse_flags)
+  train.run()

@@ -6,9 +6,9 @@ import functools
 import numpy as np
 
 from cimjax import search
-from cimjax.cli import bench_search as bs
 from cimjax.search import pg as pg_lib
 from cimjax.search import runner
+from launch import bench_search as bs
 
 
 def _task():

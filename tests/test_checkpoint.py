@@ -85,7 +85,7 @@ def _tiny_config():
   spec = importlib.util.spec_from_file_location("tiny_cfg", REPO / "train" / "tiny.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config()
+  return mod.get_config().train
 
 
 _OVERRIDES = ["--config.checkpoint_every=5"]  # 40 steps

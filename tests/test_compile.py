@@ -1,4 +1,4 @@
-"""Tests for the compiler, program format, executor and verification (cimjax.compile)."""
+"""Tests for the compiler, program format, executor and verification (cimjax.compiler)."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cimjax import compile as cc
+from cimjax import compiler as cc
 from cimjax import cost, layers, models, trace
 from cimjax import hw as hw_lib
 from cimjax.noise import NoiseConfig
@@ -312,7 +312,7 @@ def test_load_errors(small_program, tmp_path):
   arrays[key].flat[0] ^= 1
   np.savez(path / cc.ARRAYS, **arrays)
   man = json.loads((path / cc.MANIFEST).read_text())
-  man["files"][cc.ARRAYS] = cc._file_sha256(path / cc.ARRAYS)
+  man["files"][cc.ARRAYS] = cc.file_sha256(path / cc.ARRAYS)
   (path / cc.MANIFEST).write_text(json.dumps(man))
   with pytest.raises(cc.ProgramError, match="array 'layer001/levels': SHA-256 mismatch"):
     cc.load_program(path)
@@ -428,3 +428,11 @@ def test_restore_variables_from_a_stage_directory(tmp_path):
     )
   with pytest.raises(cc.ProgramError, match="directory not found"):
     cc.restore_variables(tmp_path / "nope", md)
+
+
+def test_old_module_name_is_an_alias_of_the_compiler():
+  from cimjax import compile as old
+
+  assert old.__all__ == cc.__all__
+  for name in cc.__all__:
+    assert getattr(old, name) is getattr(cc, name)

@@ -21,7 +21,8 @@ B = 8
 
 
 # ---------------------------------------------------------------------------------------------
-# Hand-written geometries (DESIGN.md section 1) and an independent reference implementation.
+# Hand-written geometries (docs/architecture.md, section 3) and an independent reference
+# implementation.
 
 
 def vgg16_specs():
@@ -249,7 +250,7 @@ def test_static_argument_errors(c4):
 
 
 # ---------------------------------------------------------------------------------------------
-# Known structural facts of the CIM-AQ model (research digest, section A and E).
+# Known structural facts of the CIM-AQ model (CIM-AQ's latency model).
 
 
 def test_cell4_weight_bits_5_to_8_cost_the_same(c4, vgg, vit):
@@ -521,7 +522,7 @@ def test_layer_report(vit, c4):
 
 
 def test_traced_zoo_geometry_matches_hand_written():
-  """The tracer's VGG-16 and ViT-B/32 geometry equals DESIGN.md's table (policy order too)."""
+  """The traced VGG-16 and ViT-B/32 geometry equals docs/architecture.md's table (and order)."""
   models = pytest.importorskip("cimjax.models")
   trace = pytest.importorskip("cimjax.trace")
   for name, hand in (("vgg16", vgg16_specs()), ("vit_b32", vit_b32_specs())):

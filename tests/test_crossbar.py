@@ -532,3 +532,13 @@ def test_fixed_point_requantisation_matches_float():
   )
   assert np.max(np.abs(got - want)) <= 1
   assert np.mean(got == want) > 0.99
+
+
+def test_package_reexports_its_modules():
+  import importlib
+
+  for name in xb.__all__:
+    owner = getattr(xb, name)
+    mod = getattr(owner, "__module__", None)
+    if mod and mod.startswith("cimjax.crossbar."):
+      assert getattr(importlib.import_module(mod), name) is owner

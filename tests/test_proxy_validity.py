@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cimjax.cli import proxy_validity
+from launch import proxy_validity
 
 
 @pytest.mark.parametrize("seed", range(5))

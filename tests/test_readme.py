@@ -44,7 +44,7 @@ def test_quick_start_is_what_ci_runs(readme, repo_root):
   quick = _commands(_blocks(readme, "bash")[0])
   assert len(quick) == 2
   assert quick[0].startswith("apt-get install -y dataset-fashion-mnist") and "cimjax" in quick[0]
-  assert quick[1] == "python -m pytest"
+  assert quick[1] == "ruff check . && ruff format --check . && mypy && python -m pytest"
   ci = [
     l.strip()
     for l in Path(repo_root, ".ci/run").read_text().splitlines()

@@ -73,7 +73,7 @@ def test_pg_beats_random_on_a_synthetic_task():
   assert out["pg"].best_speedup > 1.15 * out["random"].best_speedup
 
 
-def test_ddpg_action_to_bits_matches_the_digest():
+def test_ddpg_action_to_bits_matches_cim_aq():
   """HAQ binning round((hi - lo + 1) a + lo - 0.5) (NumPy rounding) for contiguous ranges;
   valid[min(floor(a |valid|), |valid| - 1)] for cell-resolution weight lists."""
   acts = np.concatenate([np.linspace(0.0, 1.0, 1001), np.arange(8) / 7.0])

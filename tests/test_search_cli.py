@@ -98,7 +98,7 @@ def test_data_search_on_a_tiny_trained_model(repo_root, tmp_path):
   spec = importlib.util.spec_from_file_location("tiny", os.path.join(repo_root, "train", "tiny.py"))
   tiny = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tiny)
-  config = tiny.get_config()
+  config = tiny.get_config().train  # a run config; the training stages use its train part
   for stage in ("fp32", "int8", "anyprec"):
     train_lib.run_stage(config, stage, tmp_path / "train")
   env = dict(os.environ, JAX_PLATFORMS="cpu")

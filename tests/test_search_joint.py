@@ -53,7 +53,7 @@ def test_joint_steps_train_weights_and_agent():
   before = jax.tree.leaves(state.params)
   after = jax.tree.leaves(res.state.train.params)
   assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(before, after))
-  assert not np.array_equal(np.asarray(res.state.agent.params["theta_w"]), 0.0)
+  assert not np.array_equal(np.asarray(res.state.agent.policy.params["theta_w"]), 0.0)
   assert int(res.state.train.step) == 3
   for c in res.candidates:
     assert space.contains(np.asarray(c["policy"])[None]).all()

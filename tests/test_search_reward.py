@@ -38,7 +38,7 @@ def test_reward_is_monotone_and_jumps_at_threshold():
   t = 89.5
   below = reward_lib.reference_reward(t - 1e-6, 0.5, t)
   at = reward_lib.reference_reward(t, 0.5, t)
-  assert below < 0 < at  # the discontinuity (digest G4)
+  assert below < 0 < at  # the discontinuity (of the reference reward)
   assert at == pytest.approx(100 * (1 / 0.5 - 1))
   r = reward_lib.reward(np.asarray([80.0, 85.0, 89.0]), np.ones(3) * 0.5, t, xp=np)
   assert np.all(np.diff(r) > 0)

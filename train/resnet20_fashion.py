@@ -4,7 +4,15 @@ ResNet-20 is the CIFAR network and expects 32x32x3 inputs, so the data loader pa
 image with two background pixels a side and repeats the grey channel three times
 (``data.image_size=32``, ``data.channels=3``); the CIM geometry then matches the CIFAR model.
 
-Run from the repo root (each stage resumes if interrupted and is skipped once finished)::
+A run config (:func:`cimjax.pipeline.default_config`) meant for the training stages: its
+``train`` part holds the schedules below (on the training defaults of
+:func:`cimjax.train.default_config`). Run from the repo root (each stage resumes if interrupted
+and is skipped once finished)::
+
+  cimjax --config=train/resnet20_fashion.py --workdir=/tmp/resnet20_fashion \
+      --stages=fp32,int8,anyprec
+
+or one stage after the other (``--config.<field>`` overrides a field of ``config.train``)::
 
   W=/tmp/resnet20_fashion
   python -m launch.train --config=train/resnet20_fashion.py --workdir=$W --stage=fp32
@@ -26,11 +34,12 @@ under load, over 20 minutes an epoch: use a GPU. Smoke run on the CPU:
 ``--config.data.name=fashion_mnist_subset --config.data.val_size=400 --config.fp32.steps=20``.
 """
 
-from cimjax.train import default_config
+from cimjax import pipeline
+from cimjax import train as train_lib
 
 
 def get_config():
-  c = default_config()
+  c = train_lib.default_config()
   c.model = "resnet20"
   c.data.name = "fashion_mnist"
   c.data.val_size = 5000
@@ -58,4 +67,6 @@ def get_config():
   c.finetune.optimizer = "sgd"
   c.finetune.lr = 0.005
   c.finetune.weight_decay = 5e-4
-  return c
+  run = pipeline.default_config()
+  run.train = c
+  return run

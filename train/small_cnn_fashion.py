@@ -1,7 +1,14 @@
 """Small CNN (5 quantizable layers) on full Fashion-MNIST: FP32 -> INT8 -> any-precision.
 
-Needs the Debian package ``dataset-fashion-mnist`` (or ``CIMJAX_DATA_DIR``). Run from the repo
-root, one stage after the other (each resumes if interrupted and is skipped once finished)::
+A run config (:func:`cimjax.pipeline.default_config`) meant for the training stages: its
+``train`` part holds the longer schedules below (on the training defaults of
+:func:`cimjax.train.default_config`). Needs the Debian package ``dataset-fashion-mnist`` (or
+``CIMJAX_DATA_DIR``). Run from the repo root (each stage resumes if interrupted and is skipped
+once finished)::
+
+  cimjax --config=train/small_cnn_fashion.py --workdir=/tmp/cnn_fashion --stages=fp32,int8,anyprec
+
+or one stage after the other (``--config.<field>`` overrides a field of ``config.train``)::
 
   W=/tmp/cnn_fashion
   python -m launch.train --config=train/small_cnn_fashion.py --workdir=$W --stage=fp32
@@ -27,11 +34,12 @@ FP32 reaches 90.25% after 4 epochs. A quick run (about 5 minutes under that load
 87.76 / 86.42 / 82.65% at 8/6/4/3/2 bits (140 + 22 + 120 s of training).
 """
 
-from cimjax.train import default_config
+from cimjax import pipeline
+from cimjax import train as train_lib
 
 
 def get_config():
-  c = default_config()
+  c = train_lib.default_config()
   c.model = "small_cnn"
   c.model_kwargs.channels = (16, 32, 32)
   c.model_kwargs.hidden = 64
@@ -51,4 +59,6 @@ def get_config():
   c.anyprec.lr = 5e-4
   c.finetune.epochs = 1
   c.finetune.lr = 2e-4
-  return c
+  run = pipeline.default_config()
+  run.train = c
+  return run

@@ -1,6 +1,13 @@
 """Tiny smoke config: the small CNN on scikit-learn digits (8x8), a few dozen steps a stage.
 
-Run (each stage takes a few seconds on a 2-core CPU, most of it compilation)::
+A run config (:func:`cimjax.pipeline.default_config`) meant for the training stages: its
+``train`` part is the training config (the training defaults of
+:func:`cimjax.train.default_config`, not the embedded run's short schedules). Run the
+training stages (each takes a few seconds on a 2-core CPU, most of it compilation)::
+
+  cimjax --config=train/tiny.py --workdir=/tmp/tiny --stages=fp32,int8,anyprec
+
+or one stage at a time (``--config.<field>`` overrides a field of ``config.train`` there)::
 
   python -m launch.train --config=train/tiny.py --workdir=/tmp/tiny --stage=fp32
   python -m launch.train --config=train/tiny.py --workdir=/tmp/tiny --stage=int8
@@ -10,14 +17,16 @@ Run (each stage takes a few seconds on a 2-core CPU, most of it compilation)::
 
 Expect about 90% float test accuracy on digits after the fp32 stage and similar at 8/8; the
 accuracies at 2-3 bits are low (a few dozen steps). The unit tests use this config, with
-``--config.data.name=fashion_mnist_subset`` as an alternative real-image set.
+``--config.data.name=fashion_mnist_subset`` (``cimjax``: ``--config.train.data.name=...``) as
+an alternative real-image set.
 """
 
-from cimjax.train import default_config
+from cimjax import pipeline
+from cimjax import train as train_lib
 
 
 def get_config():
-  c = default_config()
+  c = train_lib.default_config()
   c.model = "small_cnn"
   c.model_kwargs.channels = (8, 16, 16)
   c.model_kwargs.hidden = 32
@@ -42,4 +51,6 @@ def get_config():
   c.anyprec.include_min = False
   c.finetune.steps = 10  # the same settings as int8: one compiled step serves both
   c.finetune.lr = 5e-4
-  return c
+  run = pipeline.default_config()
+  run.train = c
+  return run

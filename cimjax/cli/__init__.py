@@ -1,19 +1,26 @@
-"""Command-line entry points of cimjax (absl flags); ``launch/*.py`` are thin wrappers.
+"""Command-line entry points of cimjax (the console scripts), and their shared flag helpers.
 
-Every CLI module defines its flags in its own ``flags.FlagValues`` (``FLAGS`` of that module),
-not in absl's global registry, so that any set of CLI modules can be imported together (by
-tests, notebooks or research code) without duplicate-flag errors. ``flags_parser`` adapts one
-such registry to ``absl.app.run``.
+Every CLI module, here and in the repository's ``launch/`` (benchmarks and experiments, which
+import cimjax; nothing here imports them), declares typed absl flags (``DEFINE_integer``,
+``DEFINE_enum``, ``DEFINE_list``, ...) in its own ``FLAGS = flags.FlagValues()``, not in absl's
+global registry, so that any set of CLI modules can be imported together (by tests, notebooks
+or research code) without duplicate-flag errors. :func:`flags_parser` adapts one such registry
+to ``absl.app.run``. Every entry point catches :class:`cimjax.errors.CimjaxError` and reports it
+with :func:`fail`: one line ``PROG: error: ...`` on stderr, exit status 2.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn
 
 from absl import flags
 
-from cimjax.errors import UsageError  # noqa: F401 (re-exported)
+from cimjax.errors import CimjaxError, UsageError  # noqa: F401 (re-exported)
 
 _HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 
@@ -22,8 +29,9 @@ def flags_parser(fv: flags.FlagValues, prog: str) -> Callable[[Sequence[str]], l
   """An ``absl.app.run`` ``flags_parser`` for the module registry ``fv``.
 
   The module's flags are parsed first; what is left goes to absl's global ``FLAGS`` (logging
-  flags and the like), which rejects unknown flags. A bad or unknown flag prints one line
-  ``PROG: error: ...`` on stderr and exits with status 2; ``--help`` prints the module's flags.
+  flags and the like), which rejects unknown flags. A bad or unknown flag, or a ``--config``
+  file (ml_collections) that does not load, prints one line ``PROG: error: ...`` on stderr and
+  exits with status 2; ``--help`` prints the module's flags and exits with status 0.
 
   Args:
     fv: the module's flag registry.
@@ -39,13 +47,54 @@ def flags_parser(fv: flags.FlagValues, prog: str) -> Callable[[Sequence[str]], l
       print(f"usage: {prog} [flags]\n\n{fv.get_help()}")
       sys.exit(0)
     try:
-      rest = fv(argv, known_only=True)
-      return flags.FLAGS(rest)
+      rest = flags.FLAGS(_parse_and_load(fv, argv, known_only=True))
     except flags.Error as e:
-      print(f"{prog}: error: {str(e).splitlines()[0]}", file=sys.stderr)
-      sys.exit(2)
+      fail(prog, e)
+    except Exception as e:  # pylint: disable=broad-except
+      if "config" not in fv:
+        raise
+      # ml_collections: a --config.<field> override or a config file that does not load
+      fail(prog, _unknown_field(argv, e) or f"--config: {_config_error(argv, e)}")
+    return rest
 
   return parse
+
+
+def fail(prog: str, error: BaseException | str, *, hard: bool = False) -> NoReturn:
+  """Prints one line ``PROG: error: ...`` on stderr and exits with status 2.
+
+  Args:
+    prog: program name.
+    error: the message, or an exception (its first line is printed).
+    hard: exit with ``os._exit`` (skips interpreter teardown, e.g. the tracebacks of background
+      coroutines that a failed orbax restore leaves behind).
+  """
+  msg = one_line(error) if isinstance(error, BaseException) else error
+  print(f"{prog}: error: {msg}", file=sys.stderr)
+  sys.stderr.flush()
+  if hard:
+    os._exit(2)
+  sys.exit(2)
+
+
+@contextlib.contextmanager
+def _quiet_config_loading() -> Iterator[None]:
+  """Silences ml_collections' use of the deprecated importlib ``load_module()``."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings(
+      "ignore", message=r".*load_module\(\) method is deprecated", category=DeprecationWarning
+    )
+    yield
+
+
+def _parse_and_load(fv: flags.FlagValues, argv: list[str], known_only: bool) -> list[str]:
+  """Parses ``argv`` into ``fv``, then loads a ``--config`` file now (ml_collections loads it
+  lazily) to surface its errors here; returns the arguments left."""
+  with _quiet_config_loading():
+    rest = fv(argv, known_only=known_only)
+    if "config" in fv and fv["config"].value is not None:
+      fv["config"].value.keys()
+  return rest
 
 
 def one_line(e: BaseException) -> str:
@@ -54,13 +103,14 @@ def one_line(e: BaseException) -> str:
   return text[0] if text else type(e).__name__
 
 
-def parse_uniform(text: str, flag: str = "--uniform") -> tuple[int, int]:
-  """``"W,A"`` -> ``(W, A)``; range checks happen in policy validation.
+def parse_uniform(value: str | Sequence[str], flag: str = "--uniform") -> tuple[int, int]:
+  """``"W,A"`` (or the list flag's ``["W", "A"]``) -> ``(W, A)``; ranges are checked later.
 
   Raises:
     UsageError: not two comma-separated integers.
   """
-  parts = text.split(",")
+  parts = value.split(",") if isinstance(value, str) else list(value)
+  text = ",".join(parts)
   try:
     if len(parts) != 2:
       raise ValueError
@@ -117,18 +167,9 @@ def parse_config_args(
     UsageError: unknown flag, unknown or badly typed config field, config file that does not
       load, positional arguments, a missing required flag.
   """
-  import warnings  # pylint: disable=g-import-not-at-top
-
   argv = list(argv)
   try:
-    with warnings.catch_warnings():
-      # ml_collections loads config files with the deprecated importlib load_module().
-      warnings.filterwarnings(
-        "ignore", message=r".*load_module\(\) method is deprecated", category=DeprecationWarning
-      )
-      rest = fv(argv)
-      if fv["config"].value is not None:
-        fv.config.keys()  # the file is loaded lazily: surface its errors here
+    rest = _parse_and_load(fv, argv, known_only=False)
   except flags.Error as e:
     raise UsageError(one_line(e)) from None
   except Exception as e:  # pylint: disable=broad-except
@@ -145,15 +186,14 @@ def usage_parser(
   parse_args: Callable[[Sequence[str]], flags.FlagValues], prog: str
 ) -> Callable[[Sequence[str]], flags.FlagValues]:
   """An ``absl.app.run`` flags parser around ``parse_args``: absl's own flags go to the global
-  ``FLAGS``, the command's to its fresh registry; a :class:`UsageError` exits with status 2 and
-  one line ``PROG: error: ...`` on stderr."""
+  ``FLAGS``, the command's to its fresh registry; a :class:`CimjaxError` exits with status 2
+  and one line ``PROG: error: ...`` on stderr."""
 
   def parse(argv: Sequence[str]) -> flags.FlagValues:
     rest = flags.FLAGS(list(argv), known_only=True)
     try:
       return parse_args(rest)
-    except UsageError as e:
-      print(f"{prog}: error: {e}", file=sys.stderr)
-      sys.exit(2)
+    except CimjaxError as e:
+      fail(prog, e)
 
   return parse

@@ -1,11 +1,12 @@
 """Compile a model onto CIM crossbars, verify it bit-exactly and measure accuracy.
 
-Usage (from the repository root)::
+Usage (the ``cimjax-compile`` console script; ``python -m launch.compile`` from the
+repository root is the same)::
 
-  python -m launch.compile --model=small_cnn --workdir=/tmp/c --hw=rram_256_c4 --uniform=4,4
-  python -m launch.compile --model=resnet20 --workdir=/tmp/r --policy=best.npy --hw=rram_128_c2 \\
+  cimjax-compile --model=small_cnn --workdir=/tmp/c --hw=rram_256_c4 --uniform=4,4
+  cimjax-compile --model=resnet20 --workdir=/tmp/r --policy=best.npy --hw=rram_128_c2 \\
       --adc_bits=6 --adc_calibrate --variation=0.05 --stuck_at=0.001 --read_noise=0.5
-  python -m launch.compile --program=/tmp/c/program --adc_bits=4     # re-run a saved program
+  cimjax-compile --program=/tmp/c/program --adc_bits=4     # re-run a saved program
 
 Steps: build the model (random weights, or ``--checkpoint``), compile it with the policy onto
 the target (:func:`cimjax.compile.compile_and_verify`), save the program to
@@ -15,13 +16,13 @@ a per-layer table (tiles, crossbar cycles, latency, energy from the schedule) an
 set fits the model (Fashion-MNIST for 28x28x1 inputs, padded to 32x32x3 for ResNet-20), the test
 accuracy of the fake-quantised model and of the crossbar with the requested non-idealities.
 
-Exit status: 0 on success, 1 if verification fails, 2 on bad input (one line on stderr).
+Exit status: 0 on success, 1 if verification fails, 2 on bad input (any
+:class:`cimjax.errors.CimjaxError`: one line ``cimjax-compile: error: ...`` on stderr).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from cimjax import cli as cli_lib
-from cimjax.cli import UsageError, parse_uniform
+from cimjax.cli import CimjaxError, UsageError, parse_uniform
 
 PROG = "cimjax-compile"
 
@@ -47,7 +48,7 @@ _WORKDIR = flags.DEFINE_string(
 _POLICY = flags.DEFINE_string(
   "policy", None, "Policy .npy file (int [L, 2], CIM-AQ format).", flag_values=FLAGS
 )
-_UNIFORM = flags.DEFINE_string(
+_UNIFORM = flags.DEFINE_list(
   "uniform", "8,8", "Uniform policy W,A when --policy is absent.", flag_values=FLAGS
 )
 _HW = flags.DEFINE_string(
@@ -294,14 +295,9 @@ def format_table(summary: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def run_compile(argv_rest: list[str]) -> tuple[dict[str, Any], bool]:
-  """Does the work of :func:`main` from the parsed flags; returns ``(summary, ok)``."""
-  if argv_rest:
-    raise UsageError(f"unexpected arguments: {' '.join(argv_rest)}")
-  from cimjax import compile as cc
-  from cimjax import hw as hw_lib
-  from cimjax import policy as policy_lib
-  from cimjax import trace
+def _check_flags() -> tuple[int | None | str, Any]:
+  """Validates the flags that need no model; returns ``(adc_bits, noise)``."""
+  from cimjax import data
 
   adc_bits = parse_adc_bits(_ADC_BITS.value)
   noise = make_noise(_VARIATION.value, _STUCK_AT.value, _READ_NOISE.value)
@@ -309,49 +305,74 @@ def run_compile(argv_rest: list[str]) -> tuple[dict[str, Any], bool]:
     raise UsageError(f"--num_verify={_NUM_VERIFY.value}: expected an integer >= 1")
   if _EVAL_BATCH.value < 1:
     raise UsageError(f"--eval_batch={_EVAL_BATCH.value}: expected an integer >= 1")
-  from cimjax import data
-
   if _DATASET.value not in ("auto", "none", *data.DATASET_NAMES):
     raise UsageError(
       f"--dataset={_DATASET.value!r}: expected auto, none or one of {', '.join(data.DATASET_NAMES)}"
     )
   if _CHECKPOINT.value is not None and not Path(_CHECKPOINT.value).is_dir():
     raise UsageError(f"--checkpoint: directory not found: {_CHECKPOINT.value!r}")
+  return adc_bits, noise
+
+
+def _saved_program() -> tuple[Any, Any]:
+  """``(program, model)`` of ``--program``."""
+  from cimjax import compile as cc
+
+  for f in (_POLICY, _CHECKPOINT):
+    if f.present:
+      raise UsageError(f"--{f.name} cannot be combined with --program")
+  try:
+    program = cc.load_program(_PROGRAM.value)
+    return program, cc.program_model(program)
+  except cc.ProgramError as e:
+    raise UsageError(f"--program: {e}") from None
+
+
+def _model_inputs() -> tuple[Any, dict[str, Any], Any, Any, dict[str, Any]]:
+  """``(model, variables, policy, hw, model_kwargs)`` of the flags (no ``--program``)."""
+  from cimjax import hw as hw_lib
+  from cimjax import policy as policy_lib
+  from cimjax import trace
+
+  if _WORKDIR.value is None:
+    raise UsageError("--workdir is required (or --program to re-run a saved program)")
+  if _POLICY.value is not None and _UNIFORM.present:
+    raise UsageError("--policy and --uniform are mutually exclusive; give one of them")
+  try:
+    hw = hw_lib.load_hw(_HW.value)
+  except hw_lib.HwError as e:
+    raise UsageError(f"--hw: {e}") from None
+  model, model_kwargs = load_model(_MODEL.value, _MODEL_KWARGS.value)
+  specs = trace.trace_specs(model)
+  names = [s.name for s in specs]
+  try:
+    if _POLICY.value is not None:
+      flag = "--policy"
+      pol = policy_lib.load_policy(_POLICY.value, len(specs), layer_names=names)
+    else:
+      flag = "--uniform"
+      w, a = parse_uniform(_UNIFORM.value)
+      pol = policy_lib.validate_policy(
+        policy_lib.uniform_policy(len(specs), w, a), len(specs), layer_names=names
+      )
+  except policy_lib.PolicyError as e:
+    raise UsageError(f"{flag}: {e}") from None
+  variables = load_variables(model, _CHECKPOINT.value, _SEED.value)
+  return model, variables, pol, hw, model_kwargs
+
+
+def run_compile(argv_rest: list[str]) -> tuple[dict[str, Any], bool]:
+  """Does the work of :func:`main` from the parsed flags; returns ``(summary, ok)``."""
+  if argv_rest:
+    raise UsageError(f"unexpected arguments: {' '.join(argv_rest)}")
+  from cimjax import compile as cc
+
+  adc_bits, noise = _check_flags()
   if _PROGRAM.value is not None:
-    for f in (_POLICY, _CHECKPOINT):
-      if f.present:
-        raise UsageError(f"--{f.name} cannot be combined with --program")
-    try:
-      program = cc.load_program(_PROGRAM.value)
-      model = cc.program_model(program)
-    except cc.ProgramError as e:
-      raise UsageError(f"--program: {e}") from None
+    program, model = _saved_program()
     variables = None
   else:
-    if _WORKDIR.value is None:
-      raise UsageError("--workdir is required (or --program to re-run a saved program)")
-    if _POLICY.value is not None and _UNIFORM.present:
-      raise UsageError("--policy and --uniform are mutually exclusive; give one of them")
-    try:
-      hw = hw_lib.load_hw(_HW.value)
-    except hw_lib.HwError as e:
-      raise UsageError(f"--hw: {e}") from None
-    model, model_kwargs = load_model(_MODEL.value, _MODEL_KWARGS.value)
-    specs = trace.trace_specs(model)
-    names = [s.name for s in specs]
-    try:
-      if _POLICY.value is not None:
-        flag = "--policy"
-        pol = policy_lib.load_policy(_POLICY.value, len(specs), layer_names=names)
-      else:
-        flag = "--uniform"
-        w, a = parse_uniform(_UNIFORM.value)
-        pol = policy_lib.validate_policy(
-          policy_lib.uniform_policy(len(specs), w, a), len(specs), layer_names=names
-        )
-    except policy_lib.PolicyError as e:
-      raise UsageError(f"{flag}: {e}") from None
-    variables = load_variables(model, _CHECKPOINT.value, _SEED.value)
+    model, variables, pol, hw, model_kwargs = _model_inputs()
     program = None
   eval_data = load_eval_data(_DATASET.value, model, _EVAL_IMAGES.value)
   adc_frac = None
@@ -386,22 +407,15 @@ def run_compile(argv_rest: list[str]) -> tuple[dict[str, Any], bool]:
   return res.summary, res.report.ok
 
 
-def _fail(msg: str) -> None:
-  print(f"{PROG}: error: {msg}", file=sys.stderr)
-  sys.stderr.flush()
-  # A failed orbax restore leaves background coroutines whose teardown tracebacks would
-  # follow the one error line; the error has been reported, so skip interpreter teardown.
-  os._exit(2)
-
-
 def main(argv: list[str]) -> None:
   """absl main."""
   logging.set_verbosity(logging.WARNING)
   try:
     summary, ok = run_compile(list(argv[1:]))
-  except UsageError as e:
-    _fail(str(e))
-    return
+  except CimjaxError as e:
+    # A failed orbax restore leaves background coroutines whose teardown tracebacks would
+    # follow the one error line; the error has been reported, so skip interpreter teardown.
+    cli_lib.fail(PROG, e, hard=True)
   if _JSON.value:
     print(json.dumps(summary))
   else:
@@ -417,7 +431,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, "cimjax-compile"))
+  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, PROG))
 
 
 if __name__ == "__main__":

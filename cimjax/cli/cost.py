@@ -1,10 +1,11 @@
 """Latency and energy of a zoo model on a CIM hardware target, per layer.
 
-Usage (from the repository root, or as the ``cimjax-cost`` console script)::
+Usage (the ``cimjax-cost`` console script; ``python -m launch.cost`` from the repository
+root is the same)::
 
-  python -m launch.cost --model=vgg16 --hw=rram_256_c4               # uniform 8/8
-  python -m launch.cost --model=small_cnn --hw=rram_64_c2 --uniform=4,4
-  python -m launch.cost --model=resnet18 --hw=hw/rram_256_c2.toml --policy=best.npy --json
+  cimjax-cost --model=vgg16 --hw=rram_256_c4               # uniform 8/8
+  cimjax-cost --model=small_cnn --hw=rram_64_c2 --uniform=4,4
+  cimjax-cost --model=resnet18 --hw=hw/rram_256_c2.toml --policy=best.npy --json
 
 Prints a per-layer table (name, type, m, n, invocations, repeat, w/a bits, tiles, latency in
 microseconds, energy in picojoules) with totals and the speedup over uniform 8/8, or with
@@ -15,13 +16,13 @@ microseconds, energy in picojoules) with totals and the speedup over uniform 8/8
    "baseline_latency_us", "speedup", "total_energy_pj"}
 
 Errors in the inputs (unknown model or target, missing file, a policy that does not fit the
-model) print one line on stderr and exit with status 2.
+model; any :class:`cimjax.errors.CimjaxError`) print one line ``cimjax-cost: error: ...`` on
+stderr and exit with status 2.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 from absl import app, flags
@@ -30,7 +31,7 @@ from cimjax import cli as cli_lib
 from cimjax import cost, models, trace
 from cimjax import hw as hw_lib
 from cimjax import policy as policy_lib
-from cimjax.cli import UsageError, parse_uniform
+from cimjax.cli import CimjaxError, UsageError, parse_uniform
 
 FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
 _MODEL = flags.DEFINE_string(
@@ -48,7 +49,7 @@ _POLICY = flags.DEFINE_string(
   "Policy .npy file (int [L, 2] of weight/activation bits, CIM-AQ format).",
   flag_values=FLAGS,
 )
-_UNIFORM = flags.DEFINE_string(
+_UNIFORM = flags.DEFINE_list(
   "uniform",
   "8,8",
   "Uniform policy W,A for every layer (used when --policy is not given).",
@@ -182,11 +183,6 @@ def format_table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _fail(msg: str) -> None:
-  print(f"{PROG}: error: {msg}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
   """absl main: prints the report of the flags' model, target and policy."""
   try:
@@ -196,9 +192,8 @@ def main(argv: list[str]) -> None:
       raise UsageError("--policy and --uniform are mutually exclusive; give one of them")
     uniform = None if _POLICY.value is not None else parse_uniform(_UNIFORM.value)
     report = build_report(_MODEL.value, _HW.value, _POLICY.value, uniform)
-  except UsageError as e:
-    _fail(str(e))
-    return
+  except CimjaxError as e:
+    cli_lib.fail(PROG, e)
   if _JSON.value:
     print(json.dumps(report))
   else:
@@ -207,7 +202,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``cimjax-cost``)."""
-  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, "cimjax-cost"))
+  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, PROG))
 
 
 if __name__ == "__main__":

@@ -11,22 +11,30 @@ Examples::
   cimjax --workdir=runs/c4 --hw=rram_256_c4     # the reference work's target
   cimjax --stages=search,finetune,evaluate,compile,report --config.search.budget=3000
   cimjax --from_policy=policy.npy --workdir=runs/given   # skip the search
-  cimjax --config=train/run_resnet20_fashion.py --workdir=runs/r20
+  cimjax --config=train/run_tiny.py --workdir=runs/tiny      # a config file (about a minute)
+  cimjax --config=train/resnet20_fashion.py --workdir=runs/r20 --stages=fp32,int8,anyprec
 
-Exit status 0 on success; 2 with one line on stderr for bad input (flag, config field, data,
-policy file, hardware target).
+``--config`` is a run config (``get_config()`` file; see :mod:`cimjax.configs`), default the
+embedded one (``cimjax/configs/default_run.py``); any field can be overridden with
+``--config.<field>=<value>`` (e.g. ``--config.train.fp32.epochs=1``).
+
+Exit status 0 on success; 2 with one line ``error: ...`` on stderr for bad input (flag, config
+field, data, policy file, hardware target: any :class:`cimjax.errors.CimjaxError`).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cimjax import cli as cli_lib
 from cimjax.configs import DEFAULT_RUN
+from cimjax.errors import CimjaxError
 
 FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
 config_flags.DEFINE_config_file(
@@ -62,16 +70,8 @@ flags.DEFINE_integer(
 )
 
 
-def main(argv: Sequence[str]) -> None:
-  """absl entry point."""
-  if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  from cimjax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from cimjax import hw as hw_lib
-  from cimjax import pipeline
-  from cimjax import policy as policy_lib
-  from cimjax import train as train_lib
-
+def run_config() -> ml_collections.ConfigDict:
+  """``--config`` with ``--from_policy``, ``--hw`` and ``--budget`` applied."""
   config = FLAGS.config
   if FLAGS.from_policy:
     config.from_policy = FLAGS.from_policy
@@ -81,30 +81,28 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.budget < 1:
       _fail(f"--budget = {FLAGS.budget}; allowed: an integer >= 1")
     config.search.budget = FLAGS.budget
-  stages = FLAGS.stages or list(pipeline.STAGES)
+  return config
+
+
+def main(argv: Sequence[str]) -> None:
+  """absl entry point: runs the pipeline (:class:`cimjax.pipeline.Pipeline`) the flags describe."""
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  from cimjax import pipeline  # pylint: disable=g-import-not-at-top
+
+  config = run_config()
   logging.set_verbosity(logging.WARNING)
   try:
     pipe = pipeline.Pipeline(config, FLAGS.workdir)
-    print(
-      f"cimjax run: {config.train.model} on {config.train.data.name}, target "
-      f"{pipe.hw.name}, workdir {FLAGS.workdir}, devices {pipeline.device_summary()}",
-      flush=True,
-    )
-    report = pipe.run(stages)
-  except (
-    pipeline.PipelineError,
-    hw_lib.HwError,
-    policy_lib.PolicyError,
-    train_lib.ConfigError,
-    train_lib.StageError,
-    data_lib.DataError,
-  ) as e:
-    _fail(str(e).splitlines()[0])
+    print(pipe.describe(), flush=True)
+    report = pipe.run(FLAGS.stages or pipeline.STAGES)
+  except CimjaxError as e:
+    _fail(cli_lib.one_line(e))
   if report is not None:
     print(f"report: {FLAGS.workdir}/report.md")
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
   print(f"error: {msg}", file=sys.stderr)
   sys.exit(2)
 
@@ -112,3 +110,7 @@ def _fail(msg: str) -> None:
 def run() -> None:
   """Console-script entry point (``cimjax``)."""
   app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, "cimjax"))
+
+
+if __name__ == "__main__":
+  run()

@@ -11,14 +11,18 @@ Usage (from the repository root)::
   python -m launch.search --workdir=/tmp/s --accuracy=synthetic --model=vit_b32 \
       --hw=rram_256_c4 --agent=pg --budget=3000
 
-``--config`` is a training config (``train/*.py``): it names the model and the data splits
-(the search runs on the search-validation split ``val``; the best candidates are re-evaluated
-on ``test``, or ``--final_split=none``). Without ``--config`` the defaults of
-:func:`cimjax.train.default_config` are used (small CNN, Fashion-MNIST). The search state is
-checkpointed in ``WORKDIR/checkpoints`` and an interrupted run resumes from it. Outputs in
-``WORKDIR``: ``best_policy.npy`` (CIM-AQ format), ``report.json`` (accuracy, latency, energy,
-speedup over 8/8, evaluations used, wall time), ``pareto.json``, ``history.npz`` and the plots
-``pareto.png``, ``bits.png``, ``latency.png``. The report is also printed as one JSON object.
+This is the run's search stage (:func:`cimjax.stages.run_search_stage`) on its own. ``--config``
+is a run config (``train/*.py``, :mod:`cimjax.configs`); its ``train`` part names the model and
+the data splits (``--config.<field>`` overrides a field of that part); the search settings come
+from the flags. The search runs on the search-validation split ``val``; the best candidates are
+re-evaluated on ``test`` (reported only: the choice stays the search's winner), or
+``--final_split=none``. Without ``--config`` the embedded run config is used (small CNN,
+Fashion-MNIST). The search state is checkpointed in ``WORKDIR/checkpoints`` and an interrupted
+run resumes from it. Outputs in ``WORKDIR``: ``best_policy.npy`` (CIM-AQ format),
+``chosen_policy.npy`` (the same policy, as the run's search stage writes it), ``report.json``
+(accuracy, latency, energy, speedup over 8/8, evaluations used, wall time), ``pareto.json``,
+``history.npz`` and the plots ``pareto.png``, ``bits.png``, ``latency.png``. The report is also
+printed as one JSON object.
 
 Several processes (``--num_processes``/``--process_id``/``--coordinator_address``, or
 ``--distributed`` on a TPU pod or SLURM cluster) run the same search and split every batch's
@@ -30,7 +34,9 @@ Exit status 0 on success; 2 with one line on stderr naming the flag for a usage 
 from __future__ import annotations
 
 import json
+import re
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +44,8 @@ from typing import Any
 from absl import app, flags, logging
 
 from cimjax import cli as cli_lib
-from cimjax.cli import UsageError
+from cimjax import configs
+from cimjax.errors import CimjaxError, UsageError
 
 PROG = "launch.search"
 AGENTS = ("pg", "ddpg", "random", "exhaustive")
@@ -47,157 +54,312 @@ ACCURACY = ("data", "synthetic")
 MODES = ("auto", "loop", "scan")
 FINAL_SPLITS = ("test", "none")
 SYNTHETIC_KINDS = ("additive", "saturating", "interaction")
+_CONFIG_HELP = (
+  "Run config file (train/*.py with get_config()): the model and data of its train part; "
+  "override a field of that part with --config.<field>=<value>."
+)
+
+FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
+configs.define_config_flag(FLAGS, _CONFIG_HELP)
+flags.DEFINE_string("workdir", None, "Output and checkpoint directory.", flag_values=FLAGS)
+flags.DEFINE_string(
+  "hw", "rram_256_c4", "Hardware target: a name from hw/ or a .toml path.", flag_values=FLAGS
+)
+flags.DEFINE_enum("agent", "pg", AGENTS, "Search agent.", flag_values=FLAGS)
+flags.DEFINE_float(
+  "acc_drop",
+  0.5,
+  "Allowed accuracy drop from INT8 in percentage points.",
+  lower_bound=0.0,
+  flag_values=FLAGS,
+)
+flags.DEFINE_enum("constraint", "both", CONSTRAINTS, "Constraint variant.", flag_values=FLAGS)
+flags.DEFINE_integer(
+  "budget",
+  600,
+  "Unique accuracy evaluations (exhaustive: 0 = the whole space).",
+  lower_bound=0,
+  flag_values=FLAGS,
+)
+flags.DEFINE_enum("accuracy", "data", ACCURACY, "Accuracy source.", flag_values=FLAGS)
+flags.DEFINE_string(
+  "checkpoint",
+  None,
+  "Directory of the any-precision model (launch.train's WORKDIR/anyprec or its variables/); "
+  "required with --accuracy=data.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "model",
+  None,
+  "Zoo model (overrides the config's model; e.g. for synthetic runs).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer("seed", 0, "Search seed.", lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_enum("mode", "auto", MODES, "Search loop.", flag_values=FLAGS)
+flags.DEFINE_integer(
+  "population",
+  0,
+  "Candidates per iteration (0: the agent's default).",
+  lower_bound=0,
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "min_bits", 2, "Smallest bit-width.", lower_bound=1, upper_bound=8, flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  "max_bits", 8, "Largest bit-width.", lower_bound=1, upper_bound=8, flag_values=FLAGS
+)
+flags.DEFINE_enum(
+  "final_split",
+  "test",
+  FINAL_SPLITS,
+  "Split re-evaluating the best candidates (reported; the choice stays the search's winner).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "final_top_k",
+  5,
+  "Best candidates re-evaluated on the final split.",
+  lower_bound=1,
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "search_images",
+  0,
+  "Use only the first N images of the search split (0: all).",
+  lower_bound=0,
+  flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+  "synthetic_kind", "additive", SYNTHETIC_KINDS, "Synthetic model.", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  "synthetic_seed", 0, "Seed of the synthetic sensitivities.", lower_bound=0, flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  "checkpoint_every",
+  0,
+  "Iterations between search checkpoints (0: at the end).",
+  lower_bound=0,
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "Multi-process runs: host:port of process 0 for jax.distributed.initialize (omit on Cloud "
+  "TPU / SLURM, where it is detected).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "num_processes",
+  1,
+  "Multi-process runs: number of processes (1: single process).",
+  lower_bound=1,
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "process_id", 0, "Multi-process runs: this process's index.", lower_bound=0, flag_values=FLAGS
+)
+flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Call jax.distributed.initialize() with the environment's defaults (Cloud TPU pods, SLURM "
+  "GPU clusters).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_bool("progress", True, "Show a progress bar on a terminal.", flag_values=FLAGS)
+flags.DEFINE_bool("plots", True, "Write PNG plots.", flag_values=FLAGS)
 
 
-def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
-  fv = cli_lib.config_flag_values(
-    argv,
-    "Training config file (train/*.py with get_config()): model and data; "
-    "override fields with --config.<field>=<value>.",
-  )
-  d = lambda *a, **k: flags.DEFINE_string(*a, flag_values=fv, **k)  # noqa: E731
-  d("workdir", None, "Output and checkpoint directory.")
-  d("hw", "rram_256_c4", "Hardware target: a name from hw/ or a .toml path.")
-  d("agent", "pg", f"Search agent: {'|'.join(AGENTS)}.")
-  d("acc_drop", "0.5", "Allowed accuracy drop from INT8 in percentage points.")
-  d("constraint", "both", f"Constraint variant: {'|'.join(CONSTRAINTS)}.")
-  d("budget", "600", "Unique accuracy evaluations (exhaustive: 0 = the whole space).")
-  d("accuracy", "data", f"Accuracy source: {'|'.join(ACCURACY)}.")
-  d(
-    "checkpoint",
-    None,
-    "Directory of the any-precision model (launch.train's WORKDIR/anyprec "
-    "or its variables/); required with --accuracy=data.",
-  )
-  d("model", None, "Zoo model (overrides the config's model; e.g. for synthetic runs).")
-  d("seed", "0", "Search seed.")
-  d("mode", "auto", f"Search loop: {'|'.join(MODES)}.")
-  d("population", "0", "Candidates per iteration (0: the agent's default).")
-  d("min_bits", "2", "Smallest bit-width.")
-  d("max_bits", "8", "Largest bit-width (<= 8).")
-  d("final_split", "test", f"Split re-evaluating the best candidates: {'|'.join(FINAL_SPLITS)}.")
-  d("search_images", "0", "Use only the first N images of the search split (0: all).")
-  d("synthetic_kind", "additive", f"Synthetic model: {'|'.join(SYNTHETIC_KINDS)}.")
-  d("synthetic_seed", "0", "Seed of the synthetic sensitivities.")
-  d("checkpoint_every", "0", "Iterations between search checkpoints (0: at the end).")
-  d(
-    "coordinator_address",
-    None,
-    "Multi-process runs: host:port of process 0 for "
-    "jax.distributed.initialize (omit on Cloud TPU / SLURM, where it is detected).",
-  )
-  d("num_processes", "1", "Multi-process runs: number of processes (1: single process).")
-  d("process_id", "0", "Multi-process runs: this process's index.")
-  flags.DEFINE_bool(
-    "distributed",
-    False,
-    "Call jax.distributed.initialize() with the "
-    "environment's defaults (Cloud TPU pods, SLURM GPU clusters).",
-    flag_values=fv,
-  )
-  flags.DEFINE_bool("progress", True, "Show a progress bar on a terminal.", flag_values=fv)
-  flags.DEFINE_bool("plots", True, "Write PNG plots.", flag_values=fv)
-  return fv
+def _allowed(flag: flags.Flag) -> str:
+  """What a typed flag accepts, in words."""
+  p = flag.parser
+  if isinstance(p, flags.EnumParser):
+    return ", ".join(p.enum_values)
+  lo, hi = getattr(p, "lower_bound", None), getattr(p, "upper_bound", None)
+  if isinstance(p, flags.IntegerParser):
+    if lo is None:
+      return "an integer"
+    return f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
+  return f"numbers >= {lo:g}" if lo is not None else "numbers"
+
+
+def _flag_message(message: str) -> str:
+  """absl's ``flag --NAME=VALUE: ...`` as ``--NAME=VALUE: allowed values are ...``."""
+  m = re.match(r"flag --(\w+)=(.*?): ", message)
+  if not m or m.group(1) not in FLAGS or m.group(1) == "config":
+    return message
+  return f"--{m.group(1)}={m.group(2)}: allowed values are {_allowed(FLAGS[m.group(1)])}"
 
 
 def parse_args(argv: Sequence[str]) -> flags.FlagValues:
-  """Parses the command line (program name first) into a fresh ``FlagValues``.
+  """Parses the command line (program name first) into :data:`FLAGS` and loads the config.
 
   Raises:
-    UsageError: unknown flag, config file that does not load, missing required flag.
+    UsageError: unknown flag, bad flag value, config file that does not load, missing
+      required flag.
   """
-  return cli_lib.parse_config_args(_define_flags(argv), argv)
-
-
-parse_flags = cli_lib.usage_parser(parse_args, PROG)
-
-
-def _choice(fv: flags.FlagValues, name: str, allowed: Sequence[str]) -> str:
-  v = fv[name].value
-  if v not in allowed:
-    raise UsageError(f"--{name}={v}: allowed values are {', '.join(allowed)}")
-  return v
-
-
-def _int(fv: flags.FlagValues, name: str, lo: int | None = None, hi: int | None = None) -> int:
-  v = fv[name].value
+  argv, renamed = configs.expand_train_overrides(argv)
+  configs.define_config_flag(FLAGS, _CONFIG_HELP, argv)
   try:
-    i = int(v)
-  except (TypeError, ValueError):
-    i = None
-  if i is None or (lo is not None and i < lo) or (hi is not None and i > hi):
-    rng = (
-      (f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}")
-      if lo is not None
-      else "an integer"
-    )
-    raise UsageError(f"--{name}={v}: allowed values are {rng}")
-  return i
+    return cli_lib.parse_config_args(FLAGS, argv)
+  except UsageError as e:
+    raise UsageError(_flag_message(configs.restore_names(str(e), renamed))) from None
 
 
-def _float(fv: flags.FlagValues, name: str, lo: float = 0.0) -> float:
-  v = fv[name].value
-  try:
-    x = float(v)
-  except (TypeError, ValueError):
-    x = None
-  if x is None or not x >= lo or x != x:
-    raise UsageError(f"--{name}={v}: allowed values are numbers >= {lo:g}")
-  return x
+def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
+  """An ``absl.app.run`` flags parser: ``--help`` lists the flags; bad input exits with 2."""
+  if any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
+    print(f"usage: {PROG} [flags]\n\n{FLAGS.get_help()}")
+    sys.exit(0)
+  return cli_lib.usage_parser(parse_args, PROG)(argv)
 
 
-class Settings(dict):
-  """Validated flag values (a dict, for the report)."""
-
-
-def validate(fv: flags.FlagValues) -> Settings:
-  """Checks every flag; raises :class:`UsageError` naming the first bad one."""
-  s = Settings()
-  s["agent"] = _choice(fv, "agent", AGENTS)
-  s["constraint"] = _choice(fv, "constraint", CONSTRAINTS)
-  s["accuracy"] = _choice(fv, "accuracy", ACCURACY)
-  s["mode"] = _choice(fv, "mode", MODES)
-  s["final_split"] = _choice(fv, "final_split", FINAL_SPLITS)
-  s["synthetic_kind"] = _choice(fv, "synthetic_kind", SYNTHETIC_KINDS)
-  s["acc_drop"] = _float(fv, "acc_drop", 0.0)
-  s["budget"] = _int(fv, "budget", 0)
-  if s["budget"] == 0 and s["agent"] != "exhaustive":
+def check_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """The checks that involve more than one flag; raises :class:`UsageError` naming the flag."""
+  if not fv.acc_drop >= 0:  # NaN
+    raise UsageError(f"--acc_drop={fv.acc_drop}: allowed values are numbers >= 0")
+  if fv.budget == 0 and fv.agent != "exhaustive":
     raise UsageError(
       "--budget=0: allowed values are integers >= 1 (0 only with --agent=exhaustive)"
     )
-  s["seed"] = _int(fv, "seed", 0)
-  s["population"] = _int(fv, "population", 0)
-  if s["population"] == 1 and s["agent"] == "pg":
+  if fv.population == 1 and fv.agent == "pg":
     raise UsageError("--population=1: allowed values are 0 (default) or >= 2 for --agent=pg")
-  s["min_bits"] = _int(fv, "min_bits", 1, 8)
-  s["max_bits"] = _int(fv, "max_bits", 1, 8)
-  if s["min_bits"] > s["max_bits"]:
+  if fv.min_bits > fv.max_bits:
+    raise UsageError(f"--min_bits={fv.min_bits}: allowed values are 1..--max_bits ({fv.max_bits})")
+  if fv.process_id >= fv.num_processes:
     raise UsageError(
-      f"--min_bits={s['min_bits']}: allowed values are 1..--max_bits ({s['max_bits']})"
+      f"--process_id={fv.process_id}: allowed values are an integer in 0..{fv.num_processes - 1}"
     )
-  s["search_images"] = _int(fv, "search_images", 0)
-  s["synthetic_seed"] = _int(fv, "synthetic_seed", 0)
-  s["checkpoint_every"] = _int(fv, "checkpoint_every", 0)
-  s["num_processes"] = _int(fv, "num_processes", 1)
-  s["process_id"] = _int(fv, "process_id", 0, s["num_processes"] - 1)
-  s["coordinator_address"] = fv["coordinator_address"].value
-  s["distributed"] = fv["distributed"].value or s["num_processes"] > 1
-  if s["num_processes"] > 1 and not s["coordinator_address"]:
+  if fv.num_processes > 1 and not fv.coordinator_address:
     raise UsageError(
       "--num_processes > 1 needs --coordinator_address=HOST:PORT (or use "
       "--distributed where the cluster is detected)"
     )
-  s["workdir"] = fv["workdir"].value
-  s["checkpoint"] = fv["checkpoint"].value
-  s["hw"] = fv["hw"].value
-  s["model"] = fv["model"].value
-  if s["accuracy"] == "data" and not s["checkpoint"]:
+  if fv.accuracy == "data" and not fv.checkpoint:
     raise UsageError(
       "--checkpoint is required with --accuracy=data (the any-precision model "
       "directory, e.g. WORKDIR/anyprec of launch.train); or use "
       "--accuracy=synthetic"
     )
-  return s
+
+
+def _init_distributed(fv: flags.FlagValues) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  # CPU collectives (tests, CPU clusters); accelerators use their own. Must precede any call
+  # that initialises a backend.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kw = {}
+  if fv.num_processes > 1:
+    kw = {
+      "coordinator_address": fv.coordinator_address,
+      "num_processes": fv.num_processes,
+      "process_id": fv.process_id,
+    }
+  jax.distributed.initialize(**kw)
+
+
+def run_config(fv: flags.FlagValues = FLAGS) -> Any:
+  """The run config of the flags: ``--config`` (default: the embedded one) with the search
+  settings, the target and the model of the flags."""
+  from cimjax import models as models_lib  # pylint: disable=g-import-not-at-top
+  from cimjax import pipeline  # pylint: disable=g-import-not-at-top
+
+  config = fv.config if fv["config"].value is not None else pipeline.default_config()
+  if fv.model:
+    if fv.model not in models_lib.MODEL_NAMES:
+      raise UsageError(
+        f"--model={fv.model}: allowed values are {', '.join(models_lib.MODEL_NAMES)}"
+      )
+    config.train.model = fv.model
+  config.hw = fv.hw
+  for name in ("agent", "budget", "acc_drop", "constraint", "seed", "mode", "population"):
+    config.search[name] = fv[name].value
+  config.search.search_images = fv.search_images
+  config.search.final_top_k = fv.final_top_k
+  return config
+
+
+def _load_hw(fv: flags.FlagValues) -> Any:
+  from cimjax import hw as hw_lib  # pylint: disable=g-import-not-at-top
+
+  try:
+    target = hw_lib.load_hw(fv.hw)
+  except hw_lib.HwError as e:
+    raise UsageError(f"--hw: {cli_lib.one_line(e)}") from None
+  if fv.constraint in ("weight", "both") and fv.max_bits < target.cell_bits:
+    raise UsageError(
+      f"--max_bits={fv.max_bits}: allowed values are >= cell_bits "
+      f"({target.cell_bits}) with --constraint={fv.constraint}"
+    )
+  return target
+
+
+def _data_task(config: Any, target: Any, fv: flags.FlagValues) -> Any:
+  """The search on ``val`` with the any-precision model in ``--checkpoint``."""
+  from cimjax import stages  # pylint: disable=g-import-not-at-top
+  from cimjax import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  t = config.train
+  try:
+    splits = train_lib.load_splits(t)
+    model = train_lib.build_model(t, splits)
+  except (CimjaxError, ValueError) as e:
+    raise UsageError(f"--config: {cli_lib.one_line(e)}") from None
+  try:
+    variables = train_lib.load_variables(fv.checkpoint, model)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(
+      f"--checkpoint={fv.checkpoint}: cannot load the model variables ({cli_lib.one_line(e)})"
+    ) from None
+  if len(splits.val) == 0:
+    raise UsageError("--config: the search-validation split is empty (config.data.val_size)")
+  return stages.data_task(
+    model,
+    variables,
+    splits,
+    target,
+    search_images=fv.search_images,
+    final_split=fv.final_split,
+    batch_size=t.eval_batch_size,
+  )
+
+
+def _synthetic_task(config: Any, target: Any, fv: flags.FlagValues) -> Any:
+  """The search on a synthetic accuracy model of the config's model."""
+  from cimjax import models as models_lib  # pylint: disable=g-import-not-at-top
+  from cimjax import stages  # pylint: disable=g-import-not-at-top
+
+  t = config.train
+  kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in t.model_kwargs.to_dict().items()}
+  try:
+    model = models_lib.get_model(t.model, **kw)
+  except (TypeError, ValueError) as e:
+    raise UsageError(f"--model: {cli_lib.one_line(e)}") from None
+  return stages.synthetic_task(model, target, kind=fv.synthetic_kind, seed=fv.synthetic_seed)
+
+
+def _check_exhaustive(cfg: Any, task: Any, target: Any) -> int:
+  """The search's budget; checks that an exhaustive search covers its whole space."""
+  from cimjax import search  # pylint: disable=g-import-not-at-top
+
+  space = search.make_space(
+    len(task.specs), cfg.constraint, target.cell_bits, cfg.min_bits, cfg.max_bits
+  )
+  budget = cfg.budget or space.size
+  if cfg.agent == "exhaustive" and space.size > budget:
+    raise UsageError(
+      f"--budget={budget}: --agent=exhaustive needs the whole space "
+      f"({space.size:.4g} policies) in the budget; use --budget=0 or a smaller "
+      f"space (--constraint=both)"
+    )
+  if cfg.agent == "exhaustive" and space.size >= 2**31:
+    raise UsageError(
+      f"--agent=exhaustive: the space has {space.size:.4g} policies; allowed are spaces below 2^31"
+    )
+  return budget
 
 
 def _progress_bar(enabled: bool, total: int):
@@ -228,8 +390,6 @@ def _log_progress():
   last = {"t": 0.0}
 
   def update(iteration: int, used: int, budget: int, best: float) -> None:
-    import time  # pylint: disable=g-import-not-at-top
-
     now = time.time()
     if now - last["t"] > 10.0 or used >= budget:
       last["t"] = now
@@ -240,164 +400,47 @@ def _log_progress():
   return update
 
 
-def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
+def run_from_flags(fv: flags.FlagValues = FLAGS) -> dict[str, Any]:
   """Runs the search the flags describe; returns the report dict.
 
   Raises:
-    UsageError: anything the user can fix (exit status 2).
+    CimjaxError: anything the user can fix (exit status 2).
   """
-  s = validate(fv)
+  check_flags(fv)
+  if fv.distributed or fv.num_processes > 1:
+    _init_distributed(fv)
   import jax  # pylint: disable=g-import-not-at-top
 
-  if s["distributed"]:
-    # CPU collectives (tests, CPU clusters); accelerators use their own. Must precede any
-    # call that initialises a backend.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kw = {}
-    if s["num_processes"] > 1:
-      kw = {
-        "coordinator_address": s["coordinator_address"],
-        "num_processes": s["num_processes"],
-        "process_id": s["process_id"],
-      }
-    jax.distributed.initialize(**kw)
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cimjax import stages  # pylint: disable=g-import-not-at-top
 
-  from cimjax import cost as cost_lib  # pylint: disable=g-import-not-at-top
-  from cimjax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from cimjax import hw as hw_lib  # pylint: disable=g-import-not-at-top
-  from cimjax import models as models_lib  # pylint: disable=g-import-not-at-top
-  from cimjax import (
-    search,  # pylint: disable=g-import-not-at-top
-    trace,  # pylint: disable=g-import-not-at-top
+  config = run_config(fv)
+  target = _load_hw(fv)
+  build = _data_task if fv.accuracy == "data" else _synthetic_task
+  task = stages.multiprocess(build(config, target, fv))
+  cfg = stages.search_config(
+    config, min_bits=fv.min_bits, max_bits=fv.max_bits, checkpoint_every=fv.checkpoint_every
   )
-  from cimjax import train as train_lib  # pylint: disable=g-import-not-at-top
-
-  config = fv.config if fv["config"].value is not None else train_lib.default_config()
-  if s["model"]:
-    if s["model"] not in models_lib.MODEL_NAMES:
-      raise UsageError(
-        f"--model={s['model']}: allowed values are {', '.join(models_lib.MODEL_NAMES)}"
-      )
-    config.model = s["model"]
+  budget = _check_exhaustive(cfg, task, target)
+  update, stop = _progress_bar(fv.progress and jax.process_index() == 0, budget)
   try:
-    target = hw_lib.load_hw(s["hw"])
-  except hw_lib.HwError as e:
-    raise UsageError(f"--hw: {cli_lib.one_line(e)}") from None
-  if s["constraint"] in ("weight", "both") and s["max_bits"] < target.cell_bits:
-    raise UsageError(
-      f"--max_bits={s['max_bits']}: allowed values are >= cell_bits "
-      f"({target.cell_bits}) with --constraint={s['constraint']}"
-    )
-
-  final = None
-  acc_ref = None
-  if s["accuracy"] == "data":
-    try:
-      splits = train_lib.load_splits(config)
-      model = train_lib.build_model(config, splits)
-    except (data_lib.DataError, train_lib.ConfigError, ValueError) as e:
-      raise UsageError(f"--config: {cli_lib.one_line(e)}") from None
-    try:
-      variables = train_lib.load_variables(s["checkpoint"], model)
-    except Exception as e:  # pylint: disable=broad-except
-      raise UsageError(
-        f"--checkpoint={s['checkpoint']}: cannot load the model variables ({cli_lib.one_line(e)})"
-      ) from None
-    val = splits.val
-    if len(val) == 0:
-      raise UsageError("--config: the search-validation split is empty (config.data.val_size)")
-    n = s["search_images"] or len(val)
-    accuracy = search.DataAccuracy(
-      model,
-      variables,
-      val.images[:n],
-      val.labels[:n],
-      batch_size=config.eval_batch_size,
-      name="val",
-    )
-    if s["final_split"] == "test" and len(splits.test):
-      final = search.DataAccuracy(
-        model,
-        variables,
-        splits.test.images,
-        splits.test.labels,
-        batch_size=config.eval_batch_size,
-        name="test",
-      )
-  else:
-    try:
-      model = models_lib.get_model(
-        config.model,
-        **{
-          k: (tuple(v) if isinstance(v, list) else v)
-          for k, v in config.model_kwargs.to_dict().items()
-        },
-      )
-    except (TypeError, ValueError) as e:
-      raise UsageError(f"--model: {cli_lib.one_line(e)}") from None
-    accuracy = search.SyntheticAccuracy(
-      trace.trace_specs(model), kind=s["synthetic_kind"], seed=s["synthetic_seed"]
-    )
-  if jax.process_count() > 1:
-    # every process runs the same search; each batch's evaluations are split between them
-    accuracy = search.MultiProcessAccuracy(accuracy)
-    if final is not None:
-      final = search.MultiProcessAccuracy(final)
-  specs = trace.trace_specs(model)
-  tables = cost_lib.cost_tables(specs, target, xp=np)
-  cfg = search.SearchConfig(
-    agent=s["agent"],
-    budget=s["budget"],
-    acc_drop=s["acc_drop"],
-    constraint=s["constraint"],
-    min_bits=s["min_bits"],
-    max_bits=s["max_bits"],
-    seed=s["seed"],
-    mode=s["mode"],
-    population=s["population"],
-    checkpoint_every=s["checkpoint_every"],
-  )
-  space = search.make_space(
-    len(specs), cfg.constraint, target.cell_bits, cfg.min_bits, cfg.max_bits
-  )
-  budget = cfg.budget or space.size
-  if s["agent"] == "exhaustive" and space.size > budget:
-    raise UsageError(
-      f"--budget={budget}: --agent=exhaustive needs the whole space "
-      f"({space.size:.4g} policies) in the budget; use --budget=0 or a smaller "
-      f"space (--constraint=both)"
-    )
-  if s["agent"] == "exhaustive" and space.size >= 2**31:
-    raise UsageError(
-      f"--agent=exhaustive: the space has {space.size:.4g} policies; allowed are spaces below 2^31"
-    )
-  update, stop = _progress_bar(fv["progress"].value and jax.process_index() == 0, budget)
-  if update is None:
-    update = _log_progress()
-  try:
-    result = search.run_search(
-      model,
-      specs,
-      tables,
-      accuracy,
-      cfg,
+    result = stages.run_search_stage(
+      config,
+      fv.workdir,
+      task,
       hw=target,
-      final_accuracy=final,
-      workdir=s["workdir"],
-      progress=update,
-      plots=fv["plots"].value,
-      acc_ref=acc_ref,
+      search=cfg,
+      progress=update or _log_progress(),
+      plots=fv.plots,
     )
   except ValueError as e:
-    raise UsageError(f"--workdir={s['workdir']}: {cli_lib.one_line(e)}") from None
+    raise UsageError(f"--workdir={fv.workdir}: {cli_lib.one_line(e)}") from None
   finally:
     stop()
   if jax.process_index() != 0:
-    return {"process": jax.process_index(), "best_reward": result.best_reward}
-  report = json.loads(Path(s["workdir"], "report.json").read_text())
+    return {"process": jax.process_index(), "best_reward": result["summary"]["best_reward"]}
+  report = json.loads(Path(fv.workdir, "report.json").read_text())
   report.pop("layers", None)
-  report["accuracy_source"] = accuracy.describe()
+  report["accuracy_source"] = task.accuracy.describe()
   return report
 
 
@@ -410,15 +453,15 @@ def main(argv: Sequence[str] | flags.FlagValues) -> int:
   try:
     fv = argv if isinstance(argv, flags.FlagValues) else parse_args(argv)
     report = run_from_flags(fv)
-  except UsageError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
+  except CimjaxError as e:
+    print(f"{PROG}: error: {cli_lib.one_line(e)}", file=sys.stderr)
     return 2
   print(json.dumps(report, sort_keys=True, default=str))
   return 0
 
 
 def run() -> None:
-  """Console-script style entry point."""
+  """Console-script entry point (``cimjax-search``)."""
   app.run(main, flags_parser=parse_flags)
 
 

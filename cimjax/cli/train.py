@@ -8,15 +8,19 @@ Usage (from the repository root)::
   python -m launch.train --config=train/tiny.py --workdir=/tmp/w --stage=finetune \
       --policy=best.npy
 
-``--config`` is a big_vision-style Python file with ``get_config()`` (see ``train/``); any field
-can be overridden with ``--config.<field>=<value>``. Each stage lives in ``WORKDIR/<stage>/``
-(fine-tuning in ``WORKDIR/finetune/<policy file stem>/``) and starts from the previous stage's
-final variables. An interrupted stage resumes from its last checkpoint; a finished stage is
-detected (``result.json``) and not redone. The result JSON is printed on stdout at the end.
+``--config`` is a run config, a big_vision-style Python file with ``get_config()`` (see
+``train/`` and :mod:`cimjax.configs`); this command trains with its ``train`` part. A field of
+that part can be overridden with ``--config.<field>=<value>`` (short for
+``--config.train.<field>=<value>``; the run config's own fields keep their names). Each stage
+lives in ``WORKDIR/<stage>/`` (fine-tuning in ``WORKDIR/finetune/<policy file stem>/``) and
+starts from the previous stage's final variables. An interrupted stage resumes from its last
+checkpoint; a finished stage is detected (``result.json``) and not redone. The result JSON is
+printed on stdout at the end. ``cimjax --stages=fp32,int8,anyprec`` runs the same stages in one
+command.
 
-Exit status 0 on success; 2 with one line on stderr for a usage error: a missing
-prerequisite stage, a bad policy file, an unknown or badly typed config field, a config file
-that does not load, missing data files.
+Exit status 0 on success; 2 with one line ``launch.train: error: ...`` on stderr for bad input
+(any :class:`cimjax.errors.CimjaxError`): a missing prerequisite stage, a bad policy file, an
+unknown or badly typed config field, a config file that does not load, missing data files.
 """
 
 from __future__ import annotations
@@ -28,48 +32,55 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 from absl import app, flags, logging
 
 from cimjax import cli as cli_lib
-from cimjax.cli import UsageError
+from cimjax import configs
+from cimjax.errors import CimjaxError, UsageError
+from cimjax.train import STAGES
 
 PROG = "launch.train"
+_CONFIG_HELP = (
+  "Run config file (train/*.py with get_config()); trains its train part. Override a field "
+  "of that part with --config.<field>=<value>."
+)
 
-
-def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
-  fv = cli_lib.config_flag_values(
-    argv,
-    "Experiment config file (train/*.py with get_config()); override fields "
-    "with --config.<field>=<value>.",
-  )
-  flags.DEFINE_string(
-    "workdir", None, "Experiment directory (one subdirectory per stage).", flag_values=fv
-  )
-  flags.DEFINE_enum(
-    "stage", None, ["fp32", "int8", "anyprec", "finetune"], "Stage to run.", flag_values=fv
-  )
-  flags.DEFINE_string(
-    "policy",
-    None,
-    "Policy .npy (int [L, 2] weight/activation bits) for --stage=finetune.",
-    flag_values=fv,
-  )
-  return fv
+FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
+configs.define_config_flag(FLAGS, _CONFIG_HELP)
+flags.DEFINE_string(
+  "workdir", None, "Experiment directory (one subdirectory per stage).", flag_values=FLAGS
+)
+flags.DEFINE_enum("stage", None, list(STAGES), "Stage to run.", flag_values=FLAGS)
+flags.DEFINE_string(
+  "policy",
+  None,
+  "Policy .npy (int [L, 2] weight/activation bits) for --stage=finetune.",
+  flag_values=FLAGS,
+)
 
 
 def parse_args(argv: Sequence[str]) -> flags.FlagValues:
-  """Parses the command line (program name first) into a fresh ``FlagValues``.
+  """Parses the command line (program name first) into :data:`FLAGS` and loads the config.
 
   Raises:
     UsageError: unknown flag, unknown or badly typed config field, config file that does not
       load, missing required flag.
   """
-  return cli_lib.parse_config_args(
-    _define_flags(argv), argv, required=("config", "workdir", "stage")
-  )
+  argv, renamed = configs.expand_train_overrides(argv)
+  configs.define_config_flag(FLAGS, _CONFIG_HELP, argv)
+  try:
+    return cli_lib.parse_config_args(FLAGS, argv, required=("config", "workdir", "stage"))
+  except UsageError as e:
+    raise UsageError(configs.restore_names(str(e), renamed)) from None
 
 
-parse_flags = cli_lib.usage_parser(parse_args, PROG)
+def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
+  """An ``absl.app.run`` flags parser: ``--help`` lists the flags; bad input exits with 2."""
+  if any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
+    print(f"usage: {PROG} [flags]\n\n{FLAGS.get_help()}")
+    sys.exit(0)
+  return cli_lib.usage_parser(parse_args, PROG)(argv)
 
 
 class _NoOrbaxInfo(py_logging.Filter):
@@ -89,21 +100,31 @@ def _quiet_orbax() -> None:
     handler.addFilter(_NoOrbaxInfo())
 
 
-def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
-  """Runs the stage the flags ask for and returns its result.
+def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The training config of a run config: its ``train`` part.
+
+  Cell bits left at 0 under a constraint that needs them come from the run's target (as the
+  pipeline fills them); the other fields are used as they are.
+  """
+  from cimjax import hw as hw_lib  # pylint: disable=g-import-not-at-top
+
+  t = config.train
+  if t.bits.constraint in ("weight", "both") and not t.bits.cell_bits:
+    t.bits.cell_bits = hw_lib.load_hw(config.hw).cell_bits
+  return t
+
+
+def run_from_flags(fv: flags.FlagValues = FLAGS) -> dict[str, Any]:
+  """Runs the stage the flags ask for (:func:`cimjax.train.run_stage`) and returns its result.
 
   Raises:
-    UsageError: anything the user can fix (exit status 2).
+    CimjaxError: anything the user can fix (exit status 2).
   """
-  # Heavy imports here, so that --help and usage errors are fast.
-  from cimjax import data as data_lib  # pylint: disable=g-import-not-at-top
   from cimjax import policy as policy_lib  # pylint: disable=g-import-not-at-top
   from cimjax import train as train_lib  # pylint: disable=g-import-not-at-top
 
-  config = fv.config
-  stage = fv.stage
   policy = policy_name = None
-  if stage == "finetune":
+  if fv.stage == "finetune":
     if not fv.policy:
       raise UsageError("--stage=finetune needs --policy=FILE.npy")
     try:
@@ -112,11 +133,10 @@ def run_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
       raise UsageError(f"--policy: {cli_lib.one_line(e)}") from None
     policy_name = Path(fv.policy).stem
   elif fv.policy:
-    raise UsageError(f"--policy is only used by --stage=finetune, not --stage={stage}")
-  try:
-    return train_lib.run_stage(config, stage, fv.workdir, policy=policy, policy_name=policy_name)
-  except (train_lib.ConfigError, train_lib.StageError, data_lib.DataError) as e:
-    raise UsageError(cli_lib.one_line(e)) from None
+    raise UsageError(f"--policy is only used by --stage=finetune, not --stage={fv.stage}")
+  return train_lib.run_stage(
+    training_config(fv.config), fv.stage, fv.workdir, policy=policy, policy_name=policy_name
+  )
 
 
 def main(argv: Sequence[str] | flags.FlagValues) -> int:
@@ -129,15 +149,15 @@ def main(argv: Sequence[str] | flags.FlagValues) -> int:
     fv = argv if isinstance(argv, flags.FlagValues) else parse_args(argv)
     _quiet_orbax()
     result = run_from_flags(fv)
-  except UsageError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
+  except CimjaxError as e:
+    print(f"{PROG}: error: {cli_lib.one_line(e)}", file=sys.stderr)
     return 2
   print(json.dumps(result, sort_keys=True))
   return 0
 
 
 def run() -> None:
-  """Console-script style entry point."""
+  """Console-script entry point (``cimjax-train``)."""
   app.run(main, flags_parser=parse_flags)
 
 

@@ -1,7 +1,7 @@
 """Vision Transformer (ViT-B/32 by default) with quantized attention.
 
 Each attention block contributes four quantizable entries in order: the QKV projection, Q.K^T,
-A.V and the output projection; each MLP its two dense layers (DESIGN.md section 1).
+A.V and the output projection; each MLP its two dense layers (docs/architecture.md, section 3).
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ Public API (see the modules for details):
 - accuracy sources: :class:`SyntheticAccuracy`, :class:`DataAccuracy`, :class:`TableAccuracy`,
   :class:`MemoAccuracy`, :class:`MultiProcessAccuracy`, :func:`exhaustive_table`;
 - environment: :class:`SearchEnv`, :func:`evaluate_in_graph`, :class:`History`;
-- agents: :func:`make_pg` (policy gradient, the main agent), :func:`make_ddpg` (CIM-AQ's
-  reference), :func:`make_random`, :func:`make_exhaustive`; exact optima :func:`dp_optimum`,
-  :func:`exhaustive_optimum`;
+- agents: :func:`make_pg` (policy gradient, the main agent; its pieces in
+  :mod:`cimjax.search.reinforce`, :mod:`cimjax.search.planner` and :mod:`cimjax.search.mutation`),
+  :func:`make_ddpg` (CIM-AQ's reference), :func:`make_random`, :func:`make_exhaustive`; exact
+  optima :func:`dp_optimum`, :func:`exhaustive_optimum`;
 - the loop: :func:`run_search`, :func:`search_loop`, :class:`SearchConfig`,
   :class:`SearchResult`; joint search + any-precision training: :func:`run_joint`.
 """
@@ -32,7 +33,7 @@ from cimjax.search.baselines import (
   make_exhaustive,
   make_random,
 )
-from cimjax.search.ddpg import DDPGConfig, DDPGState, action_to_bits, make_ddpg
+from cimjax.search.ddpg import DDPGConfig, DDPGState, ReplayBuffer, action_to_bits, make_ddpg
 from cimjax.search.env import (
   EnvParams,
   EvalOut,
@@ -45,6 +46,8 @@ from cimjax.search.env import (
 )
 from cimjax.search.joint import JointResult, JointState, make_joint_step, run_joint
 from cimjax.search.pg import PGConfig, PGState, make_pg, utilities
+from cimjax.search.planner import ModelState, PlannerConfig
+from cimjax.search.reinforce import ReinforceState
 from cimjax.search.reward import accuracy_target
 from cimjax.search.runner import (
   AGENTS,
@@ -53,6 +56,7 @@ from cimjax.search.runner import (
   SearchResult,
   evals_to_reach,
   make_agent,
+  make_env,
   run_search,
   search_loop,
   write_outputs,
@@ -74,11 +78,15 @@ __all__ = [
   "JointState",
   "LoopState",
   "MODES",
+  "ModelState",
   "MemoAccuracy",
   "MultiProcessAccuracy",
   "Optimum",
   "PGConfig",
   "PGState",
+  "PlannerConfig",
+  "ReinforceState",
+  "ReplayBuffer",
   "SYNTHETIC_KINDS",
   "SearchCheckpointer",
   "SearchConfig",
@@ -103,6 +111,7 @@ __all__ = [
   "make_pg",
   "make_random",
   "make_agent",
+  "make_env",
   "make_space",
   "pareto_front",
   "policy_keys",

@@ -26,6 +26,7 @@ Two implementations with the same semantics:
 
 from __future__ import annotations
 
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -161,9 +162,39 @@ def evaluate_in_graph(
     ``(history, EvalOut)``.
   """
   policies = jnp.asarray(policies, jnp.int32)
-  n = policies.shape[0]
-  cap = history.accuracy.shape[0]
   keys = space_lib.policy_keys(policies)  # [N, K]
+  slot_new, ok_new, slot, valid = _locate(history, keys)
+  policies, acc = _batch_accuracy(acc_fn, policies, sharding)
+  ratio, rew = score(params, acc, policies)
+  history = _write_rows(history, ok_new, slot_new, policies, keys, acc, ratio, rew, iteration)
+  cap = history.accuracy.shape[0]
+  safe = jnp.clip(slot, 0, cap - 1)
+  zero = jnp.zeros((), jnp.float32)
+  out = EvalOut(
+    accuracy=jnp.where(valid, history.accuracy[safe], zero),
+    cost_ratio=jnp.where(valid, history.cost_ratio[safe], ratio),
+    reward=jnp.where(valid, history.reward[safe], zero),
+    valid=valid,
+    new=ok_new,
+    slot=jnp.where(valid, slot, -1).astype(jnp.int32),
+  )
+  return history, out
+
+
+def _locate(history: History, keys: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Where each candidate of a batch stands in the history (jittable).
+
+  Args:
+    history: the history.
+    keys: int32 ``[N, K]`` the candidates' keys.
+
+  Returns:
+    ``(slot_new, ok_new, slot, valid)``, each ``[N]``: the row a new candidate would take, whether
+    it is the first occurrence of a new policy that fits in the budget, the row holding each
+    candidate's values (its own, an earlier one's or the history's) and whether it has one.
+  """
+  n = keys.shape[0]
+  cap = history.accuracy.shape[0]
   filled = jnp.arange(cap) < history.count
   match = jnp.all(keys[:, None, :] == history.keys[None, :, :], axis=-1) & filled[None]
   in_hist = jnp.any(match, axis=1)
@@ -176,20 +207,37 @@ def evaluate_in_graph(
   ok_new = is_new & (slot_new < cap)
   slot = jnp.where(in_hist, hist_idx, slot_new[first_idx])
   valid = in_hist | ok_new[first_idx]
+  return slot_new, ok_new, slot, valid
 
+
+def _batch_accuracy(acc_fn: Any, policies: jax.Array, sharding: Any) -> tuple[jax.Array, jax.Array]:
+  """``(policies, float32 accuracy [N])`` of the whole batch, optionally sharded (jittable)."""
   if sharding is None:
-    acc = jnp.asarray(acc_fn(policies), jnp.float32)
-  else:
-    # only the accuracy function runs sharded over the candidate axis; everything else (the
-    # agent's reductions over candidates included) stays replicated, so results are identical
-    rep = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    policies = jax.lax.with_sharding_constraint(policies, rep)
-    acc = acc_fn(jax.lax.with_sharding_constraint(policies, sharding))
-    acc = jax.lax.with_sharding_constraint(jnp.asarray(acc, jnp.float32), rep)
-  ratio, rew = score(params, acc, policies)
+    return policies, jnp.asarray(acc_fn(policies), jnp.float32)
+  # only the accuracy function runs sharded over the candidate axis; everything else (the
+  # agent's reductions over candidates included) stays replicated, so results are identical
+  rep = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  policies = jax.lax.with_sharding_constraint(policies, rep)
+  acc = acc_fn(jax.lax.with_sharding_constraint(policies, sharding))
+  return policies, jax.lax.with_sharding_constraint(jnp.asarray(acc, jnp.float32), rep)
 
+
+def _write_rows(
+  history: History,
+  ok_new: jax.Array,
+  slot_new: jax.Array,
+  policies: jax.Array,
+  keys: jax.Array,
+  acc: jax.Array,
+  ratio: jax.Array,
+  rew: jax.Array,
+  iteration: jax.Array | int,
+) -> History:
+  """Records the new candidates (``ok_new``) at their rows ``slot_new`` (jittable)."""
+  n = policies.shape[0]
+  cap = history.accuracy.shape[0]
   write = jnp.where(ok_new, slot_new, cap)  # out-of-range rows are dropped
-  history = History(
+  return History(
     policies=history.policies.at[write].set(policies.astype(jnp.int8), mode="drop"),
     keys=history.keys.at[write].set(keys, mode="drop"),
     accuracy=history.accuracy.at[write].set(acc, mode="drop"),
@@ -198,17 +246,6 @@ def evaluate_in_graph(
     iteration=history.iteration.at[write].set(jnp.full((n,), iteration, jnp.int32), mode="drop"),
     count=history.count + jnp.sum(ok_new).astype(jnp.int32),
   )
-  safe = jnp.clip(slot, 0, cap - 1)
-  zero = jnp.zeros((), jnp.float32)
-  out = EvalOut(
-    accuracy=jnp.where(valid, history.accuracy[safe], zero),
-    cost_ratio=jnp.where(valid, history.cost_ratio[safe], ratio),
-    reward=jnp.where(valid, history.reward[safe], zero),
-    valid=valid,
-    new=ok_new,
-    slot=jnp.where(valid, slot, -1).astype(jnp.int32),
-  )
-  return history, out
 
 
 class SearchEnv:
@@ -242,9 +279,6 @@ class SearchEnv:
     acc_ref: float | None = None,
     layer_names: list[str] | None = None,
   ):
-    import time  # pylint: disable=g-import-not-at-top
-
-    self._time = time
     if not isinstance(budget, (int, np.integer)) or budget < 1:
       raise ValueError(f"budget = {budget!r}; allowed: an integer >= 1")
     table = getattr(cost_table, "latency_us", cost_table)
@@ -309,14 +343,36 @@ class SearchEnv:
       pols = pols[None]
     self.space.check(pols, self.layer_names)
     pols = pols.astype(np.int32)
-    n = pols.shape[0]
+    slot, valid, new, todo = self._assign(pols)
+    if todo:
+      self._record(pols[todo], iteration)
     h = self.history
+    safe = np.clip(slot, 0, self.budget - 1)
+    ratio_all = (cost_lib.policy_cost(self.table, pols) / self.baseline).astype(np.float32)
+    return EvalOut(
+      accuracy=np.where(valid, h.accuracy[safe], 0.0).astype(np.float32),
+      cost_ratio=np.where(valid, h.cost_ratio[safe], ratio_all).astype(np.float32),
+      reward=np.where(valid, h.reward[safe], 0.0).astype(np.float32),
+      valid=valid,
+      new=new,
+      slot=slot.astype(np.int32),
+    )
+
+  def _assign(self, pols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """History rows of a batch: cached policies keep theirs, new ones get the next free rows
+    while the budget lasts (repeats within the batch share their first occurrence's).
+
+    Returns:
+      ``(slot int64 [N] (-1: none), valid bool [N], new bool [N], todo)``, ``todo`` the
+      indices of the candidates to evaluate, in batch order.
+    """
+    n = pols.shape[0]
     slot = np.full((n,), -1, np.int64)
     valid = np.zeros((n,), bool)
     new = np.zeros((n,), bool)
     pending: dict[bytes, int] = {}
     todo: list[int] = []
-    count = int(h.count)
+    count = int(self.history.count)
     for i in range(n):
       k = space_lib.policy_bytes(pols[i])
       if k in self._cache:
@@ -329,35 +385,28 @@ class SearchEnv:
         if count + len(todo) < self.budget:
           slot[i], valid[i], new[i] = count + len(todo), True, True
           todo.append(i)
-    if todo:
-      sel = pols[todo]
-      t0 = self._time.perf_counter()
-      acc = np.asarray(self.accuracy(sel), np.float64)
-      self.eval_seconds += self._time.perf_counter() - t0
-      cost = cost_lib.policy_cost(self.table, sel)
-      ratio = cost / self.baseline
-      rew = reward_lib.reward(acc, ratio, self.acc_target, xp=np, speedup=self.baseline / cost)
-      rows = np.arange(count, count + len(todo))
-      h.policies[rows] = sel.astype(np.int8)
-      h.keys[rows] = space_lib.policy_keys(sel, np)
-      h.accuracy[rows] = acc
-      h.cost_ratio[rows] = ratio
-      h.reward[rows] = rew
-      h.iteration[rows] = iteration
-      for r, i in zip(rows, todo):
-        self._cache[space_lib.policy_bytes(pols[i])] = int(r)
-      self.history = h._replace(count=np.asarray(count + len(todo), np.int32))
-      h = self.history
-    safe = np.clip(slot, 0, self.budget - 1)
-    ratio_all = (cost_lib.policy_cost(self.table, pols) / self.baseline).astype(np.float32)
-    return EvalOut(
-      accuracy=np.where(valid, h.accuracy[safe], 0.0).astype(np.float32),
-      cost_ratio=np.where(valid, h.cost_ratio[safe], ratio_all).astype(np.float32),
-      reward=np.where(valid, h.reward[safe], 0.0).astype(np.float32),
-      valid=valid,
-      new=new,
-      slot=slot.astype(np.int32),
-    )
+    return slot, valid, new, todo
+
+  def _record(self, sel: np.ndarray, iteration: int) -> None:
+    """Evaluates new policies ``sel`` (int32 ``[M, L, 2]``) and appends them to the history."""
+    t0 = time.perf_counter()
+    acc = np.asarray(self.accuracy(sel), np.float64)
+    self.eval_seconds += time.perf_counter() - t0
+    cost = cost_lib.policy_cost(self.table, sel)
+    ratio = cost / self.baseline
+    rew = reward_lib.reward(acc, ratio, self.acc_target, xp=np, speedup=self.baseline / cost)
+    h = self.history
+    count = int(h.count)
+    rows = np.arange(count, count + len(sel))
+    h.policies[rows] = sel.astype(np.int8)
+    h.keys[rows] = space_lib.policy_keys(sel, np)
+    h.accuracy[rows] = acc
+    h.cost_ratio[rows] = ratio
+    h.reward[rows] = rew
+    h.iteration[rows] = iteration
+    for r, p in zip(rows, sel):
+      self._cache[space_lib.policy_bytes(p)] = int(r)
+    self.history = h._replace(count=np.asarray(count + len(sel), np.int32))
 
 
 def best_index(

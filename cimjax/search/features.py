@@ -1,7 +1,7 @@
 """Layer and option features the agents condition on.
 
 - :func:`layer_features` / :func:`option_features`: geometry plus hardware-cost features for
-  the policy-gradient agent (CIM-AQ's state has none of the latter, digest G2): each layer's
+  the policy-gradient agent (CIM-AQ's state has none of the latter): each layer's
   share of the 8/8 latency, the latency saved per weight bit and per activation bit, tiles,
   layer type and position; per option (a weight or activation bit-width of a layer), the
   share of the total 8/8 latency that choosing it saves.
@@ -134,7 +134,7 @@ def haq_steps(space: space_lib.SearchSpace) -> list[tuple[int, int]]:
   """The DDPG episode: ``(layer, 0 = weight | 1 = activation)`` for every free decision.
 
   Forced layers (a single option) and single-option halves are skipped: they are not part of
-  the action space (CIM-AQ overwrote them after the episode instead, digest G3).
+  the action space (CIM-AQ overwrote them after the episode instead).
   """
   steps = []
   for l in range(space.num_layers):
@@ -151,7 +151,7 @@ def haq_features(specs: Sequence[LayerSpec], space: space_lib.SearchSpace) -> np
   Columns: layer type, in channels, out channels, stride, kernel size, number of weights,
   input feature-map size, layer index, previous action (bits / max_bits; filled during the
   episode, 0 here), and the weight/activation flag (1 = weight step, 0 = activation step; the
-  reference inverts it after layer 0, digest G2; this is the intended meaning). Columns 1-8
+  reference inverts it after layer 0; this is the intended meaning). Columns 1-8
   are min-max normalised over the steps, as in the reference.
 
   Returns:

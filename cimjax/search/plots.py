@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cimjax import io
 from cimjax.search import env as env_lib
 from cimjax.spec import LayerSpec
 
@@ -30,16 +30,8 @@ def _figure():
 
 
 def _save(fig: Any, path: Path) -> Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-  os.close(fd)
-  try:
+  with io.atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
   return path
 
 

@@ -1,4 +1,4 @@
-"""CIM-AQ's reward (DESIGN.md section 1, digest section B), as pure array functions.
+"""CIM-AQ's reward (docs/architecture.md, section 3), as pure array functions.
 
 With ``acc_t = acc_int8 - allowed_drop`` (percentage points) and
 ``cost_ratio = cost(policy) / cost(8/8)``::
@@ -7,8 +7,8 @@ With ``acc_t = acc_int8 - allowed_drop`` (percentage points) and
   reward = 100 * (1 / cost_ratio - 1) + 0.1 * (acc - acc_t)  otherwise
 
 ``100 * (1 / cost_ratio - 1)`` is 100 x (speedup - 1) for a latency table. The reward jumps by
-about that much at the threshold (digest G4); the agents here see it through rank-based
-utilities (PG) or as is (DDPG, as in the reference).
+about that much at the threshold; the agents here see it through rank-based utilities (PG) or
+as is (DDPG, as in the reference).
 """
 
 from __future__ import annotations

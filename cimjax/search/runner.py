@@ -25,6 +25,7 @@ second accuracy source, and writes the outputs (:func:`write_outputs`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -255,11 +256,8 @@ def search_loop(
     seed: the run's seed.
     mode: ``"auto"``, ``"loop"`` or ``"scan"``.
     max_iters: iteration cap (0: :func:`default_max_iters`).
-    stall_iters: stop after this many iterations without a new evaluation (0: derive it from
-      ``stall_candidates``; negative: never).
-    stall_candidates: with ``stall_iters = 0``, stop after ``ceil(stall_candidates / P)``
-      iterations without a new evaluation: the same number of repeated candidates for every
-      population size (50 iterations of PG's 32, 1,600 episodes of DDPG).
+    stall_iters: stop after this many iterations without a new evaluation (0 or negative:
+      never; :func:`run_search` derives it from ``stall_candidates``).
     checkpointer: resume from its newest checkpoint and save to it.
     checkpoint_every: iterations between checkpoints (0: only at the end).
     scan_chunk: iterations per jitted segment (scan mode).
@@ -279,111 +277,23 @@ def search_loop(
   max_iters = max_iters or default_max_iters(env.budget, agent.population)
   meta = dict(meta or {})
   state = initial_state(agent, env.budget, env.space.num_layers, seed)
-  resumed_from = None
-  if checkpointer is not None and checkpointer.latest_iteration() is not None:
-    state, saved = checkpointer.restore(state)
-    saved_cfg = saved.get("search")
-    if (
-      saved_cfg is not None
-      and meta.get("search") is not None
-      and saved_cfg != json.loads(json.dumps(meta["search"]))
-    ):
-      raise ValueError(
-        f"{checkpointer.directory} holds a search with a different "
-        f"configuration; use another workdir or the same settings"
-      )
-    resumed_from = int(state.iteration)
-    env.set_history(state.history)
-    env.eval_seconds += float(saved.get("eval_s", 0.0))
+  state, saved = _resume(checkpointer, state, meta, env)
+  resumed_from = None if saved is None else int(state.iteration)
   t0 = time.perf_counter()
-  wall_before = (
-    0.0 if checkpointer is None or resumed_from is None else float(saved.get("wall_s", 0.0))
-  )
+  wall_before = 0.0 if saved is None else float(saved.get("wall_s", 0.0))
 
   def save(st: LoopState) -> None:
     if checkpointer is not None:
-      checkpointer.save(
-        st,
-        {
-          **meta,
-          "iteration": int(st.iteration),
-          "used": int(st.history.count),
-          "wall_s": wall_before + time.perf_counter() - t0,
-          "eval_s": env.eval_seconds,
-          "mode": mode,
-        },
-      )
+      wall_s = wall_before + time.perf_counter() - t0
+      checkpointer.save(st, _checkpoint_meta(meta, st, wall_s, env.eval_seconds, mode))
 
   limit = max_iters if stop_after is None else min(max_iters, stop_after)
+  stop = dict(limit=limit, max_iters=max_iters, stall_iters=stall_iters, progress=progress)
   if mode == "scan":
-    chunk = scan_chunk or checkpoint_every or max_iters
-    chunk = max(1, min(chunk, max_iters))
-    acc_fn = env.accuracy.fn
-    segment = make_scan_segment(
-      agent,
-      env.params,
-      acc_fn,
-      length=chunk,
-      max_iters=max_iters,
-      stall_iters=stall_iters,
-      sharding=sharding,
-      progress=progress,
-    )
-    state = state._replace(history=env_lib.History(*(jnp.asarray(x) for x in state.history)))
-    t_eval = time.perf_counter()
-    while not bool(state.done) and int(state.iteration) < limit:
-      if stop_after is not None and int(state.iteration) + chunk > limit:
-        # finish exactly at ``limit`` with a shorter segment (tests of interruption)
-        seg = make_scan_segment(
-          agent,
-          env.params,
-          acc_fn,
-          length=limit - int(state.iteration),
-          max_iters=max_iters,
-          stall_iters=stall_iters,
-          sharding=sharding,
-          progress=progress,
-        )
-        state = seg(state)
-      else:
-        state = segment(state)
-      jax.block_until_ready(state.iteration)
-      save(state)
-    # in scan mode accuracy is computed inside the loop; count its whole time
-    env.eval_seconds += time.perf_counter() - t_eval
-    env.set_history(jax.device_get(state.history))
+    chunk = max(1, min(scan_chunk or checkpoint_every or max_iters, max_iters))
+    state = _run_scan(agent, env, state, save, chunk=chunk, sharding=sharding, **stop)
   else:
-    ask = jax.jit(agent.ask)
-    tell = jax.jit(agent.tell)
-    ag = state.agent
-    it, stall, done = int(state.iteration), int(state.stall), bool(state.done)
-    key = state.key
-    while not done and it < limit:
-      k_ask, k_tell = iteration_keys(key, it)
-      pols, aux = ask(ag, k_ask)
-      out = env.evaluate(np.asarray(pols), it)
-      ag, _ = tell(ag, pols, env_lib.EvalOut(*(jnp.asarray(x) for x in out)), aux, k_tell)
-      stall = 0 if out.new.any() else stall + 1
-      it += 1
-      done = env.exhausted or it >= max_iters or (stall_iters > 0 and stall >= stall_iters)
-      if progress is not None:
-        progress(
-          it,
-          env.used,
-          env.budget,
-          float(np.max(env.history.reward[: env.used])) if env.used else float("-inf"),
-        )
-      if checkpoint_every and it % checkpoint_every == 0 and not done:
-        save(LoopState(ag, env.history, np.int32(it), np.int32(stall), np.bool_(done), key))
-    state = LoopState(
-      agent=ag,
-      history=env.history,
-      iteration=np.asarray(it, np.int32),
-      stall=np.asarray(stall, np.int32),
-      done=np.asarray(done),
-      key=key,
-    )
-    save(state)
+    state = _run_loop(agent, env, state, save, checkpoint_every=checkpoint_every, **stop)
   stats = {
     "mode": mode,
     "iterations": int(state.iteration),
@@ -392,6 +302,137 @@ def search_loop(
     "resumed_from": resumed_from,
   }
   return state, stats
+
+
+def _resume(
+  checkpointer: SearchCheckpointer | None,
+  state: LoopState,
+  meta: dict[str, Any],
+  env: env_lib.SearchEnv,
+) -> tuple[LoopState, dict[str, Any] | None]:
+  """Restores the newest checkpoint, if any, into ``state`` and ``env``.
+
+  Returns:
+    ``(state, saved metadata)``; the metadata is None when nothing was restored.
+
+  Raises:
+    ValueError: the checkpoint was written by a different search configuration.
+  """
+  if checkpointer is None or checkpointer.latest_iteration() is None:
+    return state, None
+  state, saved = checkpointer.restore(state)
+  saved_cfg = saved.get("search")
+  if (
+    saved_cfg is not None
+    and meta.get("search") is not None
+    and saved_cfg != json.loads(json.dumps(meta["search"]))
+  ):
+    raise ValueError(
+      f"{checkpointer.directory} holds a search with a different "
+      f"configuration; use another workdir or the same settings"
+    )
+  env.set_history(state.history)
+  env.eval_seconds += float(saved.get("eval_s", 0.0))
+  return state, saved
+
+
+def _checkpoint_meta(
+  meta: dict[str, Any], state: LoopState, wall_s: float, eval_s: float, mode: str
+) -> dict[str, Any]:
+  """The JSON metadata saved with a checkpoint of ``state``."""
+  return {
+    **meta,
+    "iteration": int(state.iteration),
+    "used": int(state.history.count),
+    "wall_s": wall_s,
+    "eval_s": eval_s,
+    "mode": mode,
+  }
+
+
+def _run_scan(
+  agent: Agent,
+  env: env_lib.SearchEnv,
+  state: LoopState,
+  save: Callable[[LoopState], None],
+  *,
+  chunk: int,
+  limit: int,
+  max_iters: int,
+  stall_iters: int,
+  sharding: Any,
+  progress: ProgressFn | None,
+) -> LoopState:
+  """The scan-mode loop: jitted segments of ``chunk`` iterations, saved after each."""
+  segment_of = functools.partial(
+    make_scan_segment,
+    agent,
+    env.params,
+    env.accuracy.fn,
+    max_iters=max_iters,
+    stall_iters=stall_iters,
+    sharding=sharding,
+    progress=progress,
+  )
+  segment = segment_of(length=chunk)
+  state = state._replace(history=env_lib.History(*(jnp.asarray(x) for x in state.history)))
+  t_eval = time.perf_counter()
+  while not bool(state.done) and int(state.iteration) < limit:
+    left = limit - int(state.iteration)
+    if left < chunk and limit < max_iters:
+      # finish exactly at ``limit`` (stop_after) with a shorter segment (tests of interruption)
+      state = segment_of(length=left)(state)
+    else:
+      state = segment(state)
+    jax.block_until_ready(state.iteration)
+    save(state)
+  # in scan mode accuracy is computed inside the loop; count its whole time
+  env.eval_seconds += time.perf_counter() - t_eval
+  env.set_history(jax.device_get(state.history))
+  return state
+
+
+def _run_loop(
+  agent: Agent,
+  env: env_lib.SearchEnv,
+  state: LoopState,
+  save: Callable[[LoopState], None],
+  *,
+  checkpoint_every: int,
+  limit: int,
+  max_iters: int,
+  stall_iters: int,
+  progress: ProgressFn | None,
+) -> LoopState:
+  """The loop mode: jitted ``ask``/``tell`` around the host environment."""
+  ask = jax.jit(agent.ask)
+  tell = jax.jit(agent.tell)
+  ag = state.agent
+  it, stall, done = int(state.iteration), int(state.stall), bool(state.done)
+  key = state.key
+  while not done and it < limit:
+    k_ask, k_tell = iteration_keys(key, it)
+    pols, aux = ask(ag, k_ask)
+    out = env.evaluate(np.asarray(pols), it)
+    ag, _ = tell(ag, pols, env_lib.EvalOut(*(jnp.asarray(x) for x in out)), aux, k_tell)
+    stall = 0 if out.new.any() else stall + 1
+    it += 1
+    done = env.exhausted or it >= max_iters or (stall_iters > 0 and stall >= stall_iters)
+    if progress is not None:
+      best = float(np.max(env.history.reward[: env.used])) if env.used else float("-inf")
+      progress(it, env.used, env.budget, best)
+    if checkpoint_every and it % checkpoint_every == 0 and not done:
+      save(LoopState(ag, env.history, np.int32(it), np.int32(stall), np.bool_(done), key))
+  state = LoopState(
+    agent=ag,
+    history=env.history,
+    iteration=np.asarray(it, np.int32),
+    stall=np.asarray(stall, np.int32),
+    done=np.asarray(done),
+    key=key,
+  )
+  save(state)
+  return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,39 +519,46 @@ class SearchResult:
 
   def summary(self) -> dict[str, Any]:
     """JSON-ready summary (no history)."""
-    out = {
-      k: getattr(self, k)
-      for k in (
-        "agent",
-        "best_reward",
-        "best_accuracy",
-        "best_cost_ratio",
-        "best_speedup",
-        "feasible",
-        "acc_ref",
-        "acc_target",
-        "acc_drop",
-        "evals_used",
-        "budget",
-        "iterations",
-        "wall_s",
-        "eval_s",
-        "mode",
-        "space",
-        "config",
-        "final",
-      )
-    }
+    out = {k: getattr(self, k) for k in _SUMMARY_FIELDS}
     out["best_policy"] = np.asarray(self.best_policy).astype(int).tolist()
     if self.report is not None:
-      out["latency_us"] = self.report["total_latency_us"]
-      out["baseline_latency_us"] = self.report["baseline_latency_us"]
-      out["energy_pj"] = self.report["total_energy_pj"]
-      out["baseline_energy_pj"] = self.report["baseline_energy_pj"]
-      out["energy_ratio"] = self.report["total_energy_pj"] / self.report["baseline_energy_pj"]
-      out["latency_speedup"] = self.report["speedup"]
-      out["layers"] = self.report["layers"]
+      out.update(_report_summary(self.report))
     return out
+
+
+_SUMMARY_FIELDS = (
+  "agent",
+  "best_reward",
+  "best_accuracy",
+  "best_cost_ratio",
+  "best_speedup",
+  "feasible",
+  "acc_ref",
+  "acc_target",
+  "acc_drop",
+  "evals_used",
+  "budget",
+  "iterations",
+  "wall_s",
+  "eval_s",
+  "mode",
+  "space",
+  "config",
+  "final",
+)
+
+
+def _report_summary(report: dict[str, Any]) -> dict[str, Any]:
+  """The cost report's totals and layers for :meth:`SearchResult.summary`."""
+  return {
+    "latency_us": report["total_latency_us"],
+    "baseline_latency_us": report["baseline_latency_us"],
+    "energy_pj": report["total_energy_pj"],
+    "baseline_energy_pj": report["baseline_energy_pj"],
+    "energy_ratio": report["total_energy_pj"] / report["baseline_energy_pj"],
+    "latency_speedup": report["speedup"],
+    "layers": report["layers"],
+  }
 
 
 def best_within(history: env_lib.History, evals: int, acc_target: float) -> dict[str, Any]:
@@ -607,8 +655,8 @@ def reevaluate(
 ) -> dict[str, Any]:
   """Re-evaluates the ``top_k`` search candidates on a second source (another split).
 
-  The search's winner is the highest noisy reward of many candidates (winner's curse, digest
-  G6); its accuracy on an independent split says whether it really meets the target. The
+  The search's winner is the highest noisy reward of many candidates (the winner's curse); its
+  accuracy on an independent split says whether it really meets the target. The
   candidates' final-split rewards are reported; ``best`` is the search's winner (selection is
   not redone on the final split, which may be the test split).
 
@@ -696,23 +744,17 @@ def run_search(
     The :class:`SearchResult` (also written to ``workdir``).
   """
   cfg = config
-  cell = cfg.cell_bits if cfg.cell_bits is not None else (hw.cell_bits if hw else None)
-  space = space_lib.make_space(len(specs), cfg.constraint, cell, cfg.min_bits, cfg.max_bits)
   latency = np.asarray(getattr(tables, "latency_us", tables), np.float64)
-  tiles = getattr(tables, "tiles", None)
-  budget = cfg.budget
-  if cfg.agent == "exhaustive" and not budget:
-    budget = space.size
-  env = env_lib.SearchEnv(
-    space,
+  env = make_env(specs, latency, accuracy, cfg, hw=hw, acc_ref=acc_ref)
+  agent = make_agent(
+    cfg.agent,
+    env.space,
+    specs,
     latency,
-    accuracy,
-    acc_drop=cfg.acc_drop,
-    budget=budget,
-    acc_ref=acc_ref,
-    layer_names=[s.name for s in specs],
+    cfg,
+    tiles=getattr(tables, "tiles", None),
+    acc_target=env.acc_target,
   )
-  agent = make_agent(cfg.agent, space, specs, latency, cfg, tiles=tiles, acc_target=env.acc_target)
   meta = {
     "search": cfg.to_dict(),
     "agent": agent.config,
@@ -720,27 +762,9 @@ def run_search(
     "model": getattr(model_def, "name", None),
     "hw": hw.name if hw else None,
   }
-  ckpt = SearchCheckpointer(Path(workdir) / "checkpoints") if workdir is not None else None
-  try:
-    stall = cfg.stall_iters or math.ceil(cfg.stall_candidates / agent.population)
-    final_state, stats = search_loop(
-      agent,
-      env,
-      seed=cfg.seed,
-      mode=cfg.mode,
-      max_iters=cfg.max_iters,
-      stall_iters=max(stall, 0),
-      checkpointer=ckpt,
-      checkpoint_every=cfg.checkpoint_every,
-      scan_chunk=cfg.scan_chunk,
-      meta=meta,
-      sharding=sharding,
-      progress=progress,
-      stop_after=stop_after,
-    )
-  finally:
-    if ckpt is not None:
-      ckpt.close()
+  final_state, stats = _configured_loop(
+    agent, env, cfg, meta, workdir, sharding=sharding, progress=progress, stop_after=stop_after
+  )
   result = make_result(agent, env, stats, cfg)
   if hw is not None:
     result.report = cost_lib.layer_report(specs, hw, result.best_policy)
@@ -751,6 +775,72 @@ def run_search(
       result, workdir, specs=specs, hw=hw, model_name=getattr(model_def, "name", None), plots=plots
     )
   return result
+
+
+def _configured_loop(
+  agent: Agent,
+  env: env_lib.SearchEnv,
+  cfg: SearchConfig,
+  meta: dict[str, Any],
+  workdir: str | os.PathLike[str] | None,
+  **kwargs: Any,
+) -> tuple[LoopState, dict[str, Any]]:
+  """:func:`search_loop` with the configuration's settings, checkpointed under ``workdir``."""
+  ckpt = SearchCheckpointer(Path(workdir) / "checkpoints") if workdir is not None else None
+  stall = cfg.stall_iters or math.ceil(cfg.stall_candidates / agent.population)
+  try:
+    return search_loop(
+      agent,
+      env,
+      seed=cfg.seed,
+      mode=cfg.mode,
+      max_iters=cfg.max_iters,
+      stall_iters=max(stall, 0),
+      checkpointer=ckpt,
+      checkpoint_every=cfg.checkpoint_every,
+      scan_chunk=cfg.scan_chunk,
+      meta=meta,
+      **kwargs,
+    )
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+
+
+def make_env(
+  specs: Sequence[LayerSpec],
+  cost_table: Any,
+  accuracy: acc_lib.AccuracySource,
+  config: SearchConfig = SearchConfig(),
+  *,
+  hw: hw_lib.HardwareTarget | None = None,
+  acc_ref: float | None = None,
+) -> env_lib.SearchEnv:
+  """The search space and host environment of :func:`run_search`.
+
+  Args:
+    specs: layer geometry in policy order.
+    cost_table: float64 ``[L, 8, 8]`` latency table.
+    accuracy: accuracy source on the search split.
+    config: the search configuration (constraint, bits, budget, accuracy drop).
+    hw: the hardware target (its cell bits unless the configuration sets them).
+    acc_ref: INT8 reference accuracy (default: measured on the search split).
+  """
+  cfg = config
+  cell = cfg.cell_bits if cfg.cell_bits is not None else (hw.cell_bits if hw else None)
+  space = space_lib.make_space(len(specs), cfg.constraint, cell, cfg.min_bits, cfg.max_bits)
+  budget = cfg.budget
+  if cfg.agent == "exhaustive" and not budget:
+    budget = space.size
+  return env_lib.SearchEnv(
+    space,
+    cost_table,
+    accuracy,
+    acc_drop=cfg.acc_drop,
+    budget=budget,
+    acc_ref=acc_ref,
+    layer_names=[s.name for s in specs],
+  )
 
 
 def write_outputs(
@@ -815,6 +905,7 @@ __all__ = [
   "evals_to_reach",
   "initial_state",
   "make_agent",
+  "make_env",
   "make_result",
   "make_scan_segment",
   "reevaluate",

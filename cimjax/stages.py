@@ -1,0 +1,269 @@
+"""The run's search stage as library functions, shared by the pipeline and ``launch.search``.
+
+:func:`run_search_stage` searches per-layer bit-widths of a :class:`SearchTask` with the
+settings of a run config's ``search`` section, chooses the policy to fine-tune
+(:func:`choose_policy`), writes ``chosen_policy.npy`` next to the search outputs and returns the
+stage's result. A task is the model, its layer geometry and cost tables on the target, and the
+accuracy sources: :func:`data_task` (a trained any-precision model on validation images; the
+pipeline's) or :func:`synthetic_task` (a synthetic accuracy model, no training needed).
+See docs/architecture.md for the stages of the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from cimjax import cost as cost_lib
+from cimjax import data as data_lib
+from cimjax import hw as hw_lib
+from cimjax import policy as policy_lib
+from cimjax import search as search_lib
+from cimjax.search.accuracy import AccuracySource
+from cimjax.search.runner import ProgressFn
+from cimjax.trace import trace_specs
+
+FINAL_SPLITS = ("val", "test", "none")
+
+
+@dataclasses.dataclass
+class SearchTask:
+  """What a search runs on.
+
+  Attributes:
+    model: the :class:`cimjax.models.ModelDef`.
+    specs: its layer specs in policy order.
+    tables: its NumPy cost tables on the target.
+    accuracy: the accuracy source on the search split.
+    final_accuracy: the source re-evaluating the best candidates, or None.
+    choose_on_final: the chosen policy is the best re-evaluated one (only when the final split
+      is held-out validation data, never test); otherwise the search's winner.
+    search_images: images of the search split (0: synthetic accuracy).
+    final_images: images of the final split (0: none).
+  """
+
+  model: Any
+  specs: list[Any]
+  tables: Any
+  accuracy: AccuracySource
+  final_accuracy: AccuracySource | None = None
+  choose_on_final: bool = False
+  search_images: int = 0
+  final_images: int = 0
+
+
+def _task(model: Any, hw: hw_lib.HardwareTarget, **kw: Any) -> SearchTask:
+  specs = trace_specs(model)
+  return SearchTask(model, specs, cost_lib.cost_tables(specs, hw, xp=np), **kw)
+
+
+def data_task(
+  model: Any,
+  variables: Any,
+  splits: data_lib.Splits,
+  hw: hw_lib.HardwareTarget,
+  *,
+  search_images: int = 0,
+  final_split: str = "val",
+  batch_size: int = 1000,
+) -> SearchTask:
+  """A search on the validation images of ``splits`` with a trained any-precision model.
+
+  Args:
+    model: the model.
+    variables: its variables (the any-precision stage's).
+    splits: the data; the search uses the first images of ``splits.val``.
+    hw: the hardware target (cost tables).
+    search_images: images of the search split. ``final_split="val"`` (the run's setting):
+      the first ``search_images`` (0: half) of ``val`` for the search, the rest re-evaluates
+      the best candidates and chooses among them. Otherwise the first ``search_images`` (0:
+      all) of ``val``.
+    final_split: ``"val"`` (see above), ``"test"`` (re-evaluate on the test split, report only:
+      the choice stays the search's winner) or ``"none"``.
+    batch_size: evaluation batch size.
+
+  Returns:
+    The task.
+  """
+  if final_split not in FINAL_SPLITS:
+    raise ValueError(f"final_split = {final_split!r}; allowed: {', '.join(FINAL_SPLITS)}")
+  val, test = splits.val, splits.test
+  acc = lambda images, labels, name: search_lib.DataAccuracy(  # noqa: E731
+    model, variables, images, labels, batch_size=batch_size, name=name
+  )
+  if final_split == "val":
+    n = min(int(search_images), len(val) - 1) if search_images > 0 else len(val) // 2
+    return _task(
+      model,
+      hw,
+      accuracy=acc(val.images[:n], val.labels[:n], "val_search"),
+      final_accuracy=acc(val.images[n:], val.labels[n:], "val_final"),
+      choose_on_final=True,
+      search_images=n,
+      final_images=len(val) - n,
+    )
+  n = min(int(search_images) or len(val), len(val))
+  final = None
+  if final_split == "test" and len(test):
+    final = acc(test.images, test.labels, "test")
+  return _task(
+    model,
+    hw,
+    accuracy=acc(val.images[:n], val.labels[:n], "val"),
+    final_accuracy=final,
+    search_images=n,
+    final_images=len(test) if final is not None else 0,
+  )
+
+
+def synthetic_task(
+  model: Any, hw: hw_lib.HardwareTarget, *, kind: str = "additive", seed: int = 0
+) -> SearchTask:
+  """A search on a synthetic accuracy model of ``model``'s layers (no trained model needed)."""
+  specs = trace_specs(model)
+  return SearchTask(
+    model,
+    specs,
+    cost_lib.cost_tables(specs, hw, xp=np),
+    accuracy=search_lib.SyntheticAccuracy(specs, kind=kind, seed=seed),
+  )
+
+
+def multiprocess(task: SearchTask) -> SearchTask:
+  """In a multi-process run, ``task`` with each batch's evaluations split between processes.
+
+  Every process runs the same search; see :class:`cimjax.search.MultiProcessAccuracy`.
+  """
+  if jax.process_count() == 1:
+    return task
+  final = task.final_accuracy
+  return dataclasses.replace(
+    task,
+    accuracy=search_lib.MultiProcessAccuracy(task.accuracy),
+    final_accuracy=None if final is None else search_lib.MultiProcessAccuracy(final),
+  )
+
+
+def search_config(config: ml_collections.ConfigDict, **overrides: Any) -> search_lib.SearchConfig:
+  """The :class:`cimjax.search.SearchConfig` of a run config's ``search`` section.
+
+  Args:
+    config: a run config (:func:`cimjax.pipeline.default_config`).
+    **overrides: further :class:`~cimjax.search.SearchConfig` fields (``min_bits``, ...).
+  """
+  sc = config.search
+  return search_lib.SearchConfig(
+    agent=sc.agent,
+    budget=int(sc.budget),
+    acc_drop=float(sc.acc_drop),
+    constraint=sc.constraint,
+    seed=int(sc.seed),
+    mode=sc.mode,
+    population=int(sc.population),
+    final_top_k=int(sc.final_top_k),
+    **overrides,
+  )
+
+
+def choose_policy(
+  search_best: np.ndarray, final: dict[str, Any] | None
+) -> tuple[np.ndarray, dict[str, Any]]:
+  """The policy the run fine-tunes: the best *final-split* reward among the re-evaluated ones.
+
+  The search's winner is the best of many noisy scores on the search images (winner's curse):
+  on the default run it typically loses 1-2 points on other images. The pipeline's final split
+  is held-out *validation* data (never test), so choosing on it is legitimate: among the
+  ``final_top_k`` best search candidates, the highest reward on the final split wins, which is
+  the fastest one that still meets the accuracy target there (or, if none does, the closest).
+
+  Args:
+    search_best: the search's winner ``[L, 2]`` (used when there is no final re-evaluation).
+    final: :func:`cimjax.search.runner.reevaluate`'s dict, or None.
+
+  Returns:
+    ``(policy [L, 2] int32, JSON-able description of the choice)``.
+  """
+  if not final or not final.get("candidates"):
+    return np.asarray(search_best, np.int32), {"by": "search reward"}
+  cands = final["candidates"]
+  j = max(range(len(cands)), key=lambda i: (cands[i]["reward"], -i))
+  c = cands[j]
+  return np.asarray(c["policy"], np.int32), {
+    "by": f"{final['name']} reward",
+    "rank_in_search": j,
+    "pool": len(cands),
+    "final_accuracy": c["accuracy"],
+    "final_target": final["acc_target"],
+    "feasible_on_final": c["feasible"],
+    "speedup": c["speedup"],
+    "search_winner_final_accuracy": cands[0]["accuracy"],
+  }
+
+
+def run_search_stage(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike[str],
+  task: SearchTask,
+  *,
+  hw: hw_lib.HardwareTarget | None = None,
+  search: search_lib.SearchConfig | None = None,
+  progress: ProgressFn | None = None,
+  plots: bool = True,
+) -> dict[str, Any]:
+  """The search stage: searches ``task``, chooses the policy, writes ``chosen_policy.npy``.
+
+  Args:
+    config: a run config: its ``search`` section and (without ``hw``) its target ``hw``.
+    workdir: the stage's directory: search checkpoints (an interrupted search resumes from
+      them) and outputs (``best_policy.npy``, ``report.json``, ``pareto.json``, plots; see
+      :func:`cimjax.search.run_search`), and ``chosen_policy.npy``.
+    task: what to search on (:func:`data_task`, :func:`synthetic_task`).
+    hw: the hardware target (default: ``config.hw``).
+    search: the search settings (default: :func:`search_config` of ``config``).
+    progress: per-iteration callback of the search loop.
+    plots: write the PNG plots.
+
+  Returns:
+    The stage's result: ``chosen_policy``, ``searched`` (True), ``summary``
+    (:meth:`cimjax.search.SearchResult.summary`), ``search_images``, ``final_images`` and
+    ``chosen`` (how the policy was chosen, :func:`choose_policy`).
+  """
+  hw = hw if hw is not None else hw_lib.load_hw(config.hw)
+  res = search_lib.run_search(
+    task.model,
+    task.specs,
+    task.tables,
+    task.accuracy,
+    search if search is not None else search_config(config),
+    hw=hw,
+    final_accuracy=task.final_accuracy,
+    workdir=workdir,
+    progress=progress,
+    plots=plots,
+  )
+  chosen, pick = choose_policy(res.best_policy, res.final if task.choose_on_final else None)
+  if jax.process_index() == 0:
+    policy_lib.save_policy(Path(workdir) / "chosen_policy.npy", chosen)
+  return {
+    "chosen_policy": np.asarray(chosen).tolist(),
+    "searched": True,
+    "summary": res.summary(),
+    "search_images": task.search_images,
+    "final_images": task.final_images,
+    "chosen": pick,
+  }
+
+
+def given_policy_stage(
+  workdir: str | os.PathLike[str], policy: np.ndarray, source: str
+) -> dict[str, Any]:
+  """The search stage of a run with a given policy: no search; writes ``chosen_policy.npy``."""
+  result = {"chosen_policy": np.asarray(policy).tolist(), "source": str(source), "searched": False}
+  policy_lib.save_policy(Path(workdir) / "chosen_policy.npy", policy)
+  return result

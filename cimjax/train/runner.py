@@ -1,0 +1,360 @@
+"""Running one training stage of the table in :mod:`cimjax.train.stages`: :func:`run_stage`.
+
+Layout: ``workdir/<stage>/`` holds ``checkpoints/`` (orbax, every ``checkpoint_every`` steps
+and at the end), ``variables/`` (final params and batch_stats), ``metrics.jsonl`` and
+``result.json`` (written last: its presence marks the stage done). A stage given a policy
+(fine-tuning) uses ``workdir/<stage>/<policy_name>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from cimjax import checkpoint as ckpt_lib
+from cimjax import data as data_lib
+from cimjax.errors import StageError
+from cimjax.models import ModelDef
+from cimjax.trace import trace_specs
+from cimjax.train.calibrate import calib_images, calibrate_clips, recal_batches, recalibrate_bn
+from cimjax.train.config import build_model, load_splits, num_steps, validate_config
+from cimjax.train.evaluation import evaluate, evaluate_splits
+from cimjax.train.loop import MetricsWriter, check_resume, fit
+from cimjax.train.policies import bits_mask, extreme_policy, policy_label
+from cimjax.train.stages import (
+  CALIB_ROWS,
+  STAGES,
+  StagePolicies,
+  StageSpec,
+  get_stage,
+  is_done,
+  stage_dir,
+  stage_index,
+)
+from cimjax.train.state import TrainState, create_state, make_optimizer, variables_dict
+from cimjax.train.steps import AnyPrecConfig, Trainer
+from cimjax.variables import abstract_variables, init_variables, load_variables, save_variables
+
+Array = jax.Array
+ConfigDict = ml_collections.ConfigDict
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """What one run of a stage works with (derived from the config, the data and the table)."""
+
+  spec: StageSpec
+  config: ConfigDict
+  workdir: Path
+  sdir: Path
+  source: str | None
+  splits: data_lib.Splits
+  model: ModelDef
+  policies: StagePolicies
+  train_policy: Any
+  num_steps: int
+  steps_per_epoch: int
+  key: Array
+
+  def meta(self) -> dict[str, Any]:
+    """What a checkpoint records of the run (compared on resume)."""
+    return {
+      "stage": self.spec.name,
+      "num_steps": self.num_steps,
+      "config": self.config.to_dict(),
+      "policy": np.asarray(self.train_policy).tolist() if self.spec.needs_policy else None,
+      "source": self.source,
+      "model": self.model.name,
+      "input_shape": list(self.model.input_shape),
+      "layers": list(self.policies.layer_names),
+    }
+
+
+def _setup(
+  spec: StageSpec,
+  config: ConfigDict,
+  workdir: Path,
+  sdir: Path,
+  source: str | None,
+  policy: Any,
+  splits: data_lib.Splits,
+) -> _Setup:
+  model = build_model(config, splits)
+  names = tuple(s.name for s in trace_specs(model))
+  b = config.bits
+  mask = bits_mask(
+    len(names),
+    min_bits=b.min_bits,
+    max_bits=b.max_bits,
+    constraint=b.constraint,
+    cell_bits=b.cell_bits or None,
+  )
+  policies = StagePolicies(
+    num_layers=len(names),
+    layer_names=names,
+    mask=mask,
+    max_policy=extreme_policy(mask, "max"),
+    min_policy=extreme_policy(mask, "min"),
+    given=policy,
+    model_name=config.model,
+  )
+  spe = data_lib.steps_per_epoch(len(splits.train), config.batch_size)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), stage_index(spec.name))
+  return _Setup(
+    spec=spec,
+    config=config,
+    workdir=workdir,
+    sdir=sdir,
+    source=source,
+    splits=splits,
+    model=model,
+    policies=policies,
+    train_policy=spec.policy(policies),
+    num_steps=num_steps(config, spec.name, spe),
+    steps_per_epoch=spe,
+    key=key,
+  )
+
+
+def _trainer(s: _Setup) -> Trainer:
+  """The stage's optimizer and jitted steps (an equal setup reuses the compiled steps)."""
+  sc, ap = s.config[s.spec.name], s.config.anyprec
+  tx = make_optimizer(
+    sc.optimizer,
+    sc.lr,
+    s.num_steps,
+    warmup_steps=int(round(sc.warmup_epochs * s.steps_per_epoch)),
+    weight_decay=sc.weight_decay,
+    momentum=sc.momentum,
+    nesterov=sc.nesterov,
+    end_lr_frac=sc.end_lr_frac,
+    clip_lr_mult=sc.clip_lr_mult,
+    grad_clip_norm=sc.grad_clip_norm,
+  )
+  recipe = AnyPrecConfig(
+    sandwich=ap.sandwich,
+    distill=ap.distill,
+    distill_weight=ap.distill_weight,
+    temperature=ap.temperature,
+  )
+  return Trainer(
+    s.model,
+    tx,
+    label_smoothing=sc.label_smoothing,
+    max_policy=s.policies.max_policy,
+    anyprec=recipe,
+    fast_compile=s.config.fast_compile,
+  )
+
+
+def _fresh_state(s: _Setup, tx: Any, extra: dict[str, Any]) -> TrainState:
+  """The stage's first state: its source's variables (or a random init), calibrated.
+
+  Records the post-training-quantisation accuracy in ``extra`` when the stage asks for it.
+  """
+  if s.source is None:
+    v = init_variables(s.model, s.key)
+  else:
+    v = load_variables(stage_dir(s.workdir, s.source), s.model)
+  params, batch_stats = v["params"], v.get("batch_stats", {})
+  rows = s.spec.calibrate(s.config, s.source)
+  if rows:
+    params = calibrate_clips(
+      variables_dict(params, batch_stats),
+      s.model,
+      calib_images(s.splits, s.config),
+      bits=CALIB_ROWS[rows],
+    )
+  if s.spec.ptq_key:
+    v = variables_dict(params, batch_stats)
+    ptq = evaluate_splits(v, s.model, s.splits, s.config, s.train_policy, ("val",))
+    extra[s.spec.ptq_key] = ptq.get("val")
+    logging.info(
+      "%s post-training (calibrated, no QAT) val accuracy: %s", s.spec.name, ptq.get("val")
+    )
+  if s.spec.recal_bn and batch_stats:
+    v2 = recalibrate_bn(
+      variables_dict(params, batch_stats),
+      s.model,
+      s.train_policy,
+      recal_batches(s.splits, s.config),
+      fast_compile=s.config.fast_compile,
+    )
+    batch_stats = v2["batch_stats"]
+  return create_state(params, batch_stats, tx, s.key)
+
+
+def _restored_state(
+  s: _Setup, tx: Any, ckpt: ckpt_lib.Checkpointer, step: int
+) -> tuple[TrainState, dict[str, Any]]:
+  """The checkpoint at ``step`` (checked against this run's config) and its extra results."""
+  av = abstract_variables(s.model)
+  target = jax.eval_shape(
+    lambda p, b: create_state(p, b, tx, s.key), av["params"], av.get("batch_stats", {})
+  )
+  state, saved = ckpt.restore(target, step)
+  check_resume(saved, s.meta(), s.sdir, set(STAGES) - {s.spec.name})
+  logging.info("stage %s: resuming from step %d in %s", s.spec.name, step, s.sdir)
+  return state, saved.get("extra", {})
+
+
+def _val_eval_fn(s: _Setup) -> Any:
+  """``eval_fn(state)`` of :func:`fit`: validation accuracy (percent) of the training policy."""
+  label = policy_label(s.train_policy)
+
+  def eval_fn(state: TrainState) -> dict[str, float]:
+    if len(s.splits.val) == 0:
+      return {}
+    r = evaluate(
+      state.variables,
+      s.model,
+      s.splits.val,
+      s.train_policy,
+      batch_size=s.config.eval_batch_size,
+      fast_compile=s.config.fast_compile,
+    )
+    return {f"val_accuracy_{label}": r["accuracy"], f"val_loss_{label}": r["loss"]}
+
+  return eval_fn
+
+
+def _train(s: _Setup, trainer: Trainer, ckpt: ckpt_lib.Checkpointer) -> dict[str, Any]:
+  """Resumes or starts the stage and trains it to the end; returns the result's fields."""
+  latest = ckpt.latest_step()
+  extra: dict[str, Any] = {}
+  if latest is not None:
+    state, extra = _restored_state(s, trainer.tx, ckpt, latest)
+  else:
+    state = _fresh_state(s, trainer.tx, extra)
+  meta = s.meta()
+
+  def save(state: TrainState, done: bool) -> None:
+    step = int(state.step)
+    ckpt.save(step, state, {**meta, "step": step, "done": done, "extra": extra})
+
+  writer = MetricsWriter(
+    s.sdir / "metrics.jsonl", resume_step=None if latest is None else int(state.step)
+  )
+  c = s.config
+  t0 = time.time()
+  state, stats = fit(
+    s.spec.steps(trainer, c, s.policies, s.train_policy),
+    state,
+    s.splits.train,
+    num_steps=s.num_steps,
+    batch_size=c.batch_size,
+    data_seed=[c.seed, stage_index(s.spec.name)],
+    writer=writer,
+    save_fn=save,
+    checkpoint_every=c.checkpoint_every,
+    log_every=c.log_every,
+    eval_fn=_val_eval_fn(s),
+    eval_every=c.eval_every if c.eval_every != 0 else s.steps_per_epoch,
+    progress=c.progress,
+    description=s.spec.name,
+    throttle_s=c.throttle_s,
+  )
+  train_time = time.time() - t0
+  if ckpt.latest_step() != s.num_steps:
+    save(state, True)
+  save_variables(s.sdir / "variables", state.variables)
+  evals = {
+    name: evaluate_splits(state.variables, s.model, s.splits, c, p)
+    for name, p in s.spec.final_evals(c, s.policies.num_layers, s.train_policy).items()
+  }
+  writer.write({"step": s.num_steps, "final": True, "eval": evals})
+  writer.close()
+  return {"train_time": train_time, "stats": stats, "evals": evals, "extra": extra}
+
+
+def _result(s: _Setup, out: dict[str, Any], t_start: float) -> dict[str, Any]:
+  splits, stats = s.splits, out["stats"]
+  return {
+    "stage": s.spec.name,
+    "model": s.model.name,
+    "dataset": splits.name,
+    "source": s.source,
+    "steps": s.num_steps,
+    "epochs": s.num_steps / s.steps_per_epoch,
+    "batch_size": s.config.batch_size,
+    "train_images": len(splits.train),
+    "val_images": len(splits.val),
+    "test_images": len(splits.test),
+    "train_time_s": round(out["train_time"], 2),
+    "stage_time_s": round(time.time() - t_start, 2),
+    "images_per_s": stats.get("images_per_s"),
+    "final_train_loss": stats.get("loss"),
+    "eval": out["evals"],
+    **out["extra"],
+    "policy": s.meta()["policy"],
+  }
+
+
+def run_stage(
+  config: ConfigDict,
+  stage: str,
+  workdir: str | os.PathLike[str],
+  *,
+  policy: Any = None,
+  policy_name: str | None = None,
+  splits: data_lib.Splits | None = None,
+) -> dict[str, Any]:
+  """Runs (or resumes, or skips if finished) one training stage.
+
+  Args:
+    config: see :func:`cimjax.train.default_config`.
+    stage: one of :data:`cimjax.train.STAGES`.
+    workdir: the experiment directory (layout: see the module docstring).
+    policy: int ``[L, 2]`` policy to fine-tune (``finetune`` only).
+    policy_name: name of the fine-tuning directory (default ``"policy"``).
+    splits: preloaded data (else loaded from the config).
+
+  Returns:
+    The stage's result dict (also in ``result.json``); accuracies are in percent.
+
+  Raises:
+    ConfigError: a bad config field.
+    StageError: missing prerequisite stage, missing/bad policy, or a workdir written by
+      another stage setup.
+    cimjax.data.DataError: missing data files.
+  """
+  spec = get_stage(stage)
+  validate_config(config)
+  workdir = Path(workdir)
+  if spec.needs_policy:
+    if policy is None:
+      raise StageError(f"stage {stage} needs a policy (--policy=FILE.npy)")
+    policy_name = policy_name or "policy"
+  sdir = stage_dir(workdir, stage, policy_name)
+  if is_done(sdir):
+    logging.info("stage %s already finished in %s; not redone", stage, sdir)
+    return ckpt_lib.read_json(sdir / "result.json")
+  source = spec.source(config, workdir)
+  if source is not None and not is_done(stage_dir(workdir, source)):
+    raise StageError(
+      f"stage {stage} needs the finished {source} stage in "
+      f"{stage_dir(workdir, source)}; run --stage={source} first"
+    )
+  t_start = time.time()
+  if splits is None:
+    splits = load_splits(config)
+  s = _setup(spec, config, workdir, sdir, source, policy, splits)
+  ckpt = ckpt_lib.Checkpointer(sdir / "checkpoints", max_to_keep=config.max_to_keep)
+  out = _train(s, _trainer(s), ckpt)
+  ckpt.close()
+  result = _result(s, out, t_start)
+  ckpt_lib.write_json_atomic(sdir / "result.json", result)
+  logging.info("stage %s done: %s", stage, json.dumps(out["evals"]))
+  return result
+
+
+__all__ = ["run_stage"]
