@@ -180,6 +180,61 @@ def _ceil_div(a, b):
   return -(-a // b)
 
 
+def _check_static(mapping: str, latency_mode: str, max_bits: int) -> None:
+  if mapping not in hw_lib.MAPPINGS:
+    raise ValueError(f"mapping = {mapping!r}; allowed: {', '.join(hw_lib.MAPPINGS)}")
+  if latency_mode not in hw_lib.LATENCY_MODES:
+    raise ValueError(f"latency_mode = {latency_mode!r}; allowed: {', '.join(hw_lib.LATENCY_MODES)}")
+  if not isinstance(max_bits, int) or max_bits < 1:
+    raise ValueError(f"max_bits = {max_bits!r}; allowed: an integer >= 1")
+
+
+def _grid(m, n, w, a, big_n, big_m, c, d, mapping: str) -> dict[str, Any]:
+  """Physical rows/columns, the tile grid ``tc x tr`` and input cycles (integer arrays)."""
+  slices = _ceil_div(w, c)  # [1, B, 1]
+  cols_p = m * slices  # [L, B, 1]
+  if mapping == "of":
+    cols_p = cols_p + 1
+  elif mapping == "dc":
+    cols_p = cols_p * 2
+  rows_p = n * 2 if mapping == "dr" else n  # [L, 1, 1]
+  tc = _ceil_div(cols_p, big_m)  # [L, B, 1]
+  tr = _ceil_div(rows_p, big_n)  # [L, 1, 1]
+  cycles = _ceil_div(a, d)  # [1, 1, B]
+  return {
+    "cols_p": cols_p,
+    "rows_p": rows_p,
+    "tc": tc,
+    "tr": tr,
+    "tiles": tc * tr,
+    "cycles": cycles,
+  }
+
+
+def _latency(mode, tiles_f, rep_f, inv_f, cycles_f, rounds_f, t_w, t_e, batch_f):
+  """``(write latency, latency)`` in microseconds of one image, for a latency mode."""
+  execs_f = inv_f * tiles_f * cycles_f
+  if mode == "serial":
+    return rep_f * (tiles_f * t_w), rep_f * (tiles_f * t_w + execs_f * t_e)
+  if mode == "stationary":
+    return rep_f * (tiles_f * t_w / batch_f), rep_f * (tiles_f * t_w / batch_f + execs_f * t_e)
+  write = rounds_f * t_w / batch_f  # parallel
+  return write, rounds_f * t_w / batch_f + inv_f * rounds_f * cycles_f * t_e
+
+
+def _energy(rows_f, cols_f, tc_f, tr_f, k, rep_f, batch_f, pj: dict[str, Any]) -> dict[str, Any]:
+  """Energy terms in picojoules of one image (``batch_f`` None: programming not amortised)."""
+  n_adc = cols_f * tr_f * k
+  e_write = (rows_f * cols_f * rep_f) * pj["write"]
+  return {
+    "dac": (rows_f * tc_f * k) * pj["dac"],
+    "read": (rows_f * cols_f * k) * pj["read"],
+    "adc": n_adc * pj["adc"],
+    "sa": n_adc * pj["sa"],
+    "write": e_write if batch_f is None else e_write / batch_f,
+  }
+
+
 def cost_tables_from_arrays(
   geom: dict[str, Array],
   *,
@@ -229,72 +284,50 @@ def cost_tables_from_arrays(
   Raises:
     ValueError: unknown ``mapping``/``latency_mode`` or ``max_bits < 1``.
   """
-  if mapping not in hw_lib.MAPPINGS:
-    raise ValueError(f"mapping = {mapping!r}; allowed: {', '.join(hw_lib.MAPPINGS)}")
-  if latency_mode not in hw_lib.LATENCY_MODES:
-    raise ValueError(f"latency_mode = {latency_mode!r}; allowed: {', '.join(hw_lib.LATENCY_MODES)}")
-  if not isinstance(max_bits, int) or max_bits < 1:
-    raise ValueError(f"max_bits = {max_bits!r}; allowed: an integer >= 1")
-  if xp is np:
-    idt, fdt = np.int64, np.float64
-  else:
-    idt, fdt = jnp.int32, jnp.float32
-
-  def i(x):
-    return xp.asarray(x, dtype=idt)
-
-  def f(x):
-    return xp.asarray(x).astype(fdt)
-
+  _check_static(mapping, latency_mode, max_bits)
+  idt, fdt = (np.int64, np.float64) if xp is np else (jnp.int32, jnp.float32)
+  i = lambda x: xp.asarray(x, dtype=idt)
+  f = lambda x: xp.asarray(x).astype(fdt)
   m = i(geom["m"])[:, None, None]  # [L, 1, 1]
   n = i(geom["n"])[:, None, None]
   inv = i(geom["inv"])[:, None, None]
   rep = i(geom["rep"])[:, None, None]
-  big_n, big_m, c, d = i(rows), i(cols), i(cell_bits), i(dac_bits)
   bits = xp.arange(1, max_bits + 1, dtype=idt)
   w = bits[None, :, None]  # [1, B, 1]
   a = bits[None, None, :]  # [1, 1, B]
-
-  slices = _ceil_div(w, c)  # [1, B, 1]
-  cols_p = m * slices  # [L, B, 1]
-  if mapping == "of":
-    cols_p = cols_p + 1
-  elif mapping == "dc":
-    cols_p = cols_p * 2
-  rows_p = n * 2 if mapping == "dr" else n  # [L, 1, 1]
-  tc = _ceil_div(cols_p, big_m)  # [L, B, 1]
-  tr = _ceil_div(rows_p, big_n)  # [L, 1, 1]
-  tiles = tc * tr  # [L, B, 1]
-  cycles = _ceil_div(a, d)  # [1, 1, B]
-  execs = inv * tiles * cycles  # [L, B, B]
-
-  t_w, t_e = f(t_write_us), f(t_exec_us)
-  batch_f = f(batch)
+  g = _grid(m, n, w, a, i(rows), i(cols), i(cell_bits), i(dac_bits), mapping)
+  execs = inv * g["tiles"] * g["cycles"]  # [L, B, B]
   # Float copies of the integer counts: exact in float64; in float32 they avoid int32 overflow.
-  tiles_f, rep_f, inv_f, cycles_f = f(tiles), f(rep), f(inv), f(cycles)
-  execs_f = inv_f * tiles_f * cycles_f
-  if latency_mode == "serial":
-    write_lat = rep_f * (tiles_f * t_w)
-    latency = rep_f * (tiles_f * t_w + execs_f * t_e)
-  elif latency_mode == "stationary":
-    write_lat = rep_f * (tiles_f * t_w / batch_f)
-    latency = rep_f * (tiles_f * t_w / batch_f + execs_f * t_e)
-  else:  # parallel
-    rounds_f = f(_ceil_div(rep * tiles, i(num_crossbars)))
-    write_lat = rounds_f * t_w / batch_f
-    latency = rounds_f * t_w / batch_f + inv_f * rounds_f * cycles_f * t_e
-
-  rows_f, cols_f = f(rows_p), f(cols_p)
-  k = inv_f * rep_f * cycles_f  # [L, 1, B]
-  e_dac = (rows_f * f(tc) * k) * f(e_dac_pj)
-  e_read = (rows_f * cols_f * k) * f(e_cell_read_pj)
-  n_adc = cols_f * f(tr) * k
-  e_adc = n_adc * f(e_adc_pj)
-  e_sa = n_adc * f(e_shift_add_pj)
-  e_write = (rows_f * cols_f * rep_f) * f(e_write_pj)
-  if latency_mode != "serial":
-    e_write = e_write / batch_f
+  tiles_f, rep_f, inv_f, cycles_f = f(g["tiles"]), f(rep), f(inv), f(g["cycles"])
+  batch_f = f(batch)
+  rounds_f = (
+    f(_ceil_div(rep * g["tiles"], i(num_crossbars))) if latency_mode == "parallel" else None
+  )
+  write_lat, latency = _latency(
+    latency_mode, tiles_f, rep_f, inv_f, cycles_f, rounds_f, f(t_write_us), f(t_exec_us), batch_f
+  )
+  e = _energy(
+    f(g["rows_p"]),
+    f(g["cols_p"]),
+    f(g["tc"]),
+    f(g["tr"]),
+    inv_f * rep_f * cycles_f,  # [L, 1, B]
+    rep_f,
+    batch_f if latency_mode != "serial" else None,
+    {
+      k: f(v)
+      for k, v in (
+        ("dac", e_dac_pj),
+        ("read", e_cell_read_pj),
+        ("adc", e_adc_pj),
+        ("sa", e_shift_add_pj),
+        ("write", e_write_pj),
+      )
+    },
+  )
+  e_dac, e_read, e_adc, e_sa, e_write = e["dac"], e["read"], e["adc"], e["sa"], e["write"]
   energy = e_dac + e_read + e_adc + e_sa + e_write
+  tiles, cycles = g["tiles"], g["cycles"]
 
   shape = (m.shape[0], max_bits, max_bits)
   bc = lambda x: xp.broadcast_to(x, shape)

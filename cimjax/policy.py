@@ -195,6 +195,17 @@ def validate_policy(
       ``"layer 3 (block1/conv_a): weight bits 9 outside the allowed range 2..8"``.
   """
   _check_range(min_bits, max_bits)
+  arr = _as_policy_array(policy, num_layers)
+  _check_bit_values(arr, min_bits, max_bits, layer_names)
+  out = arr.astype(np.int32)
+  c = normalize_constraint(constraint)
+  if c != "none":
+    _check_constraint(out, c, cell_bits, min_bits, max_bits, io_bits, layer_names)
+  return out
+
+
+def _as_policy_array(policy: Any, num_layers: int | None) -> np.ndarray:
+  """The policy as a NumPy array of shape ``[L, 2]`` (``L = num_layers`` when given)."""
   try:
     arr = np.asarray(policy)
   except Exception as e:  # ragged lists and the like
@@ -213,42 +224,60 @@ def validate_policy(
     raise PolicyError(
       f"policy has {arr.shape[0]} layers; the model has {num_layers} (expected shape {expected})"
     )
-  kinds = ("weight", "activation")
+  return arr
+
+
+_KINDS = ("weight", "activation")
+
+
+def _check_bit_values(
+  arr: np.ndarray, min_bits: int, max_bits: int, layer_names: Sequence[str] | None
+) -> None:
+  """Whole numbers within ``min_bits..max_bits``; the first offending entry is named."""
   if np.issubdtype(arr.dtype, np.floating):
     bad = ~np.isfinite(arr) | (arr != np.round(arr))
     if bad.any():
       l, j = map(int, np.argwhere(bad)[0])
       raise PolicyError(
-        f"{_layer_label(l, layer_names)}: {kinds[j]} bits {float(arr[l, j])} is not an integer"
+        f"{_layer_label(l, layer_names)}: {_KINDS[j]} bits {float(arr[l, j])} is not an integer"
       )
   for l in range(arr.shape[0]):
     for j in range(2):
       v = arr[l, j]
       if not min_bits <= v <= max_bits:
         raise PolicyError(
-          f"{_layer_label(l, layer_names)}: {kinds[j]} bits {int(v)} outside "
+          f"{_layer_label(l, layer_names)}: {_KINDS[j]} bits {int(v)} outside "
           f"the allowed range {min_bits}..{max_bits}"
         )
-  out = arr.astype(np.int32)
-  c = normalize_constraint(constraint)
-  if c != "none":
-    num = out.shape[0]
-    for l in range(num):
-      w_ok, a_ok = allowed_bits(l, num, c, cell_bits, min_bits, max_bits, io_bits)
-      w, a = int(out[l, 0]), int(out[l, 1])
-      if w not in w_ok or a not in a_ok:
-        label = _layer_label(l, layer_names)
-        if _forced(l, num, c):
-          raise PolicyError(
-            f"{label}: bits ({w}, {a}) violate constraint {c!r}: the first and "
-            f"last layers must be ({io_bits}, {io_bits})"
-          )
-        raise PolicyError(
-          f"{label}: weight bits {w} violate constraint {c!r}: allowed weight "
-          f"bits {', '.join(map(str, w_ok))} (multiples of cell_bits = "
-          f"{cell_bits})"
-        )
-  return out
+
+
+def _check_constraint(
+  out: np.ndarray,
+  c: str,
+  cell_bits: int | None,
+  min_bits: int,
+  max_bits: int,
+  io_bits: int,
+  layer_names: Sequence[str] | None,
+) -> None:
+  """Every layer's bits among those the constraint ``c`` allows."""
+  num = out.shape[0]
+  for l in range(num):
+    w_ok, a_ok = allowed_bits(l, num, c, cell_bits, min_bits, max_bits, io_bits)
+    w, a = int(out[l, 0]), int(out[l, 1])
+    if w in w_ok and a in a_ok:
+      continue
+    label = _layer_label(l, layer_names)
+    if _forced(l, num, c):
+      raise PolicyError(
+        f"{label}: bits ({w}, {a}) violate constraint {c!r}: the first and "
+        f"last layers must be ({io_bits}, {io_bits})"
+      )
+    raise PolicyError(
+      f"{label}: weight bits {w} violate constraint {c!r}: allowed weight "
+      f"bits {', '.join(map(str, w_ok))} (multiples of cell_bits = "
+      f"{cell_bits})"
+    )
 
 
 def uniform_policy(num_layers: int, w_bits: int = 8, a_bits: int = 8) -> np.ndarray:

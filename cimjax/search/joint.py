@@ -124,6 +124,40 @@ class JointResult:
   wall_s: float
 
 
+def _batch_accuracy_fn(module: Any, x_val: np.ndarray, y_val: np.ndarray) -> Callable:
+  """``final(variables, policies) -> accuracy % [N]`` on one validation batch."""
+
+  def final(v, ps):
+    def acc(p):
+      logits = forward(module, v, jnp.asarray(x_val, jnp.float32), p)[0]
+      hit = jnp.argmax(logits, -1) == jnp.asarray(y_val, jnp.int32)
+      return 100.0 * jnp.mean(hit.astype(jnp.float32))
+
+    fn = jax.jit(acc)
+    return np.asarray([float(fn(jnp.asarray(p))) for p in ps])
+
+  return final
+
+
+def _rescore(
+  params: env_lib.EnvParams, acc: Any, pols: np.ndarray, top: list[tuple[float, np.ndarray]]
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+  """The re-scored candidates (policy, step reward, accuracy, cost ratio, reward) and rewards."""
+  acc = np.asarray(acc, np.float64)
+  ratio, rew = env_lib.score(params, jnp.asarray(acc, jnp.float32), jnp.asarray(pols))
+  cands = [
+    {
+      "policy": pols[j].tolist(),
+      "step_reward": top[j][0],
+      "accuracy": float(acc[j]),
+      "cost_ratio": float(ratio[j]),
+      "reward": float(rew[j]),
+    }
+    for j in range(len(top))
+  ]
+  return cands, np.asarray(rew)
+
+
 def run_joint(
   trainer: Any,
   agent: Agent,
@@ -181,35 +215,8 @@ def run_joint(
       progress(i + 1, best_per_step[-1])
   top = sorted(seen.values(), key=lambda t: -t[0])[: max(top_k, 1)]
   pols = np.stack([p for _, p in top])
-  variables = state.train.variables
-  if final is None:
-
-    def final(v, ps):  # the step's validation batch with the final weights
-      fn = jax.jit(
-        lambda p: (
-          100.0
-          * jnp.mean(
-            (
-              jnp.argmax(forward(trainer.module, v, jnp.asarray(x_val, jnp.float32), p)[0], -1)
-              == jnp.asarray(y_val, jnp.int32)
-            ).astype(jnp.float32)
-          )
-        )
-      )
-      return np.asarray([float(fn(jnp.asarray(p))) for p in ps])
-
-  acc = np.asarray(final(variables, pols), np.float64)
-  ratio, rew = env_lib.score(params, jnp.asarray(acc, jnp.float32), jnp.asarray(pols))
-  cands = [
-    {
-      "policy": pols[j].tolist(),
-      "step_reward": top[j][0],
-      "accuracy": float(acc[j]),
-      "cost_ratio": float(ratio[j]),
-      "reward": float(rew[j]),
-    }
-    for j in range(len(top))
-  ]
+  final = final or _batch_accuracy_fn(trainer.module, x_val, y_val)
+  cands, rew = _rescore(params, final(state.train.variables, pols), pols, top)
   best = int(np.argmax(np.asarray(rew)))
   return JointResult(
     state=state,
