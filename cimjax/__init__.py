@@ -4,7 +4,9 @@ The public API, by concept (each lives in its own module):
 
 - quantizer and layers: :mod:`cimjax.quant`, :class:`QuantDense`, :class:`QuantConv`,
   :class:`QuantMatMul`, :class:`QuantContext`;
-- models and geometry: :func:`get_model`, :func:`init`, :func:`forward`, :func:`trace_specs`;
+- models and geometry: :func:`resolve_model` (zoo names, registered names, import paths,
+  files), :func:`register_model`, :func:`quantize_model` (plain Flax models), :func:`init`,
+  :func:`forward`, :func:`trace_specs` (docs/own_models.md);
 - hardware and cost: :func:`load_hw`, :class:`HardwareTarget`, :func:`cost_tables`,
   :func:`policy_cost`, :func:`expected_cost`, :func:`layer_report`;
 - policies: :func:`validate_policy`, :func:`action_mask`, :func:`random_policies`,
@@ -14,6 +16,8 @@ The public API, by concept (each lives in its own module):
 - compiler and simulator: :mod:`cimjax.crossbar`, :mod:`cimjax.compile`;
 - the whole flow: :mod:`cimjax.pipeline`.
 """
+
+from typing import Any
 
 from cimjax import cost, hw, policy, quant
 from cimjax.cost import (
@@ -31,7 +35,17 @@ from cimjax.cost import (
 from cimjax.evaluate import EvalResult, evaluate_policy, make_evaluator
 from cimjax.hw import HardwareTarget, HwError, list_hw, load_hw
 from cimjax.layers import PolicyLengthError, QuantContext, QuantConv, QuantDense, QuantMatMul
-from cimjax.models import MODEL_NAMES, ModelDef, forward, get_model, init
+from cimjax.models import (
+  ModelDef,
+  Rule,
+  forward,
+  get_model,
+  init,
+  model_names,
+  quantize_model,
+  register_model,
+  resolve_model,
+)
 from cimjax.policy import (
   CONSTRAINTS,
   PolicyError,
@@ -46,6 +60,13 @@ from cimjax.spec import LayerSpec
 from cimjax.trace import trace_specs
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+  if name == "MODEL_NAMES":  # the current names (zoo + registered), not an import-time copy
+    return model_names()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
   "CONSTRAINTS",
@@ -62,6 +83,7 @@ __all__ = [
   "QuantConv",
   "QuantDense",
   "QuantMatMul",
+  "Rule",
   "action_mask",
   "cost",
   "cost_ratio",
@@ -79,11 +101,15 @@ __all__ = [
   "load_hw",
   "load_policy",
   "make_evaluator",
+  "model_names",
   "per_layer_cost",
   "policy",
   "policy_cost",
   "quant",
+  "quantize_model",
   "random_policies",
+  "register_model",
+  "resolve_model",
   "save_policy",
   "speedup",
   "trace_specs",

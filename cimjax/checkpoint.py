@@ -12,14 +12,27 @@ Saving is synchronous: a step directory appears (atomically renamed by orbax) on
 complete, so a run killed at any moment leaves either the previous checkpoints or a new one,
 never half of one; leftover temporaries of a killed save are ignored and cleaned up. Nothing
 here unpickles: orbax stores arrays with tensorstore and metadata as JSON.
+
+Every save records a digest of the state in its metadata and every restore checks it, so a
+checkpoint whose bytes changed on disk is told apart from a good one
+(:class:`CorruptCheckpointError`); :meth:`Checkpointer.restore_intact` resumes from the newest
+intact one. A failed orbax restore abandons its other reads in the background; what they would
+print when they finish ("Event loop is closed", "Exception ignored in <coroutine ...>",
+"coroutine ... was never awaited", "Task exception was never retrieved") is dropped
+(:func:`quiet_abandoned_reads`, installed on import), as it says nothing about the error
+already raised.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging as logging_std
 import os
 import re
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +110,14 @@ class Checkpointer:
       self._manager.delete(step)
     meta = {**dict(meta or {}), DIGEST_KEY: tree_digest(state)}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    self._manager.save(step, args=args, force=True)
-    self._manager.wait_until_finished()
+    try:
+      self._manager.save(step, args=args, force=True)
+      self._manager.wait_until_finished()
+    except Exception as e:  # tensorstore reports a full disk as a ValueError
+      full = disk_full_error(e, self.directory)
+      if full is None:
+        raise
+      raise full from None
 
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Restores checkpoint ``step`` (default: the latest).
@@ -126,7 +145,7 @@ class Checkpointer:
     except Exception as e:  # orbax/tensorstore raise many types
       if _is_data_loss(e):
         raise CorruptCheckpointError(
-          f"{self.directory}: checkpoint {step} is corrupt ({_first_line(e)})"
+          f"{self.directory}: checkpoint {step} is corrupt ({cause(e)})"
         ) from None
       if isinstance(e, ValueError | KeyError | TypeError):
         raise CheckpointError(
@@ -193,26 +212,125 @@ DIGEST_KEY = "_state_sha256"
 
 
 def tree_digest(tree: Any) -> str:
-  """SHA-256 over a pytree's leaves (path, dtype, shape and bytes), in tree order."""
+  """SHA-256 over a pytree's leaves (path, dtype, shape and bytes), in tree order.
+
+  Leaves are hashed in the dtype they are restored as (64-bit NumPy arrays as 32-bit unless
+  ``jax_enable_x64``), so a state's digest equals its restored copy's.
+  """
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
-    a = np.ascontiguousarray(np.asarray(leaf))
+    a = np.asarray(leaf)
+    # As restored: without jax_enable_x64 a saved float64/int64 array reads back 32-bit.
+    a = np.ascontiguousarray(a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False))
     h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
     h.update(a.tobytes())
   return h.hexdigest()
 
 
+# What orbax and tensorstore say when a checkpoint's files cannot be read back: flipped bytes
+# (DATA_LOSS, a bad b-tree node), a file cut short (OUT_OF_RANGE), one that is gone (NOT_FOUND).
+# A restore target that does not fit the saved tree is reported differently ("do not match",
+# "not compatible with the stored shape").
+_DATA_LOSS = (
+  "DATA_LOSS",
+  "OUT_OF_RANGE",
+  "NOT_FOUND",
+  "Error decoding",
+  "corrupt",
+  "Corrupt",
+  "checksum",
+  "truncated",
+)
+
+
 def _is_data_loss(e: BaseException) -> bool:
   text = f"{type(e).__name__}: {e}"
   return isinstance(e, FileNotFoundError | json.JSONDecodeError | UnicodeDecodeError) or any(
-    k in text for k in ("DATA_LOSS", "corrupt", "Corrupt", "checksum", "truncated")
+    k in text for k in _DATA_LOSS
   )
 
 
-def _first_line(e: BaseException) -> str:
-  """The cause in a few words: the file orbax/tensorstore names, or the message's start."""
+def _from_orbax(code: Any) -> bool:
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def _abandoned_read(unraisable: Any) -> bool:
+  """Whether an unraisable exception is the noise of a failed orbax restore's other reads."""
+  exc = unraisable.exc_value
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return True
+  return _from_orbax(getattr(unraisable.object, "cr_code", None))  # a coroutine never finished
+
+
+class _AbandonedTaskFilter(logging_std.Filter):
+  """Drops asyncio's "... exception was never retrieved" about orbax's and tensorstore's reads."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    msg = record.getMessage()
+    if "exception was never retrieved" not in msg:
+      return True
+    if f"{os.sep}orbax{os.sep}" in msg or "tensorstore" in msg:
+      return False
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:  # raised in orbax's code
+      if _from_orbax(tb.tb_frame.f_code):
+        return False
+      tb = tb.tb_next
+    return True
+
+
+def quiet_abandoned_reads() -> None:
+  """Drops what the abandoned reads of a failed orbax restore print when they finish.
+
+  When one array of a restore fails to read (a corrupt file, a shape that does not fit), orbax
+  raises at once and leaves the other reads behind. Finishing after their event loop closed,
+  or collected later, they report ``RuntimeError: Event loop is closed`` and ``Exception
+  ignored in: <coroutine>`` (``sys.unraisablehook``), ``coroutine '...' was never awaited``
+  (a ``RuntimeWarning``) and ``Task exception was never retrieved`` (the ``asyncio`` logger),
+  in the middle of a run or after its one-line error. This drops exactly those about orbax's
+  and tensorstore's work; anything else goes where it went. Idempotent.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_cimjax_quiet", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not _abandoned_read(unraisable):
+      previous(unraisable)
+
+  hook._cimjax_quiet = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
+  # CPython calls this to warn about a coroutine that was never awaited.
+  warn_unawaited = getattr(warnings, "_warn_unawaited_coroutine", None)
+  if warn_unawaited is not None:
+
+    def warn(coro: Any) -> None:
+      if not _from_orbax(getattr(coro, "cr_code", None)):
+        warn_unawaited(coro)
+
+    warnings._warn_unawaited_coroutine = warn  # type: ignore[attr-defined]
+  logging_std.getLogger("asyncio").addFilter(_AbandonedTaskFilter())
+
+
+quiet_abandoned_reads()
+
+
+def disk_full_error(e: BaseException, path: str | os.PathLike[str]) -> OSError | None:
+  """``OSError(ENOSPC)`` naming ``path`` when ``e`` (from orbax or tensorstore, which wrap it in
+  other types) says the disk is full; None otherwise (``e`` itself is already an OSError)."""
+  if isinstance(e, OSError):
+    return None
+  text = str(e)
+  if "No space left on device" in text or "ENOSPC" in text:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+  return None
+
+
+def cause(e: BaseException) -> str:
+  """Why an orbax restore failed, in a few words: the file orbax/tensorstore names (``cannot
+  read FILE``), or the start of the message's first line."""
   text = str(e)
   files = re.findall(r'local file "([^"]+)"', text)
   if files:
@@ -238,6 +356,9 @@ __all__ = [
   "CorruptCheckpointError",
   "tree_digest",
   "abstract_like",
+  "cause",
+  "disk_full_error",
+  "quiet_abandoned_reads",
   "read_json",
   "write_json_atomic",
 ]

@@ -21,6 +21,20 @@ class ConfigError(CimjaxError, ValueError):
   """A config field has a bad value (the message names the field)."""
 
 
+class UnknownModelError(ConfigError):
+  """A model name (config field or flag) that does not resolve to a model.
+
+  Attributes:
+    name: the name given.
+    allowed: what is allowed, in words (for messages worded by the caller).
+  """
+
+  def __init__(self, message: str, *, name: str = "", allowed: str = ""):
+    super().__init__(message)
+    self.name = name
+    self.allowed = allowed
+
+
 class StageError(CimjaxError, RuntimeError):
   """A stage cannot run: missing prerequisite stage, bad policy, incompatible workdir."""
 
@@ -53,12 +67,28 @@ class CorruptCheckpointError(CheckpointError):
   """A checkpoint's files cannot be read back intact (flipped bytes, a truncated copy)."""
 
 
+class ModelError(CimjaxError, ValueError):
+  """A model cannot be resolved, built or quantized (the message says what was tried)."""
+
+
+class ModelNotFoundError(UnknownModelError, ModelError):
+  """A model reference that resolves to nothing: no such name, module, file or factory."""
+
+
 class ProgramError(CimjaxError, ValueError):
   """A program cannot be compiled, saved, loaded or executed (the message says why)."""
 
 
 class WorkdirBusyError(CimjaxError, RuntimeError):
   """Another live run holds the workdir's lock (the message names its process and host)."""
+
+
+class WeightsError(CimjaxError, ValueError):
+  """Pretrained weights cannot be read or do not fit the model (names the file and the key)."""
+
+
+class OnnxError(CimjaxError, ValueError):
+  """An ONNX file cannot be imported or a model cannot be exported (names the node or layer)."""
 
 
 __all__ = [
@@ -68,11 +98,16 @@ __all__ = [
   "CorruptCheckpointError",
   "DataError",
   "HwError",
+  "ModelError",
+  "ModelNotFoundError",
+  "OnnxError",
   "PipelineError",
   "PolicyError",
   "PolicyLengthError",
   "ProgramError",
   "StageError",
+  "UnknownModelError",
   "UsageError",
+  "WeightsError",
   "WorkdirBusyError",
 ]

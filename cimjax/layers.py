@@ -12,6 +12,11 @@ integers are exact below 2^24, or int32 when ``ctx.int_dtype`` is int32) and app
 after the matmul. The integer product can be replaced by a hook (``ctx.mvm``), which is how the
 crossbar simulator runs inside a forward pass.
 
+The computation lives in module-level functions (:func:`dense_op`, :func:`conv_op`,
+:func:`matmul_op`, :func:`quantized_weight_op`) that take the module holding the clip tables as
+``host``: the layers here call them with themselves, and :func:`cimjax.models.quantize_model`
+with the intercepted ``nn.Dense``/``nn.Conv``/... of a plain Flax model.
+
 Clipping ranges are learned per bit-width: a table ``[B, ...]`` whose row ``b-1`` serves
 bit-width ``b`` (gathered with the traced bit-width), so one set of parameters serves every
 policy and any-precision training can tune the range of each bit-width.
@@ -114,74 +119,116 @@ def _clip_table(name: str, module: nn.Module, shape: Sequence[int], init_value: 
   )
 
 
-class _QuantOp(nn.Module):
-  """Shared logic: policy row, activation quantization, geometry recording, product hook."""
+def record_spec(ctx: QuantContext, spec: LayerSpec) -> None:
+  """Records the geometry of the layer that claimed the last policy row (first pass only)."""
+  if len(ctx.specs) == ctx.index - 1:
+    ctx.specs.append(spec)
 
-  def _record(self, ctx: QuantContext, spec: LayerSpec) -> None:
-    if len(ctx.specs) == ctx.index - 1:
-      ctx.specs.append(spec)
 
-  def _act_clip(self) -> Array:
-    return _clip_table("a_clip", self, (self.max_bits,), 3.0 if self.signed_input else 6.0)
+def _sow_calib(host: nn.Module, ctx: QuantContext, name: str, x: Array) -> None:
+  if ctx.calibrate:
+    flat = x.reshape(-1)
+    stride = max(1, flat.shape[0] // CALIB_SAMPLES)
+    host.sow("calib", name, flat[::stride])
 
-  def _calib(self, ctx: QuantContext, name: str, x: Array) -> None:
-    if ctx.calibrate:
-      flat = x.reshape(-1)
-      stride = max(1, flat.shape[0] // CALIB_SAMPLES)
-      self.sow("calib", name, flat[::stride])
 
-  def _capture(self, ctx: QuantContext, **arrays: Array) -> None:
-    if ctx.capture:
-      for k, v in arrays.items():
-        self.sow("cim", k, v)
+def _sow_capture(host: nn.Module, ctx: QuantContext, **arrays: Array) -> None:
+  if ctx.capture:
+    for k, v in arrays.items():
+      host.sow("cim", k, v)
 
-  def _weight_layer(
-    self,
-    x: Array,
-    kernel: Array,
-    bias: Array | None,
-    ctx: QuantContext,
-    spec: LayerSpec,
-    index: int,
-    bits: Array | None,
-    native: Callable[[Array, Array], Array],
-    hooked: Callable[[Array, Array, MvmFn], Array],
-  ) -> Array:
-    """Clip tables, quantization, integer product (native or hook) and dequantization.
 
-    Args:
-      x: the layer input; kernel: ``[..., C_out]`` weights (channel axis last); bias or None.
-      ctx, spec, index, bits: the context, this layer's geometry, policy row and bits.
-      native: the float/int product of two operands (e.g. ``lax.conv_general_dilated``).
-      hooked: ``hooked(xq, wq, mvm2)`` computes the product through a 2-operand batched
-        matrix product ``mvm2(x [R, T, n], w [R, n, m])``.
-    """
-    self._record(ctx, spec)
-    ch = kernel.shape[-1] if self.per_channel else 1
-    red = tuple(range(kernel.ndim - 1))
-    w_clip = _clip_table(
-      "w_clip",
-      self,
-      (self.max_bits, ch),
-      jnp.max(jnp.abs(kernel), axis=red) if self.per_channel else jnp.max(jnp.abs(kernel)),
-    )
-    a_clip = self._act_clip()
-    self._calib(ctx, "x", x)
-    if bits is None:
-      y = native(x, kernel)
+def _claim(
+  ctx: QuantContext, spec: LayerSpec, fixed_bits: tuple[int, int] | None
+) -> tuple[int | None, Array | None]:
+  """``(index, bits)`` of a layer: the next policy row, or fixed bits and no row (index None)."""
+  if fixed_bits is None:
+    index, bits = ctx.take()
+    record_spec(ctx, spec)
+    return index, bits
+  return None, None if ctx.policy is None else jnp.asarray(fixed_bits, jnp.int32)
+
+
+def quantized_weight_op(
+  host: nn.Module,
+  x: Array,
+  kernel: Array,
+  bias: Array | None,
+  ctx: QuantContext,
+  spec: LayerSpec,
+  *,
+  native: Callable[[Array, Array], Array],
+  hooked: Callable[[Array, Array, Callable[[Array, Array], Array]], Array],
+  signed_input: bool,
+  per_channel: bool = True,
+  max_bits: int = DEFAULT_MAX_BITS,
+  fixed_bits: tuple[int, int] | None = None,
+  calib_w: Array | None = None,
+) -> Array:
+  """A weight layer on integer operands: policy row, clip tables, quantization, product.
+
+  The shared body of :class:`QuantDense`, :class:`QuantConv` and the layers of plain Flax
+  models run through :func:`cimjax.models.quantize_model`. The clip tables ``w_clip [B, C]``
+  and ``a_clip [B]`` are parameters of ``host`` and the ``"cim"``/``"calib"`` samples are sown
+  into ``host``'s scope, so they sit next to the layer's own ``kernel`` and ``bias``.
+
+  Args:
+    host: the bound module whose scope holds the clip tables (in a compact or setup method).
+    x: the layer input.
+    kernel: ``[..., C_out]`` weights (output channel axis last), the layer's CIM matrix for a
+      dense layer (``[n, m]``) or its HWIO kernel for a convolution.
+    bias: ``[C_out]`` or None.
+    ctx: the context (policy, modes, hook, recorded specs).
+    spec: this layer's geometry (recorded when it claims a policy row).
+    native: the float/int product of two operands (e.g. ``lax.conv_general_dilated``).
+    hooked: ``hooked(xq, wq, mvm2)`` computes the product through a 2-operand batched matrix
+      product ``mvm2(x [R, T, n], w [R, n, m])``.
+    signed_input: whether the activation codes are signed.
+    per_channel: per-output-channel weight scales (else per tensor).
+    max_bits: size B of the clip tables.
+    fixed_bits: ``(w, a)``: the layer takes no policy row and runs at these bits in the digital
+      periphery (no geometry, no hook, no capture); None: the next policy row.
+    calib_w: the CIM matrix ``[n, m]`` to sow whole as the calibration weight ``"w"`` (for
+      layers whose stored kernel is not laid out ``[..., C_out]`` like a dense or conv kernel;
+      :func:`cimjax.train.calibrate_clips` prefers it to the kernel).
+
+  Returns:
+    The dequantized output (plus bias), or the float output when the policy is None.
+  """
+  index, bits = _claim(ctx, spec, fixed_bits)
+  ch = kernel.shape[-1] if per_channel else 1
+  red = tuple(range(kernel.ndim - 1))
+  w_clip = _clip_table(
+    "w_clip",
+    host,
+    (max_bits, ch),
+    jnp.max(jnp.abs(kernel), axis=red) if per_channel else jnp.max(jnp.abs(kernel)),
+  )
+  a_clip = _clip_table("a_clip", host, (max_bits,), 3.0 if signed_input else 6.0)
+  if index is not None:
+    _sow_calib(host, ctx, "x", x)
+    if calib_w is not None and ctx.calibrate:
+      host.sow("calib", "w", calib_w)  # the whole [n, m] matrix (per-channel clips)
+  if bits is None:
+    y = native(x, kernel)
+  else:
+    w_bits, a_bits = bits[0], bits[1]
+    xq, sx, wq, sw = _quantize_operands(x, kernel, a_clip, w_clip, bits, signed_input)
+    if ctx.mvm is not None and index is not None:
+      layer_spec = ctx.specs[index] if index < len(ctx.specs) else None
+      acc = hooked(xq, wq, lambda a, b: ctx.mvm(index, layer_spec, a, b, w_bits, a_bits))
     else:
-      w_bits, a_bits = bits[0], bits[1]
-      xq, sx, wq, sw = _quantize_operands(x, kernel, a_clip, w_clip, bits, self.signed_input)
-      if ctx.mvm is not None:
-        layer_spec = ctx.specs[index] if index < len(ctx.specs) else None
-        acc = hooked(xq, wq, lambda a, b: ctx.mvm(index, layer_spec, a, b, w_bits, a_bits))
-      else:
-        acc = _product(ctx, xq, wq, native)
-      self._capture(ctx, x_int=xq, w_int=wq, acc=acc)
-      y = acc * (sx * sw.reshape(-1))
-    if bias is not None:
-      y = y + bias
-    return y
+      acc = _product(ctx, xq, wq, native)
+    if index is not None:
+      _sow_capture(host, ctx, x_int=xq, w_int=wq, acc=acc)
+    y = acc * (sx * sw.reshape(-1))
+  if bias is not None:
+    y = y + bias
+  return y
+
+
+class _QuantOp(nn.Module):
+  """Shared attributes of the quantized layers (the logic lives in module-level functions)."""
 
 
 def _product(
@@ -191,6 +238,77 @@ def _product(
     return native(x, w)
   out = native(x.astype(ctx.int_dtype), w.astype(ctx.int_dtype))
   return out.astype(jnp.float32)
+
+
+def dense_op(
+  host: nn.Module,
+  x: Array,
+  kernel: Array,
+  bias: Array | None,
+  ctx: QuantContext,
+  *,
+  signed_input: bool,
+  per_channel: bool = True,
+  max_bits: int = DEFAULT_MAX_BITS,
+  fixed_bits: tuple[int, int] | None = None,
+  calib_w: Array | None = None,
+  name: str | None = None,
+) -> Array:
+  """A dense layer ``x @ kernel + bias`` on integer codes (the body of :class:`QuantDense`).
+
+  Args:
+    host: the bound module holding the clip tables (see :func:`quantized_weight_op`).
+    x: ``[batch, ..., n]``; every axis but the first and the last counts as tokens.
+    kernel: ``[n, m]``.
+    bias: ``[m]`` or None.
+    ctx: the context.
+    signed_input, per_channel, max_bits, fixed_bits, calib_w: see
+      :func:`quantized_weight_op`.
+    name: the layer's name in its :class:`LayerSpec` (default: ``host``'s module path).
+
+  Returns:
+    ``[batch, ..., m]``.
+  """
+  n, m = kernel.shape
+  tokens = 1
+  for d in x.shape[1:-1]:
+    tokens *= d
+  spec = LayerSpec(
+    name="/".join(host.path) if name is None else name,
+    kind="Dense",
+    m=m,
+    n=n,
+    invocations=tokens,
+    repeat=1,
+    in_channels=n,
+    out_channels=m,
+    kernel=(1, 1),
+    stride=0,
+    groups=1,
+    input_size=n,
+    signed_input=signed_input,
+  )
+  native = lambda a, b: jnp.einsum("...n,nm->...m", a, b, precision=HIGHEST)  # noqa: E731
+  hooked = (
+    lambda a, b, mvm: mvm(a.reshape(1, -1, n), b[None]).reshape(  # noqa: E731
+      *x.shape[:-1], m
+    )
+  )
+  return quantized_weight_op(
+    host,
+    x,
+    kernel,
+    bias,
+    ctx,
+    spec,
+    native=native,
+    hooked=hooked,
+    signed_input=signed_input,
+    per_channel=per_channel,
+    max_bits=max_bits,
+    fixed_bits=fixed_bits,
+    calib_w=calib_w,
+  )
 
 
 class QuantDense(_QuantOp):
@@ -217,32 +335,16 @@ class QuantDense(_QuantOp):
     n = x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (n, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
-    index, bits = ctx.take()
-    tokens = 1
-    for d in x.shape[1:-1]:
-      tokens *= d
-    spec = LayerSpec(
-      name="/".join(self.path),
-      kind="Dense",
-      m=self.features,
-      n=n,
-      invocations=tokens,
-      repeat=1,
-      in_channels=n,
-      out_channels=self.features,
-      kernel=(1, 1),
-      stride=0,
-      groups=1,
-      input_size=n,
+    return dense_op(
+      self,
+      x,
+      kernel,
+      bias,
+      ctx,
       signed_input=self.signed_input,
+      per_channel=self.per_channel,
+      max_bits=self.max_bits,
     )
-    native = lambda a, b: jnp.einsum("...n,nm->...m", a, b, precision=HIGHEST)  # noqa: E731
-    hooked = (
-      lambda a, b, mvm: mvm(a.reshape(1, -1, n), b[None]).reshape(  # noqa: E731
-        *x.shape[:-1], self.features
-      )
-    )
-    return self._weight_layer(x, kernel, bias, ctx, spec, index, bits, native, hooked)
 
 
 def conv_patches(
@@ -304,6 +406,87 @@ def conv_as_matmul(
   return out.transpose(1, 0, 2).reshape(b, ho, wo, o)
 
 
+def conv_op(
+  host: nn.Module,
+  x: Array,
+  kernel: Array,
+  bias: Array | None,
+  ctx: QuantContext,
+  *,
+  strides: tuple[int, int],
+  padding: Any,
+  groups: int,
+  signed_input: bool,
+  per_channel: bool = True,
+  max_bits: int = DEFAULT_MAX_BITS,
+  fixed_bits: tuple[int, int] | None = None,
+  name: str | None = None,
+) -> Array:
+  """A 2-D convolution on integer codes (the body of :class:`QuantConv`).
+
+  Args:
+    host: the bound module holding the clip tables (see :func:`quantized_weight_op`).
+    x: ``[batch, H, W, C_in]``.
+    kernel: HWIO ``[kh, kw, C_in / groups, C_out]``.
+    bias: ``[C_out]`` or None.
+    ctx: the context.
+    strides, padding, groups: as in ``lax.conv_general_dilated`` (padding "SAME", "VALID" or
+      explicit pairs).
+    signed_input, per_channel, max_bits, fixed_bits: see :func:`quantized_weight_op`.
+    name: the layer's name in its :class:`LayerSpec` (default: ``host``'s module path).
+
+  Returns:
+    ``[batch, H_out, W_out, C_out]``.
+  """
+  kh, kw, _, c_out = kernel.shape
+  c_in = x.shape[-1]
+
+  def native(a: Array, b: Array) -> Array:
+    return jax.lax.conv_general_dilated(
+      a,
+      b,
+      window_strides=strides,
+      padding=padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups,
+      precision=HIGHEST,
+    )
+
+  y_shape = jax.eval_shape(native, x, kernel).shape
+  spec = LayerSpec(
+    name="/".join(host.path) if name is None else name,
+    kind="Conv2D",
+    m=c_out // groups,
+    n=c_in // groups * kh * kw,
+    invocations=y_shape[1] * y_shape[2],
+    repeat=groups,
+    in_channels=c_in,
+    out_channels=c_out,
+    kernel=(kh, kw),
+    stride=strides[0],
+    groups=groups,
+    input_size=x.shape[1] * x.shape[2],
+    signed_input=signed_input,
+  )
+  hooked = lambda a, b, mvm: conv_as_matmul(  # noqa: E731
+    a, b, strides=strides, padding=padding, groups=groups, mvm=mvm
+  )
+  return quantized_weight_op(
+    host,
+    x,
+    kernel,
+    bias,
+    ctx,
+    spec,
+    native=native,
+    hooked=hooked,
+    signed_input=signed_input,
+    per_channel=per_channel,
+    max_bits=max_bits,
+    fixed_bits=fixed_bits,
+  )
+
+
 class QuantConv(_QuantOp):
   """2-D convolution (NHWC, HWIO, optional feature groups) on integer codes.
 
@@ -330,17 +513,6 @@ class QuantConv(_QuantOp):
   max_bits: int = DEFAULT_MAX_BITS
   kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
 
-  def _native(self, a: Array, b: Array) -> Array:
-    return jax.lax.conv_general_dilated(
-      a,
-      b,
-      window_strides=self.strides,
-      padding=self.padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=self.groups,
-      precision=HIGHEST,
-    )
-
   @nn.compact
   def __call__(self, x: Array, ctx: QuantContext) -> Array:
     """Args: x ``[batch, H, W, C_in]``. Returns ``[batch, H_out, W_out, features]``."""
@@ -355,27 +527,86 @@ class QuantConv(_QuantOp):
       "kernel", self.kernel_init, (kh, kw, c_in // self.groups, self.features), jnp.float32
     )
     bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
-    index, bits = ctx.take()
-    y_shape = jax.eval_shape(self._native, x, kernel).shape
-    spec = LayerSpec(
-      name="/".join(self.path),
-      kind="Conv2D",
-      m=self.features // self.groups,
-      n=c_in // self.groups * kh * kw,
-      invocations=y_shape[1] * y_shape[2],
-      repeat=self.groups,
-      in_channels=c_in,
-      out_channels=self.features,
-      kernel=(kh, kw),
-      stride=self.strides[0],
+    return conv_op(
+      self,
+      x,
+      kernel,
+      bias,
+      ctx,
+      strides=self.strides,
+      padding=self.padding,
       groups=self.groups,
-      input_size=x.shape[1] * x.shape[2],
       signed_input=self.signed_input,
+      per_channel=self.per_channel,
+      max_bits=self.max_bits,
     )
-    hooked = lambda a, b, mvm: conv_as_matmul(  # noqa: E731
-      a, b, strides=self.strides, padding=self.padding, groups=self.groups, mvm=mvm
-    )
-    return self._weight_layer(x, kernel, bias, ctx, spec, index, bits, self._native, hooked)
+
+
+def matmul_op(
+  host: nn.Module,
+  x: Array,
+  w: Array,
+  ctx: QuantContext,
+  *,
+  signed_input: bool,
+  max_bits: int = DEFAULT_MAX_BITS,
+  w_clip_init: float = 4.0,
+  a_clip_init: float = 4.0,
+  fixed_bits: tuple[int, int] | None = None,
+) -> Array:
+  """An activation x activation product on integer codes (the body of :class:`QuantMatMul`).
+
+  Args:
+    host: the bound module holding the clip tables ``w_clip [B]``, ``a_clip [B]``.
+    x: ``[B, R, T, n]`` streamed operand (Q, or the attention probabilities).
+    w: ``[B, R, n, m]`` programmed operand (K^T or V).
+    ctx: the context.
+    signed_input: whether ``x`` is quantized signed.
+    max_bits: size of the clip tables.
+    w_clip_init, a_clip_init: initial clipping ranges.
+    fixed_bits: see :func:`quantized_weight_op`.
+
+  Returns:
+    ``[B, R, T, m]``.
+  """
+  b, r, t, n = x.shape
+  m = w.shape[-1]
+  spec = LayerSpec(
+    name="/".join(host.path),
+    kind="MatMul",
+    m=m,
+    n=n,
+    invocations=t,
+    repeat=r,
+    in_channels=n,
+    out_channels=m,
+    kernel=(1, 1),
+    stride=0,
+    groups=1,
+    input_size=t * n,
+    signed_input=signed_input,
+  )
+  index, bits = _claim(ctx, spec, fixed_bits)
+  w_clip = _clip_table("w_clip", host, (max_bits,), w_clip_init)
+  a_clip = _clip_table("a_clip", host, (max_bits,), a_clip_init)
+  if index is not None:
+    _sow_calib(host, ctx, "x", x)
+    _sow_calib(host, ctx, "w", w)
+  native = lambda p, q: jnp.einsum("brtn,brnm->brtm", p, q, precision=HIGHEST)  # noqa: E731
+  if bits is None:
+    return native(x, w)
+  w_bits, a_bits = bits[0], bits[1]
+  xq, sx, wq, sw = _quantize_operands(x, w, a_clip, w_clip, bits, signed_input)
+  if ctx.mvm is not None and index is not None:
+    layer_spec = ctx.specs[index] if index < len(ctx.specs) else None
+    acc = ctx.mvm(
+      index, layer_spec, xq.reshape(b * r, t, n), wq.reshape(b * r, n, m), w_bits, a_bits
+    ).reshape(b, r, t, m)
+  else:
+    acc = _product(ctx, xq, wq, native)
+  if index is not None:
+    _sow_capture(host, ctx, x_int=xq, w_int=wq, acc=acc)
+  return acc * (sx * sw)
 
 
 class QuantMatMul(_QuantOp):
@@ -392,52 +623,27 @@ class QuantMatMul(_QuantOp):
     signed_input: whether ``x`` is signed (Q) or unsigned (softmax probabilities).
     max_bits: size of the clip tables.
     w_clip_init, a_clip_init: initial clipping ranges.
+    fixed_bits: ``(w, a)`` to run at fixed bits without a policy row (see
+      :func:`quantized_weight_op`); None (default): the next policy row.
   """
 
   signed_input: bool = True
   max_bits: int = DEFAULT_MAX_BITS
   w_clip_init: float = 4.0
   a_clip_init: float = 4.0
+  fixed_bits: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x: Array, w: Array, ctx: QuantContext) -> Array:
     """Args: x ``[B, R, T, n]``, w ``[B, R, n, m]``. Returns ``[B, R, T, m]``."""
-    b, r, t, n = x.shape
-    m = w.shape[-1]
-    index, bits = ctx.take()
-    self._record(
+    return matmul_op(
+      self,
+      x,
+      w,
       ctx,
-      LayerSpec(
-        name="/".join(self.path),
-        kind="MatMul",
-        m=m,
-        n=n,
-        invocations=t,
-        repeat=r,
-        in_channels=n,
-        out_channels=m,
-        kernel=(1, 1),
-        stride=0,
-        groups=1,
-        input_size=t * n,
-        signed_input=self.signed_input,
-      ),
+      signed_input=self.signed_input,
+      max_bits=self.max_bits,
+      w_clip_init=self.w_clip_init,
+      a_clip_init=self.a_clip_init,
+      fixed_bits=self.fixed_bits,
     )
-    w_clip = _clip_table("w_clip", self, (self.max_bits,), self.w_clip_init)
-    a_clip = _clip_table("a_clip", self, (self.max_bits,), self.a_clip_init)
-    self._calib(ctx, "x", x)
-    self._calib(ctx, "w", w)
-    native = lambda p, q: jnp.einsum("brtn,brnm->brtm", p, q, precision=HIGHEST)
-    if bits is None:
-      return native(x, w)
-    w_bits, a_bits = bits[0], bits[1]
-    xq, sx, wq, sw = _quantize_operands(x, w, a_clip, w_clip, bits, self.signed_input)
-    if ctx.mvm is not None:
-      spec = ctx.specs[index] if index < len(ctx.specs) else None
-      acc = ctx.mvm(
-        index, spec, xq.reshape(b * r, t, n), wq.reshape(b * r, n, m), w_bits, a_bits
-      ).reshape(b, r, t, m)
-    else:
-      acc = _product(ctx, xq, wq, native)
-    self._capture(ctx, x_int=xq, w_int=wq, acc=acc)
-    return acc * (sx * sw)

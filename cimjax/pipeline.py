@@ -19,14 +19,23 @@ that evaluate, compile and report. A stage is finished when its ``result.json`` 
 (:func:`cimjax.train.is_done`; written atomically, last) and is then skipped; the report writes
 none and is rebuilt on every run. Training and search stages resume from their checkpoints when
 interrupted; the later stages are short and simply rerun. See docs/architecture.md.
+
+Before the first stage starts, everything the run will need is checked (:func:`validate_run`:
+every config field the stages read, the hardware target, the model and a given policy's length,
+the dataset's files, the finished stages the others start from) and the data is loaded; only
+then is the workdir created and locked (:mod:`cimjax.lock`, process 0: a second run on the same
+workdir is refused). A bad input is one :class:`cimjax.errors.CimjaxError` naming the field,
+and nothing is written. A ``result.json`` that does not read back makes its stage run again
+(from its checkpoints); corrupt checkpoints are skipped for the newest intact one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,13 +47,18 @@ from cimjax import compiler as compile_lib
 from cimjax import cost as cost_lib
 from cimjax import hw as hw_lib
 from cimjax import io
+from cimjax import lock as lock_lib
 from cimjax import policy as policy_lib
+from cimjax import progress as progress_lib
 from cimjax import stages as stages_lib
 from cimjax import train as train_lib
-from cimjax.errors import PipelineError  # noqa: F401 (re-exported)
+from cimjax.errors import ConfigError, DataError, HwError, PipelineError, PolicyError
 from cimjax.models import ModelDef
 from cimjax.stages import choose_policy  # noqa: F401 (re-exported)
 from cimjax.trace import trace_specs
+from cimjax.train import config as train_config
+from cimjax.train import runner as train_runner
+from cimjax.variables import VariablesError
 
 if TYPE_CHECKING:
   from cimjax import data as data_lib
@@ -109,20 +123,175 @@ def _json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _read(d: Path) -> dict[str, Any]:
-  """A stage's ``result.json`` (``{}`` when the stage has not finished)."""
-  return json.loads((d / "result.json").read_text()) if train_lib.is_done(d) else {}
+  """A stage's ``result.json`` (``{}`` when the stage has not finished).
+
+  Raises:
+    PipelineError: the file exists but does not read back (corrupt).
+  """
+  if not train_lib.is_done(d):
+    return {}
+  result = train_runner.read_result(d)
+  if result is None:
+    raise PipelineError(
+      f"{d / 'result.json'} does not read back (corrupt); run its stage again (--stages)"
+    )
+  return result
+
+
+@contextlib.contextmanager
+def _train_fields() -> Iterator[None]:
+  """Errors of the training config name their field as the run config does (``config.train.``)."""
+  try:
+    yield
+  except (ConfigError, DataError) as e:
+    msg = str(e)
+    if not msg.startswith("config.") or msg.startswith("config.train."):
+      raise
+    kind = DataError if isinstance(e, DataError) else ConfigError
+    raise kind("config.train." + msg[len("config.") :]) from None
 
 
 def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Fills derived fields (cell bits from the target) and validates the config."""
+  """Fills derived fields (cell bits from the target) and validates the training config.
+
+  Raises:
+    ConfigError: a bad field (the target included), named as in the run config.
+  """
   config = ml_collections.ConfigDict(_json(config))
-  hw = hw_lib.load_hw(config.hw)
+  try:
+    hw = hw_lib.load_hw(config.hw)
+  except HwError as e:
+    raise ConfigError(f"config.hw = {config.hw!r}: {e}") from None
   if not config.train.bits.cell_bits:
     config.train.bits.cell_bits = hw.cell_bits
+  try:
+    policy_lib.normalize_constraint(config.search.constraint)
+  except PolicyError:
+    allowed = ", ".join(policy_lib.CONSTRAINTS)
+    raise ConfigError(
+      f"config.search.constraint = {config.search.constraint!r}; allowed: {allowed}"
+    ) from None
   config.train.bits.constraint = config.search.constraint
-  policy_lib.normalize_constraint(config.search.constraint)
-  train_lib.validate_config(config.train)
+  with _train_fields():
+    train_lib.validate_config(config.train)
   return config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+  """What the checks common to every stage found (see :func:`validate_run`)."""
+
+  config: ml_collections.ConfigDict
+  hw: hw_lib.HardwareTarget
+  num_layers: int
+  given_policy: np.ndarray | None
+  splits: Any = None  # the data, when checking it meant loading it
+
+
+def _check_common(config: ml_collections.ConfigDict) -> _Checked:
+  """The checks every run makes: the config, the target, the dataset's files, the model (its
+  options, its layers) and a given policy (its file, its length)."""
+  config = prepare(config)
+  hw = hw_lib.load_hw(config.hw)
+  with _train_fields():
+    splits = train_config.check_data(config.train)
+    specs = train_config.static_specs(config.train, splits)
+  given = None
+  if config.from_policy:
+    try:
+      given = policy_lib.load_policy(
+        config.from_policy, len(specs), layer_names=[s.name for s in specs]
+      )
+    except PolicyError as e:
+      raise ConfigError(f"config.from_policy = {config.from_policy!r}: {e}") from None
+  return _Checked(config, hw, len(specs), given, splits)
+
+
+def _needs(stage: str, config: ml_collections.ConfigDict, ready: Callable[[str], bool]) -> tuple:
+  """The stages whose results ``stage`` reads (``ready``: finished or run before it)."""
+  if stage in _PRETRAIN:
+    source = train_lib.stages.get_stage(stage).source(config.train, Path())
+    return () if source is None else (source,)
+  if stage == "search":
+    return () if config.from_policy else ("anyprec",)
+  if stage == _FINETUNE:
+    source = config.train.finetune.source
+    if source == "auto":
+      source = "anyprec" if ready("anyprec") else "int8"
+    return ("search", source)
+  if stage == "evaluate":
+    return (*_PRETRAIN, "search", _FINETUNE)
+  if stage == "compile":
+    return ("search", _FINETUNE)
+  return ("search",)  # the report: the chosen policy
+
+
+def _check_stages(
+  checked: _Checked, stages: Sequence[str], workdir: str | Path | None
+) -> tuple[str, ...]:
+  """The checks of the stages that will run: their config sections and, with a workdir, that
+  every stage they start from has finished there or runs first. Reads, writes nothing."""
+  if isinstance(stages, str):
+    stages = [stages]
+  bad = [s for s in stages if s not in STAGES]
+  if bad:
+    raise PipelineError(f"--stages has {bad}; allowed: {', '.join(STAGES)}")
+  config = checked.config
+  if "search" in stages and not config.from_policy:
+    stages_lib.validate_search(config, checked.num_layers, checked.hw.cell_bits)
+  if "compile" in stages:
+    stages_lib.validate_compile(config)
+  if workdir is not None:
+    wd = Path(workdir)
+
+    def finished(stage: str) -> bool:
+      d = train_lib.stage_dir(wd, stage, FINETUNE_NAME if stage == _FINETUNE else None)
+      return train_runner.read_result(d) is not None
+
+    for stage in STAGES:
+      if stage not in stages or (stage != "report" and finished(stage)):
+        continue
+      before = STAGES[: STAGES.index(stage)]
+
+      def ready(s: str, before: tuple[str, ...] = before) -> bool:
+        return finished(s) or (s in stages and s in before)
+
+      for need in _needs(stage, config, ready):
+        if not ready(need):
+          raise PipelineError(
+            f"stage {stage} needs the finished {need} stage in {wd / need}; add {need} to "
+            f"--stages (--stages={','.join(s for s in STAGES if s in (*stages, need))})"
+          )
+  return tuple(s for s in STAGES if s in stages)
+
+
+def validate_run(
+  config: ml_collections.ConfigDict,
+  stages: Sequence[str] | None = None,
+  workdir: str | Path | None = None,
+) -> ml_collections.ConfigDict:
+  """Checks everything a run of ``stages`` needs, before any stage starts; writes nothing.
+
+  Every config field that the stages read (names, ranges, enums), the hardware target, the
+  model (its name and options) and a given policy (its file and length), that the dataset's
+  files exist (without loading a large one) and, with ``workdir``, that every stage the others
+  start from has finished there or is among ``stages``.
+
+  Args:
+    config: a run config (:func:`default_config`).
+    stages: the stages that will run (default: all, :data:`STAGES`).
+    workdir: the run's directory (optional: the prerequisite check).
+
+  Returns:
+    The config with its derived fields filled (:func:`prepare`).
+
+  Raises:
+    CimjaxError: the first problem, in one line naming the field (or file), its value and what
+      is allowed: :class:`ConfigError`, :class:`PipelineError`, :class:`DataError`.
+  """
+  checked = _check_common(config)
+  _check_stages(checked, STAGES if stages is None else stages, workdir)
+  return checked.config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +321,8 @@ def _search(p: Pipeline) -> dict[str, Any]:
     final_split="val",
     batch_size=p.config.train.eval_batch_size,
   )
-  return stages_lib.run_search_stage(p.config, d, task, hw=p.hw)
+  with p.progress.search("search", int(p.config.search.budget), d / "tb") as progress:
+    return stages_lib.run_search_stage(p.config, d, task, hw=p.hw, progress=progress)
 
 
 def _finetune(p: Pipeline) -> dict[str, Any]:
@@ -190,17 +360,19 @@ def _compile(p: Pipeline) -> dict[str, Any]:
   test = p.splits.test
   cc = p.config.compile
   n_eval = min(int(cc.eval_images), len(test))
-  res = compile_lib.compile_and_verify(
-    p.model,
-    v,
-    p.chosen_policy(),
-    p.hw,
-    workdir=p.stage_dir("compile"),
-    verify_inputs=test.images[: int(cc.num_verify)],
-    input_scheme=cc.input_scheme,
-    model_kwargs=dict(p.config.train.model_kwargs),
-    eval_data=(test.images[:n_eval], test.labels[:n_eval]) if n_eval else None,
-  )
+  with p.progress.phases("compile") as progress:
+    res = compile_lib.compile_and_verify(
+      p.model,
+      v,
+      p.chosen_policy(),
+      p.hw,
+      workdir=p.stage_dir("compile"),
+      verify_inputs=test.images[: int(cc.num_verify)],
+      input_scheme=cc.input_scheme,
+      model_kwargs=dict(p.config.train.model_kwargs),
+      eval_data=(test.images[:n_eval], test.labels[:n_eval]) if n_eval else None,
+      progress=progress,
+    )
   return {
     "verify": res.summary["verify"],
     "accuracy": res.accuracy,
@@ -259,23 +431,28 @@ class Pipeline:
     config: see :func:`default_config`.
     workdir: the run directory.
     log: a function printing one progress line.
+    progress: the stages' progress displays (default: ``config.train.progress`` on or off,
+      :meth:`cimjax.progress.Progress.of`).
   """
 
   def __init__(
-    self, config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[str], None] = print
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    log: Callable[[str], None] = print,
+    progress: progress_lib.Progress | None = None,
   ):
-    self.config = prepare(config)
+    self._checked = _check_common(config)  # fail early, before any training
+    self.config = self._checked.config
     self.workdir = Path(workdir)
     self.log = log
-    self.hw = hw_lib.load_hw(self.config.hw)
-    self._splits = None
+    self.progress = progress_lib.Progress.of(
+      progress if progress is not None else bool(self.config.train.progress)
+    )
+    self.hw = self._checked.hw
+    self._splits = self._checked.splits
     self._model = None
-    self.given_policy = None
-    if self.config.from_policy:  # fail early, before any training
-      specs = self.specs()
-      self.given_policy = policy_lib.load_policy(
-        self.config.from_policy, len(specs), layer_names=[s.name for s in specs]
-      )
+    self.given_policy = self._checked.given_policy
 
   # -- shared state --------------------------------------------------------------------------
   @property
@@ -307,7 +484,13 @@ class Pipeline:
     d = self.stage_dir(stage)
     if not train_lib.is_done(d):
       raise PipelineError(f"stage {needed_by} needs the finished {stage} stage in {d}")
-    return train_lib.load_variables(d, self.model)
+    try:
+      return train_lib.load_variables(d, self.model)
+    except VariablesError as e:
+      raise PipelineError(
+        f"stage {needed_by} needs the variables of the finished {stage} stage, but {e}; "
+        f"delete {d} to run the {stage} stage again"
+      ) from None
 
   def chosen_policy(self) -> np.ndarray:
     """The policy the search stage chose (or was given), ``[L, 2]`` int32."""
@@ -336,29 +519,49 @@ class Pipeline:
     """One line naming the model, the data, the target, the workdir and the devices."""
     t = self.config.train
     return (
-      f"cimjax run: {t.model} on {t.data.name}, target {self.hw.name}, workdir "
-      f"{self.workdir}, devices {device_summary()}"
+      f"cimjax run: {t.model} on {t.data.get('source') or t.data.name}, target {self.hw.name}, "
+      f"workdir {self.workdir}, devices {device_summary()}"
     )
 
   # -- running -------------------------------------------------------------------------------
+  def validate(self, stages: Sequence[str] = STAGES) -> tuple[str, ...]:
+    """The checks of :func:`validate_run` that depend on the stages (the others ran when the
+    pipeline was made); returns ``stages`` in run order. Writes nothing."""
+    return _check_stages(self._checked, stages, self.workdir)
+
   def run(self, stages: Sequence[str] = STAGES) -> dict[str, Any] | None:
-    """Runs ``stages`` in run order (finished ones are skipped); returns the report if written."""
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-      raise PipelineError(f"--stages has {bad}; allowed: {', '.join(STAGES)}")
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    self.check_config()
-    report = None
-    for stage in STAGE_TABLE:
-      if stage.name in stages:
-        out = self.run_stage(stage)
-        if stage.name == "report":
-          report = out
+    """Runs ``stages`` in run order (finished ones are skipped); returns the report if written.
+
+    Everything is checked (:meth:`validate`) and the data loaded before the workdir is created
+    and locked (process 0; :func:`cimjax.lock.workdir_lock`).
+
+    Raises:
+      CimjaxError: bad input (nothing written), a busy workdir
+        (:class:`cimjax.errors.WorkdirBusyError`), a workdir of another config, a stage that
+        cannot run.
+      OSError: the workdir cannot be created or written (a full disk).
+    """
+    stages = self.validate(stages)
+    self.splits  # noqa: B018 (loaded before anything is written: a bad split size fails here)
+    if "search" in stages and not self.config.from_policy:
+      from cimjax.data import check_search_images  # pylint: disable=g-import-not-at-top
+
+      check_search_images(self.splits, int(self.config.search.search_images))
+    with lock_lib.workdir_lock(self.workdir, enabled=jax.process_index() == 0):
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      self.check_config()
+      report = None
+      for stage in STAGE_TABLE:
+        if stage.name in stages:
+          out = self.run_stage(stage)
+          if stage.name == "report":
+            report = out
     return report
 
   def run_stage(self, stage: Stage) -> dict[str, Any] | None:
     """Runs one stage unless it is finished; returns its result (None when skipped)."""
     d = self.stage_dir(stage.name)
+    train_runner.discard_unreadable_result(d)  # a corrupt result.json: the stage runs again
     if train_lib.is_done(d):
       self.log(f"[{stage.name}] already finished in {d}")
       return None
@@ -386,7 +589,7 @@ def run_summary(p: Pipeline) -> report_lib.RunSummary:
   splits = p.splits
   return report_lib.RunSummary(
     model=t.model,
-    dataset=t.data.name,
+    dataset=splits.name,
     hw=p.hw.name,
     hw_description=p.hw.description,
     latency_mode=p.hw.latency_mode,

@@ -77,10 +77,10 @@ def _metrics(path: Path) -> list[dict[str, Any]]:
   if not path.is_file():
     return []
   rows = []
-  for line in path.read_text().splitlines():
+  for line in path.read_text(errors="replace").splitlines():
     try:
       rows.append(json.loads(line))
-    except json.JSONDecodeError:  # a line cut by a kill: ignore
+    except json.JSONDecodeError:  # a line cut by a kill (or a corrupt one): ignore
       continue
   return rows
 

@@ -12,6 +12,7 @@ See docs/architecture.md for the stages of the run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,92 @@ from cimjax import data as data_lib
 from cimjax import hw as hw_lib
 from cimjax import policy as policy_lib
 from cimjax import search as search_lib
+from cimjax.crossbar import INPUT_SCHEMES
+from cimjax.errors import ConfigError
 from cimjax.search.accuracy import AccuracySource
 from cimjax.search.runner import ProgressFn
 from cimjax.trace import trace_specs
 
 FINAL_SPLITS = ("val", "test", "none")
+
+
+def _field_error(field: str, value: Any, allowed: str) -> ConfigError:
+  return ConfigError(f"config.{field} = {value!r}; allowed: {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_search(
+  config: ml_collections.ConfigDict,
+  num_layers: int | None = None,
+  cell_bits: int | None = None,
+) -> None:
+  """Checks a run config's ``search`` section (what :func:`search_config` reads).
+
+  Args:
+    config: a run config.
+    num_layers: the model's quantizable layers; with ``cell_bits``, an exhaustive search is
+      checked to cover its whole space within the budget.
+    cell_bits: the target's cell bits.
+
+  Raises:
+    ConfigError: naming the first bad field, its value and what is allowed.
+  """
+  sc = config.search
+  agents = search_lib.AGENTS
+  if sc.agent not in agents:
+    raise _field_error("search.agent", sc.agent, ", ".join(agents))
+  if sc.mode not in search_lib.MODES:
+    raise _field_error("search.mode", sc.mode, ", ".join(search_lib.MODES))
+  try:
+    policy_lib.normalize_constraint(sc.constraint)
+  except policy_lib.PolicyError:
+    raise _field_error(
+      "search.constraint", sc.constraint, ", ".join(policy_lib.CONSTRAINTS)
+    ) from None
+  low = 0 if sc.agent == "exhaustive" else 1
+  if not _is_int(sc.budget) or sc.budget < low:
+    extra = "" if low == 0 else " (0, the whole space, only with agent exhaustive)"
+    raise _field_error("search.budget", sc.budget, f"an integer >= {low}{extra}")
+  if isinstance(sc.acc_drop, bool) or not isinstance(sc.acc_drop, int | float):
+    raise _field_error("search.acc_drop", sc.acc_drop, "a number >= 0 (percentage points)")
+  if not (math.isfinite(sc.acc_drop) and sc.acc_drop >= 0):
+    raise _field_error("search.acc_drop", sc.acc_drop, "a number >= 0 (percentage points)")
+  for f in ("seed", "search_images"):
+    if not _is_int(sc[f]) or sc[f] < 0:
+      raise _field_error(f"search.{f}", sc[f], "an integer >= 0")
+  if not _is_int(sc.population) or sc.population < 0 or (sc.population == 1 and sc.agent == "pg"):
+    raise _field_error(
+      "search.population", sc.population, "0 (the agent's default) or an integer >= 2"
+    )
+  if not _is_int(sc.final_top_k) or sc.final_top_k < 1:
+    raise _field_error("search.final_top_k", sc.final_top_k, "an integer >= 1")
+  if sc.agent == "exhaustive" and num_layers is not None:
+    space = search_lib.make_space(num_layers, sc.constraint, cell_bits)
+    if space.size >= 2**31 or space.size > (sc.budget or space.size):
+      raise _field_error(
+        "search.budget",
+        sc.budget,
+        f"with agent exhaustive, the whole space ({space.size:.4g} policies, below 2^31): 0 "
+        f"or >= {space.size}",
+      )
+
+
+def validate_compile(config: ml_collections.ConfigDict) -> None:
+  """Checks a run config's ``compile`` section.
+
+  Raises:
+    ConfigError: naming the first bad field, its value and what is allowed.
+  """
+  cc = config.compile
+  if not _is_int(cc.num_verify) or cc.num_verify < 1:
+    raise _field_error("compile.num_verify", cc.num_verify, "an integer >= 1")
+  if not _is_int(cc.eval_images) or cc.eval_images < 0:
+    raise _field_error("compile.eval_images", cc.eval_images, "an integer >= 0 (0: none)")
+  if cc.input_scheme not in INPUT_SCHEMES:
+    raise _field_error("compile.input_scheme", cc.input_scheme, ", ".join(INPUT_SCHEMES))
 
 
 @dataclasses.dataclass

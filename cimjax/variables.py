@@ -82,9 +82,17 @@ def save_variables(path: str | os.PathLike[str], variables: Mapping[str, PyTree]
   """Writes final model variables with orbax (overwrites; orbax commits atomically)."""
   import orbax.checkpoint as ocp  # local: orbax is slow to import
 
-  with ocp.StandardCheckpointer() as c:
-    c.save(Path(path).absolute(), dict(variables), force=True)
-    c.wait_until_finished()
+  from cimjax import checkpoint as ckpt_lib
+
+  try:
+    with ocp.StandardCheckpointer() as c:
+      c.save(Path(path).absolute(), dict(variables), force=True)
+      c.wait_until_finished()
+  except Exception as e:  # a full disk: one OSError naming the folder
+    full = ckpt_lib.disk_full_error(e, path)
+    if full is None:
+      raise
+    raise full from None
 
 
 def _saved_tree(c: Any, p: Path) -> PyTree:
@@ -102,6 +110,7 @@ def load_variables(path: str | os.PathLike[str], model: Any | None = None) -> di
 
   Raises:
     StageError: no saved variables at ``path``.
+    VariablesError: saved variables that cannot be read back (a corrupt file) or do not fit.
   """
   import orbax.checkpoint as ocp  # local: orbax is slow to import
 
@@ -112,12 +121,14 @@ def load_variables(path: str | os.PathLike[str], model: Any | None = None) -> di
     p = p / "variables"
   if not p.is_dir():
     raise StageError(f"no saved variables at {p}")
-  with ocp.StandardCheckpointer() as c:
-    if model is None:
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), _saved_tree(c, p))
-    else:
-      target = abstract_variables(model)
-    return dict(c.restore(p, ckpt_lib.abstract_like(target)))
+  target = None if model is None else abstract_variables(model)
+  try:
+    with ocp.StandardCheckpointer() as c:
+      if target is None:
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), _saved_tree(c, p))
+      return dict(c.restore(p, ckpt_lib.abstract_like(target)))
+  except Exception as e:  # orbax raises many types (a corrupt file, a tree that does not fit)
+    raise VariablesError(f"cannot read the saved variables in {p} ({ckpt_lib.cause(e)})") from None
 
 
 def restore_variables(path: str | os.PathLike[str], model: Any) -> dict[str, PyTree]:

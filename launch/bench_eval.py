@@ -34,7 +34,12 @@ PROG = "launch.bench_eval"
 STRATEGIES = tuple(s for s in evaluate.STRATEGIES if s != "auto")
 
 FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
-flags.DEFINE_string("model", "small_cnn", "Zoo model.", flag_values=FLAGS)
+flags.DEFINE_string(
+  "model",
+  "small_cnn",
+  "Model reference (zoo name, pkg.mod:factory, file.py:factory).",
+  flag_values=FLAGS,
+)
 flags.DEFINE_enum(
   "dataset",
   "fashion_mnist",

@@ -92,3 +92,13 @@ def test_tree_digest_sees_values_dtypes_and_keys():
   assert base != d({**_state(1), "step": jnp.float32(1)})
   assert base != d({"v": _state(1)["w"], "b": _state(1)["b"], "step": _state(1)["step"]})
   assert d({"k": jax.random.key(0)}) != d({"k": jax.random.key(1)})
+
+
+def test_a_64_bit_numpy_state_is_not_mistaken_for_corruption(tmp_path):
+  """Without jax_enable_x64 float64/int64 arrays read back 32-bit; the digest is taken so."""
+  c = checkpoint.Checkpointer(tmp_path / "c")
+  state = {"w": np.random.default_rng(0).normal(size=500), "i": np.arange(7, dtype=np.int64)}
+  c.save(1, state)
+  restored, _ = c.restore({"w": np.zeros(500), "i": np.zeros(7, np.int64)}, 1)
+  np.testing.assert_array_equal(restored["w"], state["w"].astype(np.float32))
+  c.close()

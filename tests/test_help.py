@@ -29,6 +29,7 @@ _CLI = {
 FLAGS = {
   **{f"cimjax.cli.{m}": names for m, names in _CLI.items()},
   **{f"launch.{m}": names for m, names in _CLI.items()},
+  "cimjax.cli.export": ("workdir", "model", "variables", "policy", "uniform", "out"),
   "launch.bench": ("workdir", "quick", "checkpoint", "only"),
   "launch.bench_eval": (
     "model",

@@ -59,3 +59,9 @@ def test_context_manager_and_disabled(tmp_path):
   assert not (tmp_path / lock.LOCK_NAME).exists()
   with lock.workdir_lock(tmp_path / "x", enabled=False):
     assert not (tmp_path / "x").exists()
+
+
+def test_a_workdir_that_cannot_be_created_is_an_os_error(tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(NotADirectoryError):
+    lock.acquire(tmp_path / "file" / "wd")

@@ -112,7 +112,8 @@ def test_cli_errors_exit_2(repo_root, tmp_path):
     p = _run_cli(repo_root, f"--config={TINY}", f"--workdir={tmp_path / 'w'}", *args, timeout=300)
     assert p.returncode == 2, (args, p.stderr[-2000:])
     last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and needle in last, (args, last)
+    assert last.startswith("cimjax: error:") and needle in last, (args, last)
+    assert not (tmp_path / "w").exists(), args  # checked before anything is written
 
 
 def test_kill_and_rerun_gives_the_same_report(tiny_run, repo_root, tmp_path):

@@ -5,8 +5,11 @@ import cimjax; nothing here imports them), declares typed absl flags (``DEFINE_i
 ``DEFINE_enum``, ``DEFINE_list``, ...) in its own ``FLAGS = flags.FlagValues()``, not in absl's
 global registry, so that any set of CLI modules can be imported together (by tests, notebooks
 or research code) without duplicate-flag errors. :func:`flags_parser` adapts one such registry
-to ``absl.app.run``. Every entry point catches :class:`cimjax.errors.CimjaxError` and reports it
-with :func:`fail`: one line ``PROG: error: ...`` on stderr, exit status 2.
+to ``absl.app.run``. Every entry point's ``main`` runs its work through :func:`run_main`: a
+:class:`cimjax.errors.CimjaxError` (bad input) or an ``OSError`` (a workdir that cannot be
+created, a full disk) is one line ``PROG: error: ...`` on stderr and exit status 2; anything else
+is a bug: its traceback between two lines saying so, exit status 1. :func:`run_console` is the
+console scripts' ``absl.app.run``.
 """
 
 from __future__ import annotations
@@ -14,15 +17,18 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import flags
 
 from cimjax.errors import CimjaxError, UsageError  # noqa: F401 (re-exported)
 
 _HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+EXIT_USAGE = 2  # bad input: one line on stderr
+EXIT_BUG = 1  # an internal error: a traceback between two lines saying so
 
 
 def flags_parser(fv: flags.FlagValues, prog: str) -> Callable[[Sequence[str]], list[str]]:
@@ -69,12 +75,79 @@ def fail(prog: str, error: BaseException | str, *, hard: bool = False) -> NoRetu
     hard: exit with ``os._exit`` (skips interpreter teardown, e.g. the tracebacks of background
       coroutines that a failed orbax restore leaves behind).
   """
-  msg = one_line(error) if isinstance(error, BaseException) else error
+  msg = error_line(error) if isinstance(error, BaseException) else error
   print(f"{prog}: error: {msg}", file=sys.stderr)
   sys.stderr.flush()
   if hard:
-    os._exit(2)
-  sys.exit(2)
+    os._exit(EXIT_USAGE)
+  sys.exit(EXIT_USAGE)
+
+
+def error_line(e: BaseException) -> str:
+  """The one line that reports a user error: ``<path>: <strerror>`` for an ``OSError`` that
+  names a file (a workdir that cannot be created, a full disk), else the message's first line."""
+  if isinstance(e, OSError) and e.strerror:
+    path = e.filename if e.filename is not None else e.filename2
+    return f"{path}: {e.strerror}" if path is not None else e.strerror
+  return one_line(e)
+
+
+def run_main(prog: str, body: Callable[[], int | None]) -> int:
+  """Runs a console script's work and returns its exit status; the one error policy of cimjax.
+
+  * a :class:`CimjaxError` (bad input, a corrupt file, a busy workdir) or an ``OSError`` (a
+    workdir that cannot be created or written, a full disk): one line ``PROG: error: ...`` on
+    stderr, status 2;
+  * ``KeyboardInterrupt``: one line ``PROG: interrupted``, status 130;
+  * anything else is a bug: its traceback between two lines saying so, status 1.
+
+  Args:
+    prog: program name used in messages.
+    body: the work; returns the exit status (None: 0).
+
+  Returns:
+    The exit status.
+  """
+  try:
+    return int(body() or 0)
+  except (CimjaxError, OSError) as e:
+    print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
+    return EXIT_USAGE
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130
+  except Exception:  # pylint: disable=broad-except
+    bug = f"{prog}: internal error (a bug in cimjax, not in your input)"
+    print(f"{bug}; please report it with the traceback below", file=sys.stderr)
+    traceback.print_exc()
+    print(f"{bug}: see the traceback above", file=sys.stderr)
+    return EXIT_BUG
+  finally:
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def run_console(
+  main: Callable[[Any], int | None], flags_parser: Callable[[Sequence[str]], Any]
+) -> None:
+  """``absl.app.run(main, flags_parser=...)`` for a console script whose ``main`` returns its
+  exit status (:func:`run_main`).
+
+  A failing run exits with ``os._exit`` once its line is printed: the interpreter's teardown
+  is skipped, so nothing left running in the background (the reads of a failed orbax restore,
+  say) can print after the error line.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  def wrapped(argv: Any) -> int:
+    status = int(main(argv) or 0)
+    if status:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(status)
+    return status
+
+  app.run(wrapped, flags_parser=flags_parser)
 
 
 @contextlib.contextmanager
@@ -90,6 +163,10 @@ def _quiet_config_loading() -> Iterator[None]:
 def _parse_and_load(fv: flags.FlagValues, argv: list[str], known_only: bool) -> list[str]:
   """Parses ``argv`` into ``fv``, then loads a ``--config`` file now (ml_collections loads it
   lazily) to surface its errors here; returns the arguments left."""
+  # ml_collections loads every config file as the module ``config_config``; a module of that
+  # name left by an earlier parse in this process would lend its get_config() to a file that
+  # defines none (the deprecated load_module() runs the file in the existing module).
+  sys.modules.pop("config_config", None)
   with _quiet_config_loading():
     rest = fv(argv, known_only=known_only)
     if "config" in fv and fv["config"].value is not None:

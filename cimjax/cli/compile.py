@@ -28,16 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
 from cimjax import cli as cli_lib
+from cimjax import progress as progress_lib
 from cimjax.cli import CimjaxError, UsageError, parse_uniform
+from cimjax.errors import UnknownModelError
 
 PROG = "cimjax-compile"
 
 FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
 _MODEL = flags.DEFINE_string(
-  "model", "small_cnn", "Zoo model name (cimjax.models.MODEL_NAMES).", flag_values=FLAGS
+  "model",
+  "small_cnn",
+  "Model: a zoo or registered name, package.module:factory, path/file.py:factory or a .onnx "
+  "file (docs/own_models.md).",
+  flag_values=FLAGS,
 )
 _MODEL_KWARGS = flags.DEFINE_string(
   "model_kwargs", "{}", "JSON options of get_model, e.g. '{\"image_size\": 32}'.", flag_values=FLAGS
@@ -148,7 +154,7 @@ def make_noise(variation: float, stuck_at: float, read_noise: float) -> Any:
 
 def load_model(name: str, kwargs_json: str) -> tuple[Any, dict[str, Any]]:
   """The ModelDef of ``name`` with JSON options."""
-  from cimjax import models
+  from cimjax.train import config as train_config
 
   try:
     kwargs = json.loads(kwargs_json)
@@ -157,10 +163,10 @@ def load_model(name: str, kwargs_json: str) -> tuple[Any, dict[str, Any]]:
   except ValueError as e:
     raise UsageError(f"--model_kwargs={kwargs_json!r}: invalid JSON object ({e})") from None
   try:
-    return models.get_model(name, **kwargs), kwargs
-  except ValueError as e:
+    return train_config.resolve_model(name, **kwargs), kwargs
+  except UnknownModelError as e:
     raise UsageError(f"--model: {e}") from None
-  except TypeError as e:
+  except CimjaxError as e:
     raise UsageError(f"--model_kwargs: {e}") from None
 
 
@@ -375,6 +381,8 @@ def run_compile(argv_rest: list[str]) -> tuple[dict[str, Any], bool]:
     model, variables, pol, hw, model_kwargs = _model_inputs()
     program = None
   eval_data = load_eval_data(_DATASET.value, model, _EVAL_IMAGES.value)
+  if _WORKDIR.value is not None:  # checked (an OSError) before the work, created after the checks
+    Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
   adc_frac = None
   if program is None:
     program = cc.compile_model(
@@ -389,49 +397,56 @@ def run_compile(argv_rest: list[str]) -> tuple[dict[str, Any], bool]:
       else np.asarray(jax.random.normal(jax.random.key(_SEED.value + 7), (16, *model.input_shape)))
     )
     adc_frac = cc.calibrate_adc(program, calib, model=model)
-  res = cc.compile_and_verify(
-    model,
-    variables,
-    None,
-    None,
-    workdir=_WORKDIR.value,
-    num_verify=_NUM_VERIFY.value,
-    seed=_SEED.value,
-    adc_bits=adc_bits,
-    adc_frac=adc_frac,
-    noise=noise,
-    eval_data=eval_data,
-    eval_batch=_EVAL_BATCH.value,
-    program=program,
-  )
+  with progress_lib.Progress().phases(PROG) as progress:  # a bar on a terminal, else lines
+    res = cc.compile_and_verify(
+      model,
+      variables,
+      None,
+      None,
+      workdir=_WORKDIR.value,
+      num_verify=_NUM_VERIFY.value,
+      seed=_SEED.value,
+      adc_bits=adc_bits,
+      adc_frac=adc_frac,
+      noise=noise,
+      eval_data=eval_data,
+      eval_batch=_EVAL_BATCH.value,
+      program=program,
+      progress=progress,
+    )
   return res.summary, res.report.ok
 
 
-def main(argv: list[str]) -> None:
-  """absl main."""
-  logging.set_verbosity(logging.WARNING)
-  try:
+def main(argv: list[str]) -> int:
+  """absl main (the flags are parsed into :data:`FLAGS`).
+
+  Returns:
+    The exit status (:func:`cimjax.cli.run_main`): 0, 1 when verification fails (or on a bug),
+    2 after one line on stderr for bad input.
+  """
+  progress_lib.default_verbosity()  # WARNING unless --verbosity/-v is given (-v 0: INFO)
+
+  def body() -> int:
     summary, ok = run_compile(list(argv[1:]))
-  except CimjaxError as e:
-    # A failed orbax restore leaves background coroutines whose teardown tracebacks would
-    # follow the one error line; the error has been reported, so skip interpreter teardown.
-    cli_lib.fail(PROG, e, hard=True)
-  if _JSON.value:
-    print(json.dumps(summary))
-  else:
-    print(format_table(summary))
-  if not ok:
-    print(
-      f"{PROG}: verification failed: "
-      f"{[c['name'] for c in summary['verify']['layers'] if not c['exact']]}",
-      file=sys.stderr,
-    )
-    sys.exit(1)
+    if _JSON.value:
+      print(json.dumps(summary))
+    else:
+      print(format_table(summary))
+    if not ok:
+      print(
+        f"{PROG}: verification failed: "
+        f"{[c['name'] for c in summary['verify']['layers'] if not c['exact']]}",
+        file=sys.stderr,
+      )
+      return 1
+    return 0
+
+  return cli_lib.run_main(PROG, body)
 
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, PROG))
+  cli_lib.run_console(main, flags_parser=cli_lib.flags_parser(FLAGS, PROG))
 
 
 if __name__ == "__main__":

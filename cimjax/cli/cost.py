@@ -1,4 +1,4 @@
-"""Latency and energy of a zoo model on a CIM hardware target, per layer.
+"""Latency and energy of a model on a CIM hardware target, per layer.
 
 Usage (the ``cimjax-cost`` console script; ``python -m launch.cost`` from the repository
 root is the same)::
@@ -25,17 +25,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 from cimjax import cli as cli_lib
-from cimjax import cost, models, trace
+from cimjax import cost, trace
 from cimjax import hw as hw_lib
 from cimjax import policy as policy_lib
+from cimjax import progress as progress_lib
 from cimjax.cli import CimjaxError, UsageError, parse_uniform
+from cimjax.train import config as train_config
 
 FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
 _MODEL = flags.DEFINE_string(
-  "model", "small_cnn", "Zoo model name (cimjax.models.MODEL_NAMES).", flag_values=FLAGS
+  "model",
+  "small_cnn",
+  "Model: a zoo or registered name, package.module:factory, path/file.py:factory or a .onnx "
+  "file (docs/own_models.md).",
+  flag_values=FLAGS,
 )
 _HW = flags.DEFINE_string(
   "hw",
@@ -91,7 +97,7 @@ def build_report(
   """Traces ``model``, loads ``hw`` and the policy, and returns the JSON report.
 
   Args:
-    model: zoo name.
+    model: a model reference (:func:`cimjax.models.resolve_model`).
     hw: target name or path.
     policy_path: ``.npy`` policy, or None to use ``uniform``.
     uniform: (w, a) bits for every layer when ``policy_path`` is None.
@@ -107,10 +113,9 @@ def build_report(
   except hw_lib.HwError as e:
     raise UsageError(f"--hw: {e}") from None
   try:
-    model_def = models.get_model(model)
-  except (KeyError, ValueError) as e:
-    msg = e.args[0] if e.args else str(e)
-    raise UsageError(f"--model: {msg}") from None
+    model_def = train_config.resolve_model(model)
+  except CimjaxError as e:
+    raise UsageError(f"--model: {e}") from None
   specs = trace.trace_specs(model_def.module, model_def.input_shape)
   names = [s.name for s in specs]
   if policy_path is not None:
@@ -183,26 +188,31 @@ def format_table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-  """absl main: prints the report of the flags' model, target and policy."""
-  try:
+def main(argv: list[str]) -> int:
+  """absl main: prints the report of the flags' model, target and policy.
+
+  Returns:
+    The exit status (:func:`cimjax.cli.run_main`): 0, 2 after one line on stderr, 1 on a bug.
+  """
+
+  def body() -> None:
     if len(argv) > 1:
       raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _POLICY.value is not None and _UNIFORM.present:
       raise UsageError("--policy and --uniform are mutually exclusive; give one of them")
     uniform = None if _POLICY.value is not None else parse_uniform(_UNIFORM.value)
     report = build_report(_MODEL.value, _HW.value, _POLICY.value, uniform)
-  except CimjaxError as e:
-    cli_lib.fail(PROG, e)
-  if _JSON.value:
-    print(json.dumps(report))
-  else:
-    print(format_table(report))
+    if _JSON.value:
+      print(json.dumps(report))
+    else:
+      print(format_table(report))
+
+  return cli_lib.run_main(PROG, body)
 
 
 def run() -> None:
   """Console-script entry point (``cimjax-cost``)."""
-  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, PROG))
+  cli_lib.run_console(progress_lib.quiet_main(main), flags_parser=cli_lib.flags_parser(FLAGS, PROG))
 
 
 if __name__ == "__main__":

@@ -18,32 +18,44 @@ Examples::
 embedded one (``cimjax/configs/default_run.py``); any field can be overridden with
 ``--config.<field>=<value>`` (e.g. ``--config.train.fp32.epochs=1``).
 
-Exit status 0 on success; 2 with one line ``error: ...`` on stderr for bad input (flag, config
-field, data, policy file, hardware target: any :class:`cimjax.errors.CimjaxError`).
+Progress: a live bar per long stage on a terminal, a plain line every 10 s or 25% otherwise
+(stderr; ``--config.train.progress=False``: none). Library INFO logging is off unless
+``--verbosity=0`` (absl's ``-v``) is given.
+
+Everything the run will need is checked before the first stage starts
+(:func:`cimjax.pipeline.validate_run`): a bad field, target, model, policy file or dataset is
+reported and nothing is written, not even the workdir. A workdir that another live run holds is
+refused (its lock, :mod:`cimjax.lock`).
+
+Exit status 0 on success; 2 with one line ``cimjax: error: ...`` on stderr for bad input (flag,
+config field, data, policy file, hardware target, a busy workdir, a corrupt file: any
+:class:`cimjax.errors.CimjaxError`) and for a workdir that cannot be created or written (an
+``OSError``: ``cimjax: error: PATH: REASON``); 1 for an internal error (a bug: its traceback
+between two lines saying so).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
 from cimjax import cli as cli_lib
+from cimjax import configs
+from cimjax import progress as progress_lib
 from cimjax.configs import DEFAULT_RUN
-from cimjax.errors import CimjaxError
+from cimjax.errors import UsageError
+
+PROG = "cimjax"
+_CONFIG_HELP = (
+  "Run config (a get_config() file, default: the embedded default); "
+  "override fields with --config.<field>=<value>."
+)
 
 FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
-config_flags.DEFINE_config_file(
-  "config",
-  DEFAULT_RUN,
-  "Run config (a get_config() file, default: the embedded default); "
-  "override fields with --config.<field>=<value>.",
-  flag_values=FLAGS,
-)
+configs.define_config_flag(FLAGS, _CONFIG_HELP, default=DEFAULT_RUN)
 flags.DEFINE_string(
   "workdir", "runs/default", "Run directory (checkpoints, outputs, report).", flag_values=FLAGS
 )
@@ -70,46 +82,80 @@ flags.DEFINE_integer(
 )
 
 
-def run_config() -> ml_collections.ConfigDict:
-  """``--config`` with ``--from_policy``, ``--hw`` and ``--budget`` applied."""
-  config = FLAGS.config
-  if FLAGS.from_policy:
-    config.from_policy = FLAGS.from_policy
-  if FLAGS.hw:
-    config.hw = FLAGS.hw
-  if FLAGS.budget is not None:
-    if FLAGS.budget < 1:
-      _fail(f"--budget = {FLAGS.budget}; allowed: an integer >= 1")
-    config.search.budget = FLAGS.budget
+def run_config(fv: flags.FlagValues = FLAGS) -> ml_collections.ConfigDict:
+  """``--config`` with ``--from_policy``, ``--hw`` and ``--budget`` applied.
+
+  Raises:
+    UsageError: ``--budget`` below 1.
+  """
+  config = fv.config
+  if fv.from_policy:
+    config.from_policy = fv.from_policy
+  if fv.hw:
+    config.hw = fv.hw
+  if fv.budget is not None:
+    if fv.budget < 1:
+      raise UsageError(f"--budget={fv.budget}: allowed values are integers >= 1")
+    config.search.budget = fv.budget
   return config
 
 
-def main(argv: Sequence[str]) -> None:
-  """absl entry point: runs the pipeline (:class:`cimjax.pipeline.Pipeline`) the flags describe."""
-  if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+def parse_args(argv: Sequence[str]) -> flags.FlagValues:
+  """Parses the command line (program name first) into :data:`FLAGS` and loads the config.
+
+  Raises:
+    UsageError: unknown flag, unknown or badly typed config field, a config file that does not
+      load, positional arguments.
+  """
+  configs.define_config_flag(FLAGS, _CONFIG_HELP, argv, default=DEFAULT_RUN)
+  return cli_lib.parse_config_args(FLAGS, argv, required=())
+
+
+def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
+  """An ``absl.app.run`` flags parser: ``--help`` lists the flags; bad input exits with 2."""
+  if any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
+    print(f"usage: {PROG} [flags]\n\n{FLAGS.get_help()}")
+    sys.exit(0)
+  return cli_lib.usage_parser(parse_args, PROG)(argv)
+
+
+def run_from_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """Checks everything, then runs the pipeline (:class:`cimjax.pipeline.Pipeline`) the flags
+  describe.
+
+  Raises:
+    CimjaxError: bad input (nothing written), a busy workdir, a stage that cannot run.
+    OSError: the workdir cannot be created or written.
+  """
   from cimjax import pipeline  # pylint: disable=g-import-not-at-top
 
-  config = run_config()
-  logging.set_verbosity(logging.WARNING)
-  try:
-    pipe = pipeline.Pipeline(config, FLAGS.workdir)
-    print(pipe.describe(), flush=True)
-    report = pipe.run(FLAGS.stages or pipeline.STAGES)
-  except CimjaxError as e:
-    _fail(cli_lib.one_line(e))
+  config = run_config(fv)
+  progress_lib.default_verbosity()  # WARNING unless --verbosity/-v is given (-v 0: INFO)
+  pipe = pipeline.Pipeline(config, fv.workdir, log=lambda line: print(line, flush=True))
+  stages = pipe.validate(fv.stages or pipeline.STAGES)  # before anything is written
+  print(pipe.describe(), flush=True)
+  report = pipe.run(stages)
   if report is not None:
-    print(f"report: {FLAGS.workdir}/report.md")
+    print(f"report: {fv.workdir}/report.md")
 
 
-def _fail(msg: str) -> NoReturn:
-  print(f"error: {msg}", file=sys.stderr)
-  sys.exit(2)
+def main(argv: Sequence[str] | flags.FlagValues) -> int:
+  """Entry point: ``argv`` (program name first) or flags parsed by :func:`parse_flags`.
+
+  Returns:
+    The exit status (:func:`cimjax.cli.run_main`): 0, 2 after one line on stderr, 1 on a bug.
+  """
+
+  def body() -> None:
+    fv = argv if isinstance(argv, flags.FlagValues) else parse_args(argv)
+    run_from_flags(fv)
+
+  return cli_lib.run_main(PROG, body)
 
 
 def run() -> None:
   """Console-script entry point (``cimjax``)."""
-  app.run(main, flags_parser=cli_lib.flags_parser(FLAGS, "cimjax"))
+  cli_lib.run_console(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,13 @@ Several processes (``--num_processes``/``--process_id``/``--coordinator_address`
 ``--distributed`` on a TPU pod or SLURM cluster) run the same search and split every batch's
 accuracy evaluations between them (``docs/multihost.md``); ``--workdir`` must be shared.
 
-Exit status 0 on success; 2 with one line on stderr naming the flag for a usage error.
+The flags and the config are checked before anything is loaded or written; the workdir is then
+locked by process 0 (:mod:`cimjax.lock`: a workdir another live run holds is refused). A corrupt
+newest search checkpoint is skipped for the newest intact one (one warning line).
+
+Exit status 0 on success; 2 with one line on stderr naming the flag for a usage error (any
+:class:`cimjax.errors.CimjaxError`, a busy workdir included) or an ``OSError`` (``PATH:
+REASON``); 1 for an internal error (a bug: its traceback between two lines saying so).
 """
 
 from __future__ import annotations
@@ -36,16 +42,16 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags
 
 from cimjax import cli as cli_lib
 from cimjax import configs
-from cimjax.errors import CimjaxError, UsageError
+from cimjax import progress as progress_lib
+from cimjax.errors import CimjaxError, UnknownModelError, UsageError
 
 PROG = "launch.search"
 AGENTS = ("pg", "ddpg", "random", "exhaustive")
@@ -92,7 +98,8 @@ flags.DEFINE_string(
 flags.DEFINE_string(
   "model",
   None,
-  "Zoo model (overrides the config's model; e.g. for synthetic runs).",
+  "Model reference (overrides the config's model; e.g. for synthetic runs): a zoo or registered "
+  "name, package.module:factory, path/file.py:factory or a .onnx file.",
   flag_values=FLAGS,
 )
 flags.DEFINE_integer("seed", 0, "Search seed.", lower_bound=0, flag_values=FLAGS)
@@ -168,7 +175,12 @@ flags.DEFINE_bool(
   "GPU clusters).",
   flag_values=FLAGS,
 )
-flags.DEFINE_bool("progress", True, "Show a progress bar on a terminal.", flag_values=FLAGS)
+flags.DEFINE_bool(
+  "progress",
+  True,
+  "Show progress: a live bar on a terminal, a plain line every 10 s or 25% otherwise.",
+  flag_values=FLAGS,
+)
 flags.DEFINE_bool("plots", True, "Write PNG plots.", flag_values=FLAGS)
 
 
@@ -264,15 +276,17 @@ def _init_distributed(fv: flags.FlagValues) -> None:
 def run_config(fv: flags.FlagValues = FLAGS) -> Any:
   """The run config of the flags: ``--config`` (default: the embedded one) with the search
   settings, the target and the model of the flags."""
-  from cimjax import models as models_lib  # pylint: disable=g-import-not-at-top
   from cimjax import pipeline  # pylint: disable=g-import-not-at-top
+  from cimjax.train import config as train_config  # pylint: disable=g-import-not-at-top
 
   config = fv.config if fv["config"].value is not None else pipeline.default_config()
   if fv.model:
-    if fv.model not in models_lib.MODEL_NAMES:
-      raise UsageError(
-        f"--model={fv.model}: allowed values are {', '.join(models_lib.MODEL_NAMES)}"
-      )
+    try:
+      train_config.check_model(fv.model)
+    except UnknownModelError as e:
+      raise UsageError(f"--model={fv.model}: allowed values are {e.allowed}") from None
+    except CimjaxError as e:
+      raise UsageError(f"--model={fv.model}: {cli_lib.one_line(e)}") from None
     config.train.model = fv.model
   config.hw = fv.hw
   for name in ("agent", "budget", "acc_drop", "constraint", "seed", "mode", "population"):
@@ -297,14 +311,41 @@ def _load_hw(fv: flags.FlagValues) -> Any:
   return target
 
 
-def _data_task(config: Any, target: Any, fv: flags.FlagValues) -> Any:
+def check_config(config: Any, target: Any, fv: flags.FlagValues = FLAGS) -> Any:
+  """Checks the run config's parts that the search reads, before anything is loaded: its
+  ``train`` part (model, data fields, the dataset's files), its ``search`` section and, with
+  ``--accuracy=data``, that ``--checkpoint`` is a directory.
+
+  Returns:
+    The data splits when checking them meant loading them, else None.
+
+  Raises:
+    CimjaxError: naming the field (or flag), its value and what is allowed.
+  """
+  from cimjax import stages  # pylint: disable=g-import-not-at-top
+  from cimjax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from cimjax.train import config as train_config  # pylint: disable=g-import-not-at-top
+
+  t = config.train
+  if t.bits.constraint in ("weight", "both") and not t.bits.cell_bits:
+    t.bits.cell_bits = target.cell_bits  # as the run fills it
+  train_lib.validate_config(t)
+  stages.validate_search(config)
+  if fv.accuracy == "data":
+    if not Path(fv.checkpoint).is_dir():
+      raise UsageError(f"--checkpoint={fv.checkpoint}: directory not found")
+    return train_config.check_data(t)
+  return None
+
+
+def _data_task(config: Any, target: Any, fv: flags.FlagValues, splits: Any = None) -> Any:
   """The search on ``val`` with the any-precision model in ``--checkpoint``."""
   from cimjax import stages  # pylint: disable=g-import-not-at-top
   from cimjax import train as train_lib  # pylint: disable=g-import-not-at-top
 
   t = config.train
   try:
-    splits = train_lib.load_splits(t)
+    splits = splits if splits is not None else train_lib.load_splits(t)
     model = train_lib.build_model(t, splits)
   except (CimjaxError, ValueError) as e:
     raise UsageError(f"--config: {cli_lib.one_line(e)}") from None
@@ -329,14 +370,14 @@ def _data_task(config: Any, target: Any, fv: flags.FlagValues) -> Any:
 
 def _synthetic_task(config: Any, target: Any, fv: flags.FlagValues) -> Any:
   """The search on a synthetic accuracy model of the config's model."""
-  from cimjax import models as models_lib  # pylint: disable=g-import-not-at-top
   from cimjax import stages  # pylint: disable=g-import-not-at-top
+  from cimjax.train import config as train_config  # pylint: disable=g-import-not-at-top
 
   t = config.train
   kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in t.model_kwargs.to_dict().items()}
   try:
-    model = models_lib.get_model(t.model, **kw)
-  except (TypeError, ValueError) as e:
+    model = train_config.resolve_model(t.model, **kw)
+  except CimjaxError as e:
     raise UsageError(f"--model: {cli_lib.one_line(e)}") from None
   return stages.synthetic_task(model, target, kind=fv.synthetic_kind, seed=fv.synthetic_seed)
 
@@ -362,44 +403,6 @@ def _check_exhaustive(cfg: Any, task: Any, target: Any) -> int:
   return budget
 
 
-def _progress_bar(enabled: bool, total: int):
-  """A rich progress callback on stderr (None when off or not a terminal)."""
-  if not (enabled and sys.stderr.isatty()):
-    return None, lambda: None
-  from rich import progress as rp  # pylint: disable=g-import-not-at-top
-  from rich.console import Console  # pylint: disable=g-import-not-at-top
-
-  bar = rp.Progress(
-    rp.TextColumn("[bold]search"),
-    rp.BarColumn(),
-    rp.MofNCompleteColumn(),
-    rp.TimeElapsedColumn(),
-    rp.TextColumn("{task.fields[info]}"),
-    console=Console(stderr=True),
-  )
-  bar.start()
-  task = bar.add_task("search", total=total, info="")
-
-  def update(iteration: int, used: int, budget: int, best: float) -> None:
-    bar.update(task, completed=used, info=f"iter {iteration}  best reward {best:.3f}")
-
-  return update, bar.stop
-
-
-def _log_progress():
-  last = {"t": 0.0}
-
-  def update(iteration: int, used: int, budget: int, best: float) -> None:
-    now = time.time()
-    if now - last["t"] > 10.0 or used >= budget:
-      last["t"] = now
-      logging.info(
-        "search iteration %d: %d/%d evaluations, best reward %.4f", iteration, used, budget, best
-      )
-
-  return update
-
-
 def run_from_flags(fv: flags.FlagValues = FLAGS) -> dict[str, Any]:
   """Runs the search the flags describe; returns the report dict.
 
@@ -411,31 +414,39 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> dict[str, Any]:
     _init_distributed(fv)
   import jax  # pylint: disable=g-import-not-at-top
 
+  from cimjax import lock as lock_lib  # pylint: disable=g-import-not-at-top
   from cimjax import stages  # pylint: disable=g-import-not-at-top
 
   config = run_config(fv)
   target = _load_hw(fv)
-  build = _data_task if fv.accuracy == "data" else _synthetic_task
-  task = stages.multiprocess(build(config, target, fv))
+  splits = check_config(config, target, fv)  # checked before anything is loaded or written
+  if fv.accuracy == "data":
+    task = _data_task(config, target, fv, splits)  # reads only
+  else:
+    task = _synthetic_task(config, target, fv)
+  task = stages.multiprocess(task)
   cfg = stages.search_config(
     config, min_bits=fv.min_bits, max_bits=fv.max_bits, checkpoint_every=fv.checkpoint_every
   )
   budget = _check_exhaustive(cfg, task, target)
-  update, stop = _progress_bar(fv.progress and jax.process_index() == 0, budget)
-  try:
-    result = stages.run_search_stage(
-      config,
-      fv.workdir,
-      task,
-      hw=target,
-      search=cfg,
-      progress=update or _log_progress(),
-      plots=fv.plots,
-    )
-  except ValueError as e:
-    raise UsageError(f"--workdir={fv.workdir}: {cli_lib.one_line(e)}") from None
-  finally:
-    stop()
+  first = jax.process_index() == 0
+  with lock_lib.workdir_lock(fv.workdir, enabled=first):  # process 0 writes the outputs
+    tb = Path(fv.workdir) / "tb" if first else None  # TensorBoard scalars (with tensorboardX)
+    update = progress_lib.Progress.of(fv.progress and first).search("search", budget, tb)
+    try:
+      result = stages.run_search_stage(
+        config,
+        fv.workdir,
+        task,
+        hw=target,
+        search=cfg,
+        progress=update,
+        plots=fv.plots,
+      )
+    except ValueError as e:
+      raise UsageError(f"--workdir={fv.workdir}: {cli_lib.one_line(e)}") from None
+    finally:
+      update.close()
   if jax.process_index() != 0:
     return {"process": jax.process_index(), "best_reward": result["summary"]["best_reward"]}
   report = json.loads(Path(fv.workdir, "report.json").read_text())
@@ -448,21 +459,20 @@ def main(argv: Sequence[str] | flags.FlagValues) -> int:
   """Entry point: ``argv`` (program name first) or flags parsed by :func:`parse_flags`.
 
   Returns:
-    0, or 2 after printing one line on stderr.
+    The exit status (:func:`cimjax.cli.run_main`): 0, 2 after one line on stderr, 1 on a bug.
   """
-  try:
+
+  def body() -> None:
     fv = argv if isinstance(argv, flags.FlagValues) else parse_args(argv)
     report = run_from_flags(fv)
-  except CimjaxError as e:
-    print(f"{PROG}: error: {cli_lib.one_line(e)}", file=sys.stderr)
-    return 2
-  print(json.dumps(report, sort_keys=True, default=str))
-  return 0
+    print(json.dumps(report, sort_keys=True, default=str))
+
+  return cli_lib.run_main(PROG, body)
 
 
 def run() -> None:
   """Console-script entry point (``cimjax-search``)."""
-  app.run(main, flags_parser=parse_flags)
+  cli_lib.run_console(progress_lib.quiet_main(main), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

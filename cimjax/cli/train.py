@@ -18,9 +18,17 @@ checkpoint; a finished stage is detected (``result.json``) and not redone. The r
 printed on stdout at the end. ``cimjax --stages=fp32,int8,anyprec`` runs the same stages in one
 command.
 
+Everything is checked before anything is written (the config's fields, the policy's length, the
+prerequisite stage, the dataset's files; the data is loaded too), then the workdir is created
+and locked (:mod:`cimjax.lock`: a workdir another live run holds is refused). A corrupt newest
+checkpoint is skipped for the newest intact one (one warning line); with none intact the stage
+restarts from its beginning.
+
 Exit status 0 on success; 2 with one line ``launch.train: error: ...`` on stderr for bad input
 (any :class:`cimjax.errors.CimjaxError`): a missing prerequisite stage, a bad policy file, an
-unknown or badly typed config field, a config file that does not load, missing data files.
+unknown or badly typed config field, a config file that does not load, missing data files, a
+busy workdir, a corrupt file; and for an ``OSError`` (``PATH: REASON``: a workdir that cannot be
+created, a full disk). 1 for an internal error (a bug: its traceback between two lines).
 """
 
 from __future__ import annotations
@@ -33,11 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 
 from cimjax import cli as cli_lib
 from cimjax import configs
-from cimjax.errors import CimjaxError, UsageError
+from cimjax import progress as progress_lib
+from cimjax.errors import UsageError
 from cimjax.train import STAGES
 
 PROG = "launch.train"
@@ -110,7 +119,10 @@ def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
   t = config.train
   if t.bits.constraint in ("weight", "both") and not t.bits.cell_bits:
-    t.bits.cell_bits = hw_lib.load_hw(config.hw).cell_bits
+    try:
+      t.bits.cell_bits = hw_lib.load_hw(config.hw).cell_bits
+    except hw_lib.HwError as e:
+      raise UsageError(f"config.hw = {config.hw!r}: {cli_lib.one_line(e)}") from None
   return t
 
 
@@ -120,8 +132,11 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> dict[str, Any]:
   Raises:
     CimjaxError: anything the user can fix (exit status 2).
   """
+  from cimjax import lock as lock_lib  # pylint: disable=g-import-not-at-top
   from cimjax import policy as policy_lib  # pylint: disable=g-import-not-at-top
   from cimjax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from cimjax.train import config as train_config  # pylint: disable=g-import-not-at-top
+  from cimjax.train import runner  # pylint: disable=g-import-not-at-top
 
   policy = policy_name = None
   if fv.stage == "finetune":
@@ -134,31 +149,36 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> dict[str, Any]:
     policy_name = Path(fv.policy).stem
   elif fv.policy:
     raise UsageError(f"--policy is only used by --stage=finetune, not --stage={fv.stage}")
-  return train_lib.run_stage(
-    training_config(fv.config), fv.stage, fv.workdir, policy=policy, policy_name=policy_name
-  )
+  config = training_config(fv.config)
+  kw = dict(policy=policy, policy_name=policy_name)
+  # Everything is checked and the data loaded before the workdir is created and locked.
+  sdir = runner.check_stage(config, fv.stage, fv.workdir, **kw)
+  if runner.read_result(sdir) is not None:  # finished: its result, nothing written
+    return train_lib.run_stage(config, fv.stage, fv.workdir, **kw)
+  splits = train_config.check_data(config) or train_lib.load_splits(config)
+  with lock_lib.workdir_lock(fv.workdir):
+    return train_lib.run_stage(config, fv.stage, fv.workdir, splits=splits, **kw)
 
 
 def main(argv: Sequence[str] | flags.FlagValues) -> int:
   """Entry point: ``argv`` (program name first) or flags parsed by :func:`parse_flags`.
 
   Returns:
-    The exit status: 0, or 2 after printing one line on stderr.
+    The exit status (:func:`cimjax.cli.run_main`): 0, 2 after one line on stderr, 1 on a bug.
   """
-  try:
+
+  def body() -> None:
     fv = argv if isinstance(argv, flags.FlagValues) else parse_args(argv)
     _quiet_orbax()
     result = run_from_flags(fv)
-  except CimjaxError as e:
-    print(f"{PROG}: error: {cli_lib.one_line(e)}", file=sys.stderr)
-    return 2
-  print(json.dumps(result, sort_keys=True))
-  return 0
+    print(json.dumps(result, sort_keys=True))
+
+  return cli_lib.run_main(PROG, body)
 
 
 def run() -> None:
   """Console-script entry point (``cimjax-train``)."""
-  app.run(main, flags_parser=parse_flags)
+  cli_lib.run_console(progress_lib.quiet_main(main), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ for one batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -61,6 +62,7 @@ def program_hook(
   read_key: Array | None = None,
   straight_through_grad: bool = True,
   block_elems: int = xb.DEFAULT_BLOCK_ELEMS,
+  on_layer: Callable[[int], None] | None = None,
 ) -> xb.MvmHook:
   """An ``mvm`` hook that runs the program's stored tiles on the crossbar simulator.
 
@@ -77,6 +79,8 @@ def program_hook(
       :func:`cimjax.crossbar.make_mvm_hook`).
     straight_through_grad: backward pass of the ideal integer matmul.
     block_elems: simulator token-block size.
+    on_layer: called with a layer's index once its product has been issued (eagerly:
+      computed; under jit: traced), e.g. the per-layer progress of :func:`cimjax.compiler.verify`.
   """
   cfg = program.xbar_config(**({} if adc_bits == "hw" else {"adc_bits": adc_bits}))
   noise = _checked_noise(noise, key, "program_hook")
@@ -94,6 +98,12 @@ def program_hook(
   )
 
   def hook(index, spec, x, w, w_bits, a_bits):
+    y = _hook(index, spec, x, w, w_bits, a_bits)
+    if on_layer is not None:
+      on_layer(index)
+    return y
+
+  def _hook(index, spec, x, w, w_bits, a_bits):
     plan = program.layers[index]
     if plan.dynamic:
       return dyn_hook(index, spec, x, w, w_bits, a_bits)
@@ -133,6 +143,7 @@ def make_executor(
   noise: NoiseConfig | None = None,
   key: Array | None = None,
   block_elems: int = xb.DEFAULT_BLOCK_ELEMS,
+  on_layer: Callable[[int], None] | None = None,
 ):
   """A reusable (jitted) function running the program on batches.
 
@@ -143,7 +154,7 @@ def make_executor(
     jit: compile the whole simulated forward pass once (the stored tiles, variables, inputs,
       keys and ADC ranges are arguments, so later calls do not recompile; the noise
       magnitudes are compile-time constants).
-    adc_bits, adc_frac, noise, key, block_elems: see :func:`program_hook`.
+    adc_bits, adc_frac, noise, key, block_elems, on_layer: see :func:`program_hook`.
 
   Returns:
     ``run(x, variables=None, read_key=None, adc_frac=None) -> (logits, state)``;
@@ -171,6 +182,7 @@ def make_executor(
       key=key_arg,
       read_key=read_key,
       block_elems=block_elems,
+      on_layer=on_layer,
     )
     return models_lib.forward(md.module, variables, x, pol, mvm=hook, capture=capture)
 
@@ -208,7 +220,8 @@ def execute(
     capture: also return each layer's integer operands and accumulator (``"cim"``).
     jit: compile the simulated forward pass as one function.
     read_key: key of the read noise.
-    **hook_kwargs: ``adc_bits``, ``adc_frac``, ``noise``, ``key``, ``block_elems``.
+    **hook_kwargs: ``adc_bits``, ``adc_frac``, ``noise``, ``key``, ``block_elems``,
+      ``on_layer``.
 
   Returns:
     ``(logits, state)`` as :func:`cimjax.models.forward`.

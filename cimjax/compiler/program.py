@@ -143,19 +143,32 @@ def _summary_row(p: LayerPlan, cost: ScheduleCost) -> dict[str, Any]:
 
 
 def program_model(program: CimProgram, model: Any = None) -> Any:
-  """The :class:`cimjax.models.ModelDef` of a program (rebuilt from its manifest if needed)."""
+  """The :class:`cimjax.models.ModelDef` of a program (rebuilt from its manifest if needed).
+
+  The manifest's ``model`` is the model's reference (a zoo or registered name,
+  ``package.module:factory``, ``/abs/path/file.py:factory`` or an ``.onnx`` path), rebuilt by
+  :func:`cimjax.models.resolve_model` with the stored ``model_kwargs`` and given the stored
+  input shape.
+
+  Raises:
+    ProgramError: no model name, or the reference cannot be rebuilt (the message says why).
+  """
   if model is not None:
     return model
-  from cimjax import models as models_lib
+  from cimjax import models as models_lib  # pylint: disable=g-import-not-at-top
 
   if program.model is None:
     raise ProgramError("program has no model name; pass the model explicitly")
   try:
-    return models_lib.get_model(program.model, **program.model_kwargs)
+    md = models_lib.resolve_model(program.model, **program.model_kwargs)
   except (TypeError, ValueError) as e:
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise ProgramError(
-      f"cannot rebuild model {program.model!r} with {program.model_kwargs}: {e}"
+      f"cannot rebuild model {program.model!r} with {program.model_kwargs}: {msg}"
     ) from None
+  if program.input_shape and tuple(md.input_shape) != tuple(program.input_shape):
+    md = dataclasses.replace(md, input_shape=tuple(program.input_shape))
+  return md
 
 
 # --------------------------------------------------------------------------------------------

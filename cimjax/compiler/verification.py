@@ -10,6 +10,7 @@ crossbar simulator; :func:`check_cost` compares the walked schedule with :mod:`c
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -29,6 +30,9 @@ from cimjax.errors import ProgramError
 from cimjax.noise import NoiseConfig
 
 Array = jax.Array
+# ``progress(phase, done, total)`` of :func:`compile_and_verify`: phase ``"lower"`` and
+# ``"verify"`` count layers, ``"accuracy"`` evaluation batches (both passes).
+CompileProgressFn = Callable[[str, int, int], None]
 
 # ScheduleCost fields that cimjax.cost.cost_tables also computes (same names).
 _COST_FIELDS = (
@@ -156,6 +160,7 @@ def verify(
   model: Any = None,
   variables: Any = None,
   jit: bool = False,
+  on_layer: Callable[[int, int], None] | None = None,
   **hook_kwargs: Any,
 ) -> VerifyReport:
   """Checks a program against the fake-quantised model on inputs ``x``.
@@ -174,6 +179,8 @@ def verify(
       compared bit for bit. Under ``jit`` XLA fuses the two graphs differently (the
       accumulators still match exactly; logits differ in the last float32 bits), and the
       quantizers may round ties differently from the eager capture the compiler used.
+    on_layer: ``on_layer(done, total)`` as the simulated pass finishes each layer (progress;
+      under ``jit`` the calls come while tracing).
     **hook_kwargs: options of :func:`program_hook`.
 
   Returns:
@@ -189,10 +196,23 @@ def verify(
   if jit:
     ref_fn = jax.jit(ref_fn)
   ref, ref_state = ref_fn(v, x, pol)
+  if on_layer is not None:
+    hook_kwargs["on_layer"] = _layer_counter(on_layer, len(program.layers))
   sim, sim_state = execute(program, x, model=md, variables=v, capture=True, jit=jit, **hook_kwargs)
   ref_cim, sim_cim = ref_state.get("cim", {}), sim_state.get("cim", {})
   checks = [_layer_check(program, p, ref_cim, sim_cim) for p in program.layers]
   return _report(checks, ref, sim)
+
+
+def _layer_counter(on_layer: Callable[[int, int], None], total: int) -> Callable[[int], None]:
+  """The executor's ``on_layer(index)`` as ``on_layer(layers done, total)`` (call order)."""
+  done = [0]
+
+  def count(index: int) -> None:
+    done[0] = max(done[0], int(index) + 1)
+    on_layer(done[0], total)
+
+  return count
 
 
 def calibrate_adc(
@@ -257,6 +277,7 @@ def evaluate_accuracy(
   model: Any = None,
   variables: Any = None,
   read_seed: int = 0,
+  on_batch: Callable[[int, int], None] | None = None,
   **exec_kwargs: Any,
 ) -> float:
   """Top-1 accuracy of a program on a labelled set.
@@ -269,6 +290,7 @@ def evaluate_accuracy(
     simulate: run the crossbar simulator (True) or the plain fake-quantised model (False).
     model, variables: as in :func:`execute`.
     read_seed: seed of the per-batch read-noise keys.
+    on_batch: ``on_batch(batches done, batches)`` after each batch (progress).
     **exec_kwargs: options of :func:`make_executor` (``adc_bits``, ``adc_frac``, ``noise``,
       ``key``, ``block_elems``).
 
@@ -291,6 +313,7 @@ def evaluate_accuracy(
     ref = jax.jit(lambda v_, x_: models_lib.forward(md.module, v_, x_, pol)[0])
     fn = lambda xb_, i: ref(v, xb_)
   correct = 0
+  num_batches = -(-n // batch_size)
   for bi, lo in enumerate(range(0, n, batch_size)):
     hi = min(lo + batch_size, n)
     xb_ = images[lo:hi]
@@ -298,6 +321,8 @@ def evaluate_accuracy(
       xb_ = np.concatenate([xb_, np.repeat(xb_[:1], batch_size - (hi - lo), axis=0)])
     pred = np.asarray(jnp.argmax(fn(jnp.asarray(xb_), bi), axis=-1))[: hi - lo]
     correct += int(np.sum(pred == labels[lo:hi]))
+    if on_batch is not None:
+      on_batch(bi + 1, num_batches)
   return correct / n
 
 
@@ -373,12 +398,19 @@ def _accuracy(
   adc_bits: int | None | str,
   adc_frac: Any,
   noise: NoiseConfig | None,
+  progress: CompileProgressFn | None = None,
 ) -> dict[str, float]:
   """``{"fake_quant", "crossbar"}`` test accuracies (the crossbar with the non-idealities)."""
   images, labels = eval_data
+  nb = -(-len(labels) // eval_batch)
+  first = second = None
+  if progress is not None:
+    progress("accuracy", 0, 2 * nb)
+    first = lambda d, _: progress("accuracy", d, 2 * nb)
+    second = lambda d, _: progress("accuracy", nb + d, 2 * nb)
   accuracy = {
     "fake_quant": evaluate_accuracy(
-      program, images, labels, simulate=False, model=md, batch_size=eval_batch
+      program, images, labels, simulate=False, model=md, batch_size=eval_batch, on_batch=first
     )
   }
   key = jax.random.key(seed + 1) if noise is not None else None
@@ -393,6 +425,7 @@ def _accuracy(
     noise=noise,
     key=key,
     read_seed=seed + 2,
+    on_batch=second,
   )
   return accuracy
 
@@ -450,6 +483,7 @@ def compile_and_verify(
   eval_data: tuple[Any, Any] | None = None,
   eval_batch: int = 250,
   program: CimProgram | None = None,
+  progress: CompileProgressFn | None = None,
 ) -> CompileResult:
   """Compiles (or takes) a program, verifies it bit-exactly, saves it and measures accuracy.
 
@@ -475,20 +509,31 @@ def compile_and_verify(
     eval_batch: evaluation batch size.
     program: an already compiled (e.g. loaded) program; then ``variables``/``policy``/``hw`` are
       ignored and nothing is recompiled.
+    progress: ``progress(phase, done, total)`` (:data:`CompileProgressFn`), e.g.
+      :meth:`cimjax.progress.Progress.phases`: ``lower`` (layers, reported before and after),
+      ``verify`` (layers of the simulated pass), ``accuracy`` (batches).
 
   Returns:
     :class:`CompileResult`.
   """
   if program is None:
+    if progress is not None:
+      progress("lower", 0, len(policy) if hasattr(policy, "__len__") else 0)
     program = compile_model(
       model, variables, policy, hw, input_scheme=input_scheme, model_kwargs=model_kwargs
     )
+  if progress is not None:
+    progress("lower", len(program.layers), len(program.layers))
   md = program_model(program, model)
   if verify_inputs is None:
     verify_inputs = jax.random.normal(
       jax.random.key(seed), (num_verify, *md.input_shape), jnp.float32
     )
-  report = verify(program, verify_inputs, model=md)
+  on_layer = None
+  if progress is not None:
+    progress("verify", 0, len(program.layers))
+    on_layer = lambda d, n: progress("verify", d, n)
+  report = verify(program, verify_inputs, model=md, on_layer=on_layer)
   accuracy = None
   if eval_data is not None:
     accuracy = _accuracy(
@@ -500,6 +545,7 @@ def compile_and_verify(
       adc_bits=adc_bits,
       adc_frac=adc_frac,
       noise=noise,
+      progress=progress,
     )
   nonideal = {
     "adc_bits": (program.hw.adc_bits if adc_bits == "hw" else adc_bits),
@@ -514,6 +560,7 @@ def compile_and_verify(
 
 
 __all__ = [
+  "CompileProgressFn",
   "CompileResult",
   "LayerCheck",
   "VerifyReport",

@@ -1,4 +1,9 @@
-"""A small CNN for 28x28 grayscale images (Fashion-MNIST): five quantizable layers."""
+"""A small CNN for small images (28x28 grey Fashion-MNIST by default): five quantizable layers.
+
+Nothing in the module fixes the input shape: the dense layer takes its input width from the
+image, so any ``H x W x C`` with ``H, W >= 8`` works (three 2x2 max pools); the run takes the
+shape from the data (:func:`cimjax.train.build_model`).
+"""
 
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ class SmallCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
-    """Args: x ``[B, 28, 28, 1]`` normalised images. Returns logits ``[B, num_classes]``."""
+    """Args: x ``[B, H, W, C]`` normalised images. Returns logits ``[B, num_classes]``."""
     for i, c in enumerate(self.channels):
       x = QuantConv(c, (3, 3), signed_input=(i == 0), name=f"conv{i + 1}")(x, ctx)
       x = nn.relu(x)

@@ -49,7 +49,8 @@ class EncoderBlock(nn.Module):
     y = nn.LayerNorm(name="ln1")(x)
     x = x + QuantSelfAttention(self.num_heads, name="attn")(y, ctx)
     y = nn.LayerNorm(name="ln2")(x)
-    y = nn.gelu(QuantDense(self.mlp_dim, signed_input=True, name="mlp1")(y, ctx))
+    # Exact (erf) GELU, as torchvision's nn.GELU(); flax's default is the tanh approximation.
+    y = nn.gelu(QuantDense(self.mlp_dim, signed_input=True, name="mlp1")(y, ctx), approximate=False)
     y = QuantDense(x.shape[-1], signed_input=True, name="mlp2")(y, ctx)
     return x + y
 

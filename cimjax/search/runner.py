@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from cimjax import cost as cost_lib
 from cimjax import hw as hw_lib
@@ -53,7 +54,8 @@ from cimjax.spec import LayerSpec
 
 MODES = ("auto", "loop", "scan")
 AGENTS = ("pg", "ddpg", "random", "exhaustive")
-ProgressFn = Callable[[int, int, int, float], None]  # (iteration, used, budget, best reward)
+# (iteration, evaluations used, budget, best reward, speedup of the best-reward policy)
+ProgressFn = Callable[[int, int, int, float, float], None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,9 +217,16 @@ def make_scan_segment(
     if stall_iters > 0:
       done = done | (stall >= stall_iters)
     if progress is not None:
-      best = jnp.max(jnp.where(jnp.arange(cap) < hist.count, hist.reward, -jnp.inf))
+      rewards = jnp.where(jnp.arange(cap) < hist.count, hist.reward, -jnp.inf)
+      best = jnp.max(rewards)
+      speedup = 1.0 / hist.cost_ratio[jnp.argmax(rewards)]
       jax.debug.callback(
-        lambda i, u, c, b: progress(int(i), int(u), int(c), float(b)), it, hist.count, cap, best
+        lambda i, u, c, b, s: progress(int(i), int(u), int(c), float(b), float(s)),
+        it,
+        hist.count,
+        cap,
+        best,
+        speedup,
       )
     return LoopState(agent=ag, history=hist, iteration=it, stall=stall, done=done, key=state.key)
 
@@ -263,7 +272,8 @@ def search_loop(
     scan_chunk: iterations per jitted segment (scan mode).
     meta: JSON metadata saved with checkpoints; a resumed run must have equal metadata.
     sharding: sharding of the candidate axis (scan mode).
-    progress: ``progress(iteration, used, budget, best_reward)`` after every iteration.
+    progress: ``progress(iteration, used, budget, best_reward, best_speedup)`` after every
+      iteration (the speedup of the best-reward policy so far; :data:`ProgressFn`).
     stop_after: stop (as if interrupted) once this many iterations are done (tests).
 
   Returns:
@@ -310,7 +320,7 @@ def _resume(
   meta: dict[str, Any],
   env: env_lib.SearchEnv,
 ) -> tuple[LoopState, dict[str, Any] | None]:
-  """Restores the newest checkpoint, if any, into ``state`` and ``env``.
+  """Restores the newest intact checkpoint, if any, into ``state`` and ``env``.
 
   Returns:
     ``(state, saved metadata)``; the metadata is None when nothing was restored.
@@ -318,9 +328,16 @@ def _resume(
   Raises:
     ValueError: the checkpoint was written by a different search configuration.
   """
-  if checkpointer is None or checkpointer.latest_iteration() is None:
+  if checkpointer is None or not checkpointer.has_checkpoints():
     return state, None
-  state, saved = checkpointer.restore(state)
+  restored = checkpointer.restore_intact(state)  # corrupt ones: a warning each, skipped
+  if restored is None:
+    logging.warning(
+      "search: no intact checkpoint in %s; the search restarts from its beginning",
+      checkpointer.directory,
+    )
+    return state, None
+  state, saved = restored
   saved_cfg = saved.get("search")
   if (
     saved_cfg is not None
@@ -392,6 +409,14 @@ def _run_scan(
   return state
 
 
+def _best_so_far(history: env_lib.History, used: int) -> tuple[float, float]:
+  """(best reward, its policy's speedup) of the first ``used`` evaluations (-inf, nan: none)."""
+  if not used:
+    return float("-inf"), float("nan")
+  j = int(np.argmax(history.reward[:used]))
+  return float(history.reward[j]), float(1.0 / history.cost_ratio[j])
+
+
 def _run_loop(
   agent: Agent,
   env: env_lib.SearchEnv,
@@ -419,8 +444,7 @@ def _run_loop(
     it += 1
     done = env.exhausted or it >= max_iters or (stall_iters > 0 and stall >= stall_iters)
     if progress is not None:
-      best = float(np.max(env.history.reward[: env.used])) if env.used else float("-inf")
-      progress(it, env.used, env.budget, best)
+      progress(it, env.used, env.budget, *_best_so_far(env.history, env.used))
     if checkpoint_every and it % checkpoint_every == 0 and not done:
       save(LoopState(ag, env.history, np.int32(it), np.int32(stall), np.bool_(done), key))
   state = LoopState(

@@ -72,6 +72,20 @@ class SearchCheckpointer:
     tree, meta = self._ck.restore(jax.tree.map(np.asarray, target), iteration)
     return LoopState(*tree) if not isinstance(tree, LoopState) else tree, meta
 
+  def restore_intact(self, target: LoopState) -> tuple[LoopState, dict[str, Any]] | None:
+    """The newest checkpoint that reads back intact (corrupt ones: one warning line each,
+    skipped), or None when none is left (:meth:`cimjax.checkpoint.Checkpointer.restore_intact`).
+    """
+    out = self._ck.restore_intact(jax.tree.map(np.asarray, target))
+    if out is None:
+      return None
+    _, tree, meta = out
+    return LoopState(*tree) if not isinstance(tree, LoopState) else tree, meta
+
+  def has_checkpoints(self) -> bool:
+    """Whether any checkpoint (intact or not) is on disk."""
+    return bool(self._ck.all_steps())
+
   def close(self) -> None:
     self._ck.close()
 

@@ -177,7 +177,9 @@ def calibrate_clips(
     c = _get(calib, path)
     num_rows = p["a_clip"].shape[0]
     rows = sorted(set(range(1, num_rows + 1) if bits is None else bits))
-    w_src = p["kernel"] if "kernel" in p else _first(c["w"])
+    # The CIM matrix sown by the layer (MatMul operands; DenseGeneral/Einsum kernels), else
+    # the kernel (dense [n, m], conv HWIO: output channels last).
+    w_src = _first(c["w"]) if "w" in c else p["kernel"]
     w_tab = np.array(p["w_clip"], np.float32)
     a_tab = np.array(p["a_clip"], np.float32)
     x = _first(c["x"])

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from typing import Any
 
 import ml_collections
 from absl import logging
 
 from cimjax import data as data_lib
-from cimjax.models import MODEL_NAMES, ModelDef, get_model
+from cimjax import models as models_lib
+from cimjax.errors import ConfigError, DataError, ModelError, UnknownModelError
+from cimjax.models import ModelDef
 from cimjax.train.stages import STAGE_SPECS, STAGES, config_error, stage_config
 from cimjax.train.state import OPTIMIZERS
 
@@ -19,9 +23,14 @@ ConfigDict = ml_collections.ConfigDict
 def default_config() -> ConfigDict:
   """All config fields with defaults (small CNN on full Fashion-MNIST).
 
-  Top level: ``model`` (zoo name), ``model_kwargs`` (e.g. ``channels``), ``data`` (see
-  :func:`cimjax.data.load_dataset`; -1 means default/all, 0 for image_size/channels means
-  native), ``seed``, ``batch_size``, ``eval_batch_size``, ``checkpoint_every`` (steps; 0: only
+  Top level: ``model`` (a model reference: docs/own_models.md), ``model_kwargs`` (e.g.
+  ``channels``), ``pretrained``
+  (a torchvision ``.safetensors``/``.pth`` state dict the fp32 stage starts from instead of a
+  random init, :func:`cimjax.models.pretrained.load_torchvision`; empty: none), ``data``
+  (``source`` and ``path``, or the built-in ``name`` when ``source`` is empty; see
+  :func:`cimjax.data.load_dataset` and BUILD_NOTES.md "Data sources"; -1 means default/all, 0
+  for image_size/channels/num_classes means native / from the data), ``seed``, ``batch_size``,
+  ``eval_batch_size``, ``checkpoint_every`` (steps; 0: only
   at the end), ``max_to_keep``, ``log_every`` (steps), ``eval_every`` (steps; 0: every epoch;
   negative: never), ``progress`` (rich bar), ``fast_compile`` (skip XLA's expensive
   optimisations: faster compiles, slower steps; for runs of a few dozen steps),
@@ -40,9 +49,12 @@ def default_config() -> ConfigDict:
   c = ConfigDict()
   c.model = "small_cnn"
   c.model_kwargs = ConfigDict()
+  c.pretrained = ""  # torchvision weights the fp32 stage starts from (docs/pretrained.md)
   c.data = ConfigDict(
     dict(
       name="fashion_mnist",
+      source="",  # "" or a built-in name: the built-in `name`; npz|npy|folder|hf|tfds
+      path="",  # the file, folder or hub dataset of a non-built-in source
       data_dir="",
       train_size=-1,
       val_size=-1,
@@ -50,6 +62,10 @@ def default_config() -> ConfigDict:
       split_seed=0,
       image_size=0,
       channels=0,
+      val_fraction=0.1,
+      test_fraction=0.2,
+      num_classes=0,
+      on_bad_image="skip",
     )
   )
   c.seed = 0
@@ -71,11 +87,66 @@ def default_config() -> ConfigDict:
   return c
 
 
+def resolve_model(name: str, **kwargs: Any) -> ModelDef:
+  """The model that ``name`` refers to, built with ``kwargs``: a config's ``model`` and the
+  CLIs' ``--model`` go through here to :func:`cimjax.models.resolve_model` (zoo and registered
+  names, ``package.module:factory``, ``path/file.py:factory``, ``.onnx`` files).
+
+  Args:
+    name: the model reference.
+    **kwargs: its options (``num_classes``, ``image_size``, module attributes).
+
+  Raises:
+    UnknownModelError: the reference resolves to nothing (``allowed`` says what is allowed
+      and what was tried).
+    ConfigError: the model cannot be built with the options (or its factory fails).
+  """
+  try:
+    return models_lib.resolve_model(name, **kwargs)
+  except UnknownModelError:
+    raise
+  except ModelError as e:
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ConfigError(msg) from None
+
+
+def check_model(name: str) -> None:
+  """Checks that a model reference names something, without building the model.
+
+  Raises:
+    UnknownModelError: as :func:`resolve_model`.
+    ConfigError: the reference cannot be loaded (e.g. its module fails to import).
+  """
+  try:
+    models_lib.check_model_ref(name)
+  except UnknownModelError:
+    raise
+  except ModelError as e:
+    raise ConfigError((str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+
+
 def _validate_top_level(config: ConfigDict) -> None:
-  if config.model not in MODEL_NAMES:
-    raise config_error("model", config.model, ", ".join(MODEL_NAMES))
-  if config.data.name not in data_lib.DATASET_NAMES:
-    raise config_error("data.name", config.data.name, ", ".join(data_lib.DATASET_NAMES))
+  try:
+    check_model(config.model)
+  except UnknownModelError as e:
+    raise config_error("model", config.model, e.allowed) from None
+  except ConfigError as e:
+    raise ConfigError(f"config.model = {config.model!r}: {e}") from None
+  _validate_data_source(config.data)
+  d = config.data
+  for f in ("train_size", "val_size", "test_size"):
+    if not isinstance(d[f], int):
+      raise config_error(f"data.{f}", d[f], "an integer (-1: the default)")
+  for f in ("split_seed", "image_size", "channels"):
+    if not isinstance(d[f], int) or d[f] < 0:
+      raise config_error(f"data.{f}", d[f], "an integer >= 0")
+  native = _NATIVE_SIZE.get(data_source(d))
+  if d.image_size and native and d.image_size < native:
+    raise config_error("data.image_size", d.image_size, f"0 (native) or >= {native}")
+  if not isinstance(config.seed, int) or config.seed < 0:
+    raise config_error("seed", config.seed, "an integer >= 0")
+  if not isinstance(config.eval_every, int):
+    raise config_error("eval_every", config.eval_every, "an integer")
   for f in ("batch_size", "eval_batch_size"):
     if not isinstance(config[f], int) or config[f] < 1:
       raise config_error(f, config[f], "an integer >= 1")
@@ -107,6 +178,12 @@ def _validate_stage(s: str, sc: ConfigDict) -> None:
     raise config_error(f"{s}.label_smoothing", sc.label_smoothing, "0 <= x < 1")
 
 
+def _validate_pretrained(config: ConfigDict) -> None:
+  path = config.get("pretrained", "")
+  if path and not (isinstance(path, str) and os.path.isfile(path)):
+    raise config_error("pretrained", path, "a .safetensors or .pth file that exists, or empty")
+
+
 def validate_config(config: ConfigDict) -> None:
   """Checks the fields the stages use.
 
@@ -114,6 +191,7 @@ def validate_config(config: ConfigDict) -> None:
     ConfigError: naming the first bad field and what is allowed.
   """
   _validate_top_level(config)
+  _validate_pretrained(config)
   for spec in STAGE_SPECS:
     _validate_stage(spec.name, config[spec.name])
   for spec in STAGE_SPECS:
@@ -121,12 +199,51 @@ def validate_config(config: ConfigDict) -> None:
       spec.validate(config[spec.name])
 
 
+def data_source(d: ConfigDict) -> str:
+  """The source of a ``data`` config: ``source``, or the built-in ``name`` when it is empty."""
+  return d.get("source", "") or d.name
+
+
+def _validate_data_source(d: ConfigDict) -> None:
+  if d.name not in data_lib.DATASET_NAMES:
+    raise config_error("data.name", d.name, ", ".join(data_lib.DATASET_NAMES))
+  source = data_source(d)
+  if source not in data_lib.SOURCES:
+    raise config_error("data.source", source, ", ".join(data_lib.SOURCES))
+  if source in data_lib.USER_SOURCES and not d.get("path", ""):
+    raise config_error("data.path", d.get("path", ""), f"the file, folder or dataset of {source}")
+  fractions = [d.get(f, v) for f, v in (("val_fraction", 0.1), ("test_fraction", 0.2))]
+  for f, v in zip(("val_fraction", "test_fraction"), fractions):
+    if not isinstance(v, (int, float)) or not 0 <= v < 1:
+      raise config_error(f"data.{f}", v, "a number 0 <= x < 1")
+  if sum(fractions) >= 1:
+    raise config_error("data.val_fraction + test_fraction", sum(fractions), "< 1")
+  n_cls = d.get("num_classes", 0)
+  if not isinstance(n_cls, int) or n_cls < 0:
+    raise config_error("data.num_classes", n_cls, "an integer >= 0 (0: from the data)")
+  if d.get("on_bad_image", "skip") not in data_lib.ON_BAD_IMAGE:
+    raise config_error("data.on_bad_image", d.on_bad_image, ", ".join(data_lib.ON_BAD_IMAGE))
+
+
 def load_splits(config: ConfigDict) -> data_lib.Splits:
   """The config's dataset (see :func:`cimjax.data.load_dataset`)."""
   d = config.data
   opt = lambda v: None if v < 0 else v
+  source = data_source(d)
+  if source in data_lib.DATASET_NAMES:
+    return data_lib.load_dataset(
+      source,
+      data_dir=d.data_dir or None,
+      train_size=opt(d.train_size),
+      val_size=opt(d.val_size),
+      test_size=opt(d.test_size),
+      split_seed=d.split_seed,
+      image_size=d.image_size or None,
+      channels=d.channels or None,
+    )
   return data_lib.load_dataset(
-    d.name,
+    source,
+    path=d.path,
     data_dir=d.data_dir or None,
     train_size=opt(d.train_size),
     val_size=opt(d.val_size),
@@ -134,24 +251,114 @@ def load_splits(config: ConfigDict) -> data_lib.Splits:
     split_seed=d.split_seed,
     image_size=d.image_size or None,
     channels=d.channels or None,
+    val_fraction=float(d.val_fraction),
+    test_fraction=float(d.test_fraction),
+    num_classes=d.num_classes or None,
+    on_bad_image=d.on_bad_image,
   )
 
 
 def build_model(config: ConfigDict, splits: data_lib.Splits) -> ModelDef:
   """The zoo model of the config, with its input shape taken from the data."""
+  return _model_for(config, tuple(splits.input_shape), splits.num_classes, log=True)
+
+
+def _model_for(
+  config: ConfigDict, input_shape: tuple[int, ...], num_classes: int, *, log: bool = False
+) -> ModelDef:
   kw = {
     k: (tuple(v) if isinstance(v, list) else v) for k, v in config.model_kwargs.to_dict().items()
   }
-  model = get_model(config.model, num_classes=splits.num_classes, **kw)
-  if tuple(model.input_shape) != tuple(splits.input_shape):
-    logging.info(
-      "model %s expects %s; using the data's shape %s",
-      config.model,
-      model.input_shape,
-      splits.input_shape,
-    )
-    model = dataclasses.replace(model, input_shape=tuple(splits.input_shape))
+  model = resolve_model(config.model, num_classes=num_classes, **kw)
+  if tuple(model.input_shape) != tuple(input_shape):
+    if log:
+      logging.info(
+        "model %s expects %s; using the data's shape %s",
+        config.model,
+        model.input_shape,
+        input_shape,
+      )
+    model = dataclasses.replace(model, input_shape=tuple(input_shape))
   return model
+
+
+# Image side and classes of each dataset's files (what load_dataset returns before padding), so
+# that a model can be built and checked before the data is loaded.
+_NATIVE_SIZE = {"fashion_mnist": 28, "fashion_mnist_subset": 28, "digits": 8}
+_NUM_CLASSES = 10
+
+
+def check_data(config: ConfigDict) -> data_lib.Splits | None:
+  """Checks that the config's dataset is there without loading a large built-in one.
+
+  Fashion-MNIST: its four files exist; the committed subset: its file exists; any other source
+  (the small digits set, a user's data) is loaded: that is the check, and it checks the split
+  sizes too.
+
+  Returns:
+    The loaded splits when checking meant loading them (pass them on), else None.
+
+  Raises:
+    DataError: naming the missing file and how to get it.
+  """
+  d = config.data
+  if data_source(d) == "fashion_mnist":
+    root = data_lib.fashion_mnist_dir(d.data_dir or None)
+    for name in data_lib.FASHION_FILES.values():
+      if not (root / name).is_file():
+        raise DataError(
+          f"config.data.name = 'fashion_mnist': {root / name} not found; install it with "
+          f"`apt-get install dataset-fashion-mnist`, or set config.data.data_dir (or "
+          f"${data_lib.DATA_DIR_ENV}) to a folder holding the four Fashion-MNIST IDX .gz files"
+        )
+  elif data_source(d) == "fashion_mnist_subset":
+    p = data_lib.subset_path()
+    if not p.is_file():
+      raise DataError(f"config.data.name = 'fashion_mnist_subset': {p} not found")
+  else:
+    return load_splits(config)
+  return None
+
+
+def static_model(config: ConfigDict, splits: data_lib.Splits | None = None) -> ModelDef:
+  """The config's model as :func:`build_model` builds it, without loading the data (the input
+  shape and classes of the dataset's files; the dataset is loaded for a dataset not known here).
+
+  Raises:
+    ConfigError: an unknown model, or options it does not accept (naming the field).
+  """
+  native = _NATIVE_SIZE.get(data_source(config.data))
+  if splits is not None or native is None:
+    splits = splits if splits is not None else load_splits(config)
+    shape, classes = tuple(splits.input_shape), splits.num_classes
+  else:
+    side = config.data.image_size or native
+    shape, classes = (side, side, config.data.channels or 1), _NUM_CLASSES
+  try:
+    return _model_for(config, shape, classes)
+  except UnknownModelError as e:
+    raise config_error("model", config.model, e.allowed) from None
+  except ConfigError as e:
+    allowed = f"options that {config.model} accepts ({e})"
+    raise config_error("model_kwargs", config.model_kwargs.to_dict(), allowed) from None
+
+
+def static_specs(config: ConfigDict, splits: data_lib.Splits | None = None) -> list[Any]:
+  """The layer specs (policy order) of :func:`static_model`; checks the model's options.
+
+  Raises:
+    ConfigError: the model cannot be built or traced with the config's options.
+  """
+  from cimjax.trace import trace_specs  # pylint: disable=g-import-not-at-top
+
+  model = static_model(config, splits)
+  try:
+    return trace_specs(model)
+  except (TypeError, ValueError) as e:
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise config_error(
+      "model_kwargs", config.model_kwargs.to_dict(), f"options that {config.model} accepts ({msg})"
+    ) from None
 
 
 def num_steps(config: ConfigDict, stage: str, steps_per_epoch: int) -> int:
@@ -163,9 +370,14 @@ def num_steps(config: ConfigDict, stage: str, steps_per_epoch: int) -> int:
 __all__ = [
   "STAGES",
   "build_model",
+  "check_data",
+  "check_model",
   "default_config",
   "load_splits",
   "num_steps",
+  "resolve_model",
   "stage_config",
+  "static_model",
+  "static_specs",
   "validate_config",
 ]

@@ -1,4 +1,5 @@
-"""The training loop: :func:`fit`, its metrics file, progress bar and the resume check.
+"""The training loop: :func:`fit`, its metrics file (and TensorBoard scalars), its progress
+display (:mod:`cimjax.progress`) and the resume check.
 
 Determinism: the data order is a pure function of (seed, stage, epoch) and a step's randomness
 a pure function of (key, step), so a run resumed from a checkpoint reaches bit-identical
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from cimjax import data as data_lib
+from cimjax import progress as progress_lib
 from cimjax.errors import StageError
 from cimjax.train.state import TrainState
 
@@ -47,9 +48,26 @@ def to_py(o: Any) -> Any:
 
 
 class MetricsWriter:
-  """Appends JSON lines to ``metrics.jsonl``; on resume drops records past the restart step."""
+  """Appends JSON lines to ``metrics.jsonl``; on resume drops records past the restart step.
 
-  def __init__(self, path: str | os.PathLike[str], resume_step: int | None = None):
+  The records' numbers also go to TensorBoard event files in ``tb/`` next to the file
+  (:class:`cimjax.progress.ScalarLog`: only with ``tensorboardX`` installed, only on process
+  0): ``train/<metric>`` and ``eval/<metric>`` at their step, the final evaluations as
+  ``final/<policy>/<split>``.
+
+  Args:
+    path: the ``metrics.jsonl`` file.
+    resume_step: the step a resumed stage restarts from (None: a fresh stage).
+    tensorboard: also write the event files (when possible).
+  """
+
+  def __init__(
+    self,
+    path: str | os.PathLike[str],
+    resume_step: int | None = None,
+    *,
+    tensorboard: bool = True,
+  ):
     self.path = Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if resume_step is not None and self.path.is_file():
@@ -66,44 +84,26 @@ class MetricsWriter:
     elif resume_step is None and self.path.is_file():
       self.path.unlink()
     self._f = open(self.path, "a")
+    self.scalars = None
+    if tensorboard and jax.process_index() == 0:
+      purge = None if resume_step is None else resume_step + 1
+      self.scalars = progress_lib.ScalarLog(self.path.parent / "tb", purge_step=purge)
 
   def write(self, record: Mapping[str, Any]) -> None:
     """Appends one record (flushed)."""
     self._f.write(json.dumps(dict(record), default=to_py) + "\n")
     self._f.flush()
+    if self.scalars is not None and "step" in record:
+      rest = {k: v for k, v in record.items() if k not in ("kind", "step", "final", "epoch")}
+      if record.get("final"):
+        self.scalars.add(record["step"], {"final": rest.get("eval", {})})
+      else:
+        self.scalars.add(record["step"], {str(record.get("kind", "train")): rest})
 
   def close(self) -> None:
     self._f.close()
-
-
-class _Progress:
-  """A rich progress bar (disabled when off or when stderr is not a terminal)."""
-
-  def __init__(self, enabled: bool, description: str, total: int, completed: int):
-    self.bar = None
-    if enabled and sys.stderr.isatty():
-      from rich import progress as rp  # local: only for terminals
-      from rich.console import Console
-
-      self.bar = rp.Progress(
-        rp.TextColumn("[bold]{task.description}"),
-        rp.BarColumn(),
-        rp.MofNCompleteColumn(),
-        rp.TimeElapsedColumn(),
-        rp.TimeRemainingColumn(),
-        rp.TextColumn("{task.fields[info]}"),
-        console=Console(stderr=True),
-      )
-      self.bar.start()
-      self.task = self.bar.add_task(description, total=total, completed=completed, info="")
-
-  def update(self, completed: int, info: str = "") -> None:
-    if self.bar is not None:
-      self.bar.update(self.task, completed=completed, info=info)
-
-  def close(self) -> None:
-    if self.bar is not None:
-      self.bar.stop()
+    if self.scalars is not None:
+      self.scalars.close()
 
 
 class _Throughput:
@@ -148,7 +148,7 @@ def fit(
   log_every: int = 50,
   eval_fn: Callable[[TrainState], dict] | None = None,
   eval_every: int = 0,
-  progress: bool = True,
+  progress: bool | progress_lib.Progress = True,
   description: str = "train",
   throttle_s: float = 0.0,
 ) -> tuple[TrainState, dict[str, float]]:
@@ -170,8 +170,9 @@ def fit(
     log_every: steps between logged training metrics.
     eval_fn: ``eval_fn(state) -> metrics`` run every ``eval_every`` steps (<= 0: never).
     eval_every: steps between evaluations.
-    progress: show a rich progress bar on a terminal.
-    description: progress label.
+    progress: the run's :class:`cimjax.progress.Progress`, or a flag: True shows a live bar
+      on a terminal and periodic plain lines elsewhere, False nothing.
+    description: progress label (the stage).
     throttle_s: sleep after each step (tests use it to kill a run mid-way).
 
   Returns:
@@ -181,7 +182,7 @@ def fit(
   start = int(state.step)
   seed = np.asarray(data_seed, np.uint32).reshape(-1)
   batches = data_lib.train_batches(train, batch_size, seed, start)
-  bar = _Progress(progress, description, num_steps, start)
+  bar = progress_lib.Progress.of(progress).training(description, num_steps, start)
   clock = _Throughput(start, batch_size)
   window: list[dict[str, Array]] = []
   last: dict[str, float] = {}
@@ -199,6 +200,8 @@ def fit(
         last.update(step=done, epoch=done * batch_size / len(train))
         _log_train(last, writer, bar, description, num_steps)
         window = []
+      else:
+        bar.update(done)  # the count moves every step, the figures every logging window
       if eval_fn is not None and eval_every > 0 and (done % eval_every == 0 or done == num_steps):
         t0 = time.time()
         ev = eval_fn(state)
@@ -219,7 +222,7 @@ def fit(
 def _log_train(
   rec: dict[str, float],
   writer: MetricsWriter | None,
-  bar: _Progress,
+  bar: progress_lib.Task,
   description: str,
   num_steps: int,
 ) -> None:
@@ -227,8 +230,10 @@ def _log_train(
     writer.write({"kind": "train", **rec})
   done = int(rec["step"])
   ips = rec["images_per_s"]
-  bar.update(done, f"loss {rec['loss']:.4f} acc {rec.get('accuracy', 0):.3f} {ips:.0f} img/s")
-  logging.info(
+  acc = rec.get("accuracy", float("nan")) * 100.0  # shown in percent
+  bar.update(done, loss=rec["loss"], accuracy=acc, images_per_s=ips)
+  logging.log(
+    logging.DEBUG if bar.shown else logging.INFO,  # one report of progress, never two
     "%s step %d/%d loss %.4f acc %.4f %.0f img/s",
     description,
     done,

@@ -8,6 +8,7 @@ and at the end), ``variables/`` (final params and batch_stats), ``metrics.jsonl`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,11 +23,19 @@ from absl import logging
 
 from cimjax import checkpoint as ckpt_lib
 from cimjax import data as data_lib
+from cimjax import policy as policy_lib
 from cimjax.errors import StageError
 from cimjax.models import ModelDef
+from cimjax.models.pretrained import load_torchvision
 from cimjax.trace import trace_specs
 from cimjax.train.calibrate import calib_images, calibrate_clips, recal_batches, recalibrate_bn
-from cimjax.train.config import build_model, load_splits, num_steps, validate_config
+from cimjax.train.config import (
+  build_model,
+  load_splits,
+  num_steps,
+  static_specs,
+  validate_config,
+)
 from cimjax.train.evaluation import evaluate, evaluate_splits
 from cimjax.train.loop import MetricsWriter, check_resume, fit
 from cimjax.train.policies import bits_mask, extreme_policy, policy_label
@@ -42,7 +51,13 @@ from cimjax.train.stages import (
 )
 from cimjax.train.state import TrainState, create_state, make_optimizer, variables_dict
 from cimjax.train.steps import AnyPrecConfig, Trainer
-from cimjax.variables import abstract_variables, init_variables, load_variables, save_variables
+from cimjax.variables import (
+  VariablesError,
+  abstract_variables,
+  init_variables,
+  load_variables,
+  save_variables,
+)
 
 Array = jax.Array
 ConfigDict = ml_collections.ConfigDict
@@ -157,14 +172,24 @@ def _trainer(s: _Setup) -> Trainer:
 
 
 def _fresh_state(s: _Setup, tx: Any, extra: dict[str, Any]) -> TrainState:
-  """The stage's first state: its source's variables (or a random init), calibrated.
+  """The stage's first state: its source's variables (or ``config.pretrained``, or a random
+  init), calibrated.
 
   Records the post-training-quantisation accuracy in ``extra`` when the stage asks for it.
   """
-  if s.source is None:
+  if s.source is None and s.config.get("pretrained", ""):
+    v = load_torchvision(s.model, s.config.pretrained, key=s.key)  # docs/pretrained.md
+  elif s.source is None:
     v = init_variables(s.model, s.key)
   else:
-    v = load_variables(stage_dir(s.workdir, s.source), s.model)
+    src = stage_dir(s.workdir, s.source)
+    try:
+      v = load_variables(src, s.model)
+    except VariablesError as e:
+      raise StageError(
+        f"stage {s.spec.name} starts from the finished {s.source} stage, but {e}; delete "
+        f"{src} to run the {s.source} stage again"
+      ) from None
   params, batch_stats = v["params"], v.get("batch_stats", {})
   rows = s.spec.calibrate(s.config, s.source)
   if rows:
@@ -194,14 +219,29 @@ def _fresh_state(s: _Setup, tx: Any, extra: dict[str, Any]) -> TrainState:
 
 
 def _restored_state(
-  s: _Setup, tx: Any, ckpt: ckpt_lib.Checkpointer, step: int
-) -> tuple[TrainState, dict[str, Any]]:
-  """The checkpoint at ``step`` (checked against this run's config) and its extra results."""
+  s: _Setup, tx: Any, ckpt: ckpt_lib.Checkpointer
+) -> tuple[TrainState, dict[str, Any]] | None:
+  """The newest intact checkpoint (checked against this run's config) and its extra results.
+
+  A corrupt checkpoint is reported in one warning line and skipped for the next older one
+  (:meth:`cimjax.checkpoint.Checkpointer.restore_intact`); with none intact left, one warning
+  line says the stage restarts from its beginning and None is returned.
+  """
+  if not ckpt.all_steps():
+    return None
   av = abstract_variables(s.model)
   target = jax.eval_shape(
     lambda p, b: create_state(p, b, tx, s.key), av["params"], av.get("batch_stats", {})
   )
-  state, saved = ckpt.restore(target, step)
+  restored = ckpt.restore_intact(target)
+  if restored is None:
+    logging.warning(
+      "stage %s: no intact checkpoint in %s; the stage restarts from its beginning",
+      s.spec.name,
+      ckpt.directory,
+    )
+    return None
+  step, state, saved = restored
   check_resume(saved, s.meta(), s.sdir, set(STAGES) - {s.spec.name})
   logging.info("stage %s: resuming from step %d in %s", s.spec.name, step, s.sdir)
   return state, saved.get("extra", {})
@@ -229,21 +269,20 @@ def _val_eval_fn(s: _Setup) -> Any:
 
 def _train(s: _Setup, trainer: Trainer, ckpt: ckpt_lib.Checkpointer) -> dict[str, Any]:
   """Resumes or starts the stage and trains it to the end; returns the result's fields."""
-  latest = ckpt.latest_step()
   extra: dict[str, Any] = {}
-  if latest is not None:
-    state, extra = _restored_state(s, trainer.tx, ckpt, latest)
+  restored = _restored_state(s, trainer.tx, ckpt)
+  if restored is not None:
+    state, extra = restored
   else:
     state = _fresh_state(s, trainer.tx, extra)
+  resume_step = None if restored is None else int(state.step)
   meta = s.meta()
 
   def save(state: TrainState, done: bool) -> None:
     step = int(state.step)
     ckpt.save(step, state, {**meta, "step": step, "done": done, "extra": extra})
 
-  writer = MetricsWriter(
-    s.sdir / "metrics.jsonl", resume_step=None if latest is None else int(state.step)
-  )
+  writer = MetricsWriter(s.sdir / "metrics.jsonl", resume_step=resume_step)
   c = s.config
   t0 = time.time()
   state, stats = fit(
@@ -328,22 +367,17 @@ def run_stage(
     cimjax.data.DataError: missing data files.
   """
   spec = get_stage(stage)
-  validate_config(config)
   workdir = Path(workdir)
   if spec.needs_policy:
-    if policy is None:
-      raise StageError(f"stage {stage} needs a policy (--policy=FILE.npy)")
     policy_name = policy_name or "policy"
   sdir = stage_dir(workdir, stage, policy_name)
-  if is_done(sdir):
+  discard_unreadable_result(sdir)
+  sdir = check_stage(config, stage, workdir, policy=policy, policy_name=policy_name)
+  done = read_result(sdir)
+  if done is not None:
     logging.info("stage %s already finished in %s; not redone", stage, sdir)
-    return ckpt_lib.read_json(sdir / "result.json")
+    return done
   source = spec.source(config, workdir)
-  if source is not None and not is_done(stage_dir(workdir, source)):
-    raise StageError(
-      f"stage {stage} needs the finished {source} stage in "
-      f"{stage_dir(workdir, source)}; run --stage={source} first"
-    )
   t_start = time.time()
   if splits is None:
     splits = load_splits(config)
@@ -357,4 +391,78 @@ def run_stage(
   return result
 
 
-__all__ = ["run_stage"]
+def read_result(sdir: str | os.PathLike[str]) -> dict[str, Any] | None:
+  """A stage's ``result.json``: None when the stage has not finished or the file does not
+  read back as a JSON object (a corrupt file: see :func:`discard_unreadable_result`)."""
+  path = Path(sdir) / "result.json"
+  if not is_done(sdir):
+    return None
+  try:
+    result = json.loads(path.read_bytes())
+  except (ValueError, OSError):  # bad JSON or UTF-8, or unreadable
+    return None
+  return result if isinstance(result, dict) else None
+
+
+def discard_unreadable_result(sdir: str | os.PathLike[str]) -> bool:
+  """Moves a ``result.json`` that does not read back aside (``result.json.corrupt``), with one
+  warning line, so that its stage counts as unfinished and runs again (from its checkpoints).
+
+  Returns:
+    True when a file was moved.
+  """
+  path = Path(sdir) / "result.json"
+  if not path.is_file() or read_result(sdir) is not None:
+    return False
+  logging.warning("%s does not read back (corrupt); the stage runs again", path)
+  with contextlib.suppress(FileNotFoundError):  # another process moved it first
+    os.replace(path, path.with_name("result.json.corrupt"))
+  return True
+
+
+def check_stage(
+  config: ConfigDict,
+  stage: str,
+  workdir: str | os.PathLike[str],
+  *,
+  policy: Any = None,
+  policy_name: str | None = None,
+) -> Path:
+  """Checks what :func:`run_stage` needs before anything runs or is written: the config's
+  fields, a policy that fits the model (for a stage that trains one) and, unless the stage has
+  finished, the finished stage it starts from. Reads the workdir, writes nothing.
+
+  Returns:
+    The stage's directory.
+
+  Raises:
+    ConfigError: a bad config field (naming it).
+    StageError: unknown stage, missing or bad policy, missing prerequisite stage.
+  """
+  spec = get_stage(stage)
+  validate_config(config)
+  workdir = Path(workdir)
+  if spec.needs_policy:
+    if policy is None:
+      raise StageError(f"stage {stage} needs a policy (--policy=FILE.npy)")
+    specs = static_specs(config)
+    try:
+      policy_lib.validate_policy(
+        policy, len(specs), min_bits=1, max_bits=8, layer_names=[x.name for x in specs]
+      )
+    except policy_lib.PolicyError as e:
+      raise StageError(f"bad policy for {config.model}: {e}") from None
+    policy_name = policy_name or "policy"
+  sdir = stage_dir(workdir, stage, policy_name)
+  if read_result(sdir) is not None:
+    return sdir
+  source = spec.source(config, workdir)
+  if source is not None and read_result(stage_dir(workdir, source)) is None:
+    raise StageError(
+      f"stage {stage} needs the finished {source} stage in "
+      f"{stage_dir(workdir, source)}; run --stage={source} first"
+    )
+  return sdir
+
+
+__all__ = ["check_stage", "discard_unreadable_result", "read_result", "run_stage"]

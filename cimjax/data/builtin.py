@@ -1,8 +1,4 @@
-"""Image classification data on the host: Fashion-MNIST, scikit-learn digits, a committed subset.
-
-Everything here is NumPy on the host; the training loop moves one batch at a time to the device.
-
-Datasets (``load_dataset(name, ...)``):
+"""The built-in datasets: Fashion-MNIST, its committed subset, scikit-learn digits.
 
 * ``"fashion_mnist"``: the full Fashion-MNIST (60k train, 10k test, 28x28x1, 10 classes, MIT
   licence, Zalando), read from the IDX gzip files of the Debian package
@@ -20,40 +16,27 @@ Datasets (``load_dataset(name, ...)``):
   directly, or a copy of it in ``$CIMJAX_DATA_DIR``). It has no test file, so a fixed
   permutation (independent of ``split_seed``) holds out 297 images as its test split.
 
-Splits (:class:`Splits`): ``train`` and ``val`` come from the train file, ``val`` (the
-"search-validation" split, default 5,000 images for the full set) is held out by a permutation
-of the train file seeded by ``split_seed``; ``test`` is the test file, used only for final
-numbers. ``train_size``/``val_size``/``test_size`` take deterministic subsets: prefixes of the
-same permutation (train, val) or of the test file, so a smaller subset is contained in a larger
-one. The train split never overlaps val (``Dataset.index`` holds the source-file indices).
-
-Normalisation: per-channel mean and standard deviation of the train split (after subsetting,
-after padding), applied to every split; images become float32 NHWC. Optional ``image_size``
-pads the raw images (with 0, the background) centred to a larger square and ``channels=3``
-repeats the grey channel, e.g. 32x32x3 for ResNet-20.
-
-Batching: :func:`epoch_batches` shuffles with a permutation that is a pure function of
-``(key, epoch)`` and yields fixed-size batches, **dropping the remainder** (fewer than
-``batch_size`` images an epoch; a different permutation each epoch, so every image is used),
-so shapes never change and nothing recompiles. :func:`eval_batches` covers a split exactly
-once: the last batch is **padded** to the fixed size and a boolean mask marks the real images.
+Splits: ``val`` (default 5,000 images for the full set, 400 for the subset, 200 for digits) is
+held out from the train file by :func:`cimjax.data.held_out_split`; ``test`` is the test file
+(``test_size``: a prefix in file order). The images stay on the 0..255 scale; the statistics
+are those of the train split after padding (``image_size`` pads centred with 0, the background;
+``channels=3`` repeats the grey channel, e.g. 32x32x3 for ResNet-20).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gzip
 import importlib.util
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cimjax import io
-from cimjax.errors import DataError  # noqa: F401 (re-exported)
+from cimjax.data.splits import Splits, check_size, held_out_split, splits_from_indices
+from cimjax.errors import DataError
 
 DEFAULT_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATA_DIR_ENV = "CIMJAX_DATA_DIR"
@@ -76,7 +59,7 @@ FASHION_CLASSES = (
   "Ankle boot",
 )
 SUBSET_FILE = "fashion_mnist_subset.npz"
-_REPO_TEST_DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
+_REPO_TEST_DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
 DATASET_NAMES = ("fashion_mnist", "fashion_mnist_subset", "digits")
 _INSTALL_HINT = (
   f"install it with `apt-get install dataset-fashion-mnist` or set "
@@ -84,7 +67,7 @@ _INSTALL_HINT = (
 )
 
 # IDX type codes -> numpy dtypes (big-endian where multi-byte).
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
   0x08: np.dtype(np.uint8),
   0x09: np.dtype(np.int8),
   0x0B: np.dtype(">i2"),
@@ -92,69 +75,6 @@ _IDX_DTYPES = {
   0x0D: np.dtype(">f4"),
   0x0E: np.dtype(">f8"),
 }
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Dataset:
-  """One split held on the host.
-
-  Attributes:
-    images: float32 ``[N, H, W, C]`` normalised images.
-    labels: int32 ``[N]`` class labels.
-    index: int64 ``[N]`` position of each image in its source file (train or test file).
-  """
-
-  images: np.ndarray
-  labels: np.ndarray
-  index: np.ndarray
-
-  def __len__(self) -> int:
-    return int(self.labels.shape[0])
-
-  @property
-  def shape(self) -> tuple[int, int, int]:
-    """One image's shape ``(H, W, C)``."""
-    return tuple(self.images.shape[1:])  # type: ignore[return-value]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Splits:
-  """Train, search-validation and test splits of one dataset.
-
-  Attributes:
-    name: dataset name.
-    train: training split (from the train file).
-    val: search-validation split, held out from the train file (the search and model
-      selection use only this one).
-    test: the test file, for final numbers only.
-    num_classes: number of classes.
-    mean: float32 ``[C]`` per-channel mean of the raw train split (0..255 scale).
-    std: float32 ``[C]`` per-channel standard deviation of the raw train split.
-  """
-
-  name: str
-  train: Dataset
-  val: Dataset
-  test: Dataset
-  num_classes: int
-  mean: np.ndarray
-  std: np.ndarray
-
-  @property
-  def input_shape(self) -> tuple[int, int, int]:
-    """One image's shape ``(H, W, C)``."""
-    return self.train.shape
-
-  def __getitem__(self, split: str) -> Dataset:
-    """``splits["train" | "val" | "validation" | "test"]``."""
-    key = {"validation": "val", "search_val": "val"}.get(split, split)
-    if key not in ("train", "val", "test"):
-      raise KeyError(f"unknown split {split!r}; choose train, val or test")
-    return getattr(self, key)
-
-
-# ----------------------------------------------------------------------------------------------
-# IDX files
 
 
 def read_idx(
@@ -363,34 +283,35 @@ def _load_digits_raw() -> tuple[np.ndarray, ...]:
   return out
 
 
-_DEFAULT_VAL = {"fashion_mnist": 5000, "fashion_mnist_subset": 400, "digits": 200}
+DEFAULT_VAL = {"fashion_mnist": 5000, "fashion_mnist_subset": 400, "digits": 200}
 
 
-def _pad_and_channels(x: np.ndarray, image_size: int | None, channels: int | None) -> np.ndarray:
-  """``[N, H, W]`` uint8 -> ``[N, S, S, C]`` uint8 (zero padding, centred; grey repeated)."""
-  x = x[..., None]
-  h, w = x.shape[1:3]
-  if image_size:
-    if image_size < max(h, w):
-      raise DataError(
-        f"image_size={image_size} is smaller than the images ({h}x{w}); only padding is supported"
-      )
-    top, left = (image_size - h) // 2, (image_size - w) // 2
-    x = np.pad(x, ((0, 0), (top, image_size - h - top), (left, image_size - w - left), (0, 0)))
-  if channels and channels != 1:
-    x = np.repeat(x, channels, axis=-1)
-  return x
+def load_raw(
+  name: str, data_dir: str | os.PathLike[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """The raw uint8 arrays of a built-in dataset.
+
+  Args:
+    name: one of :data:`DATASET_NAMES`.
+    data_dir: the Fashion-MNIST directory (``"fashion_mnist"`` only).
+
+  Returns:
+    ``(train_images uint8 [N, H, W], train_labels uint8 [N], test_images, test_labels)``.
+
+  Raises:
+    DataError: missing or corrupt files (with install instructions).
+    ValueError: an unknown name.
+  """
+  if name == "fashion_mnist":
+    return load_fashion_mnist_raw(data_dir)
+  if name == "fashion_mnist_subset":
+    return _load_subset_raw()  # type: ignore[return-value]
+  if name == "digits":
+    return _load_digits_raw()  # type: ignore[return-value]
+  raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 
-def _take(n_avail: int, size: int | None, what: str, name: str) -> int:
-  if size is None or size < 0:
-    return n_avail
-  if size > n_avail:
-    raise DataError(f"{name}: {what}={size} but only {n_avail} images are available")
-  return int(size)
-
-
-def load_dataset(
+def load_builtin(
   name: str,
   *,
   data_dir: str | os.PathLike[str] | None = None,
@@ -401,186 +322,51 @@ def load_dataset(
   image_size: int | None = None,
   channels: int | None = None,
 ) -> Splits:
-  """Loads a dataset as normalised float32 NHWC train/val/test splits.
-
-  Args:
-    name: ``"fashion_mnist"``, ``"fashion_mnist_subset"`` or ``"digits"``.
-    data_dir: Fashion-MNIST directory (default ``$CIMJAX_DATA_DIR`` or the Debian path).
-    train_size: images in the train split (None or negative: all that remain after val).
-    val_size: images held out from the train file for search validation (None: 5,000 for the
-      full set, 400 for the subset, 200 for digits; 0 gives an empty val split).
-    test_size: images of the test file to use (None: all; a prefix in file order).
-    split_seed: seed of the permutation of the train file that separates val and train.
-    image_size: pad images (centred, with the background value 0) to this square size.
-    channels: repeat the grey channel this many times (e.g. 3).
-
-  Returns:
-    :class:`Splits`.
+  """A built-in dataset as :class:`Splits` (arguments: see :func:`cimjax.data.load_dataset`).
 
   Raises:
     DataError: missing data files (with install instructions) or impossible sizes.
     ValueError: unknown dataset name.
   """
-  if name == "fashion_mnist":
-    xtr, ytr, xte, yte = load_fashion_mnist_raw(data_dir)
-  elif name == "fashion_mnist_subset":
-    xtr, ytr, xte, yte = _load_subset_raw()
-  elif name == "digits":
-    xtr, ytr, xte, yte = _load_digits_raw()
-  else:
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
-  n_val = _take(len(ytr), _DEFAULT_VAL[name] if val_size is None else val_size, "val_size", name)
-  perm = np.random.default_rng(split_seed).permutation(len(ytr))
-  val_idx = perm[:n_val]
-  rest = perm[n_val:]
-  train_idx = rest[: _take(len(rest), train_size, "train_size", name)]
-  test_idx = np.arange(_take(len(yte), test_size, "test_size", name))
+  xtr, ytr, xte, yte = load_raw(name, data_dir)
+  n_val = DEFAULT_VAL[name] if val_size is None else val_size
+  train_idx, val_idx = held_out_split(len(ytr), n_val, train_size, seed=split_seed, name=name)
+  test_idx = np.arange(check_size(len(yte), test_size, "test_size", name))
   if len(train_idx) == 0:
     raise DataError(
       f"{name}: the train split is empty (train_size={train_size}, val_size={val_size})"
     )
-
-  xtr_p = _pad_and_channels(xtr[train_idx], image_size, channels)
-  flat = xtr_p.reshape(-1, xtr_p.shape[-1]).astype(np.float64)
-  mean = flat.mean(axis=0)
-  std = np.maximum(flat.std(axis=0), 1e-6)
-
-  def make(
-    x: np.ndarray, y: np.ndarray, idx: np.ndarray, padded: np.ndarray | None = None
-  ) -> Dataset:
-    xp = _pad_and_channels(x[idx], image_size, channels) if padded is None else padded
-    imgs = (xp.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32)
-    return Dataset(
-      images=np.ascontiguousarray(imgs, np.float32),
-      labels=y[idx].astype(np.int32),
-      index=idx.astype(np.int64),
-    )
-
-  return Splits(
-    name=name,
-    train=make(xtr, ytr, train_idx, xtr_p),
-    val=make(xtr, ytr, val_idx),
-    test=make(xte, yte, test_idx),
+  where = str(fashion_mnist_dir(data_dir)) if name == "fashion_mnist" else ""
+  if name == "fashion_mnist_subset":
+    where = str(subset_path())
+  return splits_from_indices(
+    name,
+    (xtr, ytr),
+    (xte, yte),
+    train_index=train_idx,
+    val_index=val_idx,
+    test_index=test_idx,
     num_classes=10,
-    mean=mean.astype(np.float32),
-    std=std.astype(np.float32),
+    image_size=image_size,
+    channels=channels,
+    class_names=FASHION_CLASSES if name.startswith("fashion") else tuple(str(i) for i in range(10)),
+    info={"source": name, "path": where},
   )
-
-
-# ----------------------------------------------------------------------------------------------
-# Batching
-
-
-def _seed_words(key: Any) -> list[int]:
-  """An int seed or a JAX PRNG key (typed or raw uint32) as a list of ints for NumPy."""
-  if isinstance(key, (int, np.integer)):
-    return [int(key) & 0xFFFFFFFF, (int(key) >> 32) & 0xFFFFFFFF]
-  import jax  # pylint: disable=g-import-not-at-top
-
-  if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  return [int(v) for v in np.asarray(key, dtype=np.uint32).reshape(-1)]
-
-
-def epoch_permutation(key: Any, epoch: int, n: int) -> np.ndarray:
-  """The shuffle of epoch ``epoch``: a pure function of ``(key, epoch, n)``.
-
-  Args:
-    key: an int seed or a JAX PRNG key.
-    epoch: epoch number (>= 0).
-    n: number of examples.
-
-  Returns:
-    int64 ``[n]`` permutation.
-  """
-  rng = np.random.default_rng([*_seed_words(key), 0x5EED, int(epoch)])
-  return rng.permutation(n)
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-  """Full batches an epoch (the remainder is dropped)."""
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if n < batch_size:
-    raise DataError(f"batch_size={batch_size} is larger than the split ({n} images)")
-  return n // batch_size
-
-
-def epoch_batches(
-  ds: Dataset, batch_size: int, key: Any, epoch: int, *, start: int = 0
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Shuffled fixed-size batches of one epoch (remainder dropped).
-
-  Args:
-    ds: the split.
-    batch_size: images a batch.
-    key: int seed or PRNG key; the order is a pure function of ``(key, epoch)``.
-    epoch: epoch number.
-    start: first batch index to yield (resuming mid-epoch).
-
-  Yields:
-    ``(images float32 [batch_size, H, W, C], labels int32 [batch_size])``.
-  """
-  spe = steps_per_epoch(len(ds), batch_size)
-  perm = epoch_permutation(key, epoch, len(ds))
-  for i in range(start, spe):
-    idx = np.sort(perm[i * batch_size : (i + 1) * batch_size])  # sorted: faster gather
-    yield ds.images[idx], ds.labels[idx]
-
-
-def train_batches(
-  ds: Dataset, batch_size: int, key: Any, start_step: int = 0
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Endless shuffled batches, epoch after epoch, from global step ``start_step``.
-
-  Batch ``s`` is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``, so the data
-  order is a pure function of ``(key, step)`` and a resumed run sees the same batches.
-  """
-  spe = steps_per_epoch(len(ds), batch_size)
-  epoch, start = divmod(int(start_step), spe)
-  while True:
-    yield from epoch_batches(ds, batch_size, key, epoch, start=start)
-    epoch, start = epoch + 1, 0
-
-
-def eval_batches(
-  ds: Dataset, batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """Every image exactly once, in order, in fixed-size batches (the last one padded).
-
-  Yields:
-    ``(images [batch_size, H, W, C], labels int32 [batch_size], mask bool [batch_size])``;
-    padded rows repeat image 0 and have ``mask`` False.
-  """
-  n = len(ds)
-  bs = batch_size  # always this shape, however small the split: one compilation serves all
-  for lo in range(0, n, bs):
-    hi = min(lo + bs, n)
-    x, y = ds.images[lo:hi], ds.labels[lo:hi]
-    mask = np.ones(bs, bool)
-    if hi - lo < bs:
-      pad = bs - (hi - lo)
-      x = np.concatenate([x, np.repeat(ds.images[:1], pad, axis=0)])
-      y = np.concatenate([y, np.repeat(ds.labels[:1], pad)])
-      mask[hi - lo :] = False
-    yield x, y, mask
 
 
 __all__ = [
   "DATASET_NAMES",
-  "DataError",
-  "Dataset",
+  "DATA_DIR_ENV",
+  "DEFAULT_VAL",
+  "DIGITS_TEST",
   "FASHION_CLASSES",
-  "Splits",
-  "epoch_batches",
-  "epoch_permutation",
-  "eval_batches",
+  "FASHION_FILES",
   "fashion_mnist_dir",
-  "load_dataset",
+  "load_builtin",
   "load_fashion_mnist_raw",
+  "load_raw",
   "read_idx",
-  "steps_per_epoch",
-  "train_batches",
-  "write_idx",
+  "subset_path",
   "write_fashion_subset",
+  "write_idx",
 ]
