@@ -635,3 +635,23 @@ def test_two_concurrent_runs_the_second_is_refused(tmp_path):
   finally:
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["int8", "anyprec", "finetune", "compile"])
+def test_kill9_inside_each_later_stage_resumes_to_the_same_figures(
+  reference_report, tmp_path, stage
+):
+  wd = tmp_path / "killed"
+  args = [f"--config={RUN_TINY}", f"--workdir={wd}", "--config.train.throttle_s=0.05"]
+  proc = _launch(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  _wait_for(lambda: (wd / stage).is_dir(), proc)
+  time.sleep(0.5)  # into the stage's work, not at its first line
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (wd / "report.json").exists()
+  p = _launch(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _, err = p.communicate(timeout=900)
+  assert p.returncode == 0, err[-3000:]
+  report = json.loads((wd / "report.json").read_text())
+  assert _figures(report) == _figures(reference_report)
