@@ -325,24 +325,22 @@ def cost_tables_from_arrays(
       )
     },
   )
-  e_dac, e_read, e_adc, e_sa, e_write = e["dac"], e["read"], e["adc"], e["sa"], e["write"]
-  energy = e_dac + e_read + e_adc + e_sa + e_write
-  tiles, cycles = g["tiles"], g["cycles"]
+  energy = e["dac"] + e["read"] + e["adc"] + e["sa"] + e["write"]
 
   shape = (m.shape[0], max_bits, max_bits)
   bc = lambda x: xp.broadcast_to(x, shape)
   return CostTables(
     latency_us=bc(latency),
     energy_pj=bc(energy),
-    tiles=bc(tiles),
+    tiles=bc(g["tiles"]),
     execs=bc(execs),
-    cycles=bc(cycles),
+    cycles=bc(g["cycles"]),
     latency_write_us=bc(write_lat),
-    e_dac_pj=bc(e_dac),
-    e_read_pj=bc(e_read),
-    e_adc_pj=bc(e_adc),
-    e_shift_add_pj=bc(e_sa),
-    e_write_pj=bc(e_write),
+    e_dac_pj=bc(e["dac"]),
+    e_read_pj=bc(e["read"]),
+    e_adc_pj=bc(e["adc"]),
+    e_shift_add_pj=bc(e["sa"]),
+    e_write_pj=bc(e["write"]),
   )
 
 
