@@ -6,14 +6,19 @@ One :class:`Checkpointer` per training stage directory. Each checkpoint is an or
 * ``state``: the training-state pytree (params, batch statistics, optimizer state, step, PRNG
   key), saved with ``StandardSave`` and restored exactly (dtypes kept) with ``StandardRestore``
   against an abstract target;
-* ``meta``: a JSON dict (config, stage, policy, progress), saved with ``JsonSave``.
+* ``meta``: a JSON dict (config, stage, policy, progress), saved with ``JsonSave``;
+* ``data`` (only when given): the input pipeline's iterator state, a JSON dict
+  (:meth:`cimjax.data.StreamIterator.get_state`, grain's state and its step), saved with
+  ``JsonSave``; restored into ``meta["data_state"]``. Checkpoints without it (every one written
+  before the streaming loader, and every in-memory run's) read back as before.
 
 Saving is synchronous: a step directory appears (atomically renamed by orbax) only once it is
 complete, so a run killed at any moment leaves either the previous checkpoints or a new one,
 never half of one; leftover temporaries of a killed save are ignored and cleaned up. Nothing
 here unpickles: orbax stores arrays with tensorstore and metadata as JSON.
 
-Every save records a digest of the state in its metadata and every restore checks it, so a
+Every save records a digest of the state (and one of the data state) in its metadata and every
+restore checks them, so a
 checkpoint whose bytes changed on disk is told apart from a good one
 (:class:`CorruptCheckpointError`); :meth:`Checkpointer.restore_intact` resumes from the newest
 intact one. A failed orbax restore abandons its other reads in the background; what they would
@@ -93,15 +98,22 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(
-    self, step: int, state: Any, meta: dict[str, Any] | None = None, *, force: bool = True
+    self,
+    step: int,
+    state: Any,
+    meta: dict[str, Any] | None = None,
+    *,
+    force: bool = True,
+    data: dict[str, Any] | None = None,
   ) -> None:
-    """Saves ``state`` and ``meta`` as checkpoint ``step`` (synchronously).
+    """Saves ``state`` and ``meta`` (and ``data``) as checkpoint ``step`` (synchronously).
 
     Args:
       step: the global step (checkpoint name).
       state: the pytree to save.
       meta: JSON-serialisable metadata (config, stage, ...).
       force: overwrite an existing checkpoint of the same step.
+      data: the input pipeline's iterator state (a JSON dict), or None.
     """
     step = int(step)
     if step in self._manager.all_steps():
@@ -109,7 +121,11 @@ class Checkpointer:
         return
       self._manager.delete(step)
     meta = {**dict(meta or {}), DIGEST_KEY: tree_digest(state)}
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    items = {"state": ocp.args.StandardSave(state)}
+    if data is not None:
+      meta[DATA_DIGEST_KEY] = json_digest(data)
+      items["data"] = ocp.args.JsonSave(dict(data))
+    args = ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items)
     try:
       self._manager.save(step, args=args, force=True)
       self._manager.wait_until_finished()
@@ -128,7 +144,8 @@ class Checkpointer:
       step: which checkpoint, or None for the latest.
 
     Returns:
-      ``(state, meta)``.
+      ``(state, meta)``; ``meta["data_state"]`` holds the data iterator state of a checkpoint
+      saved with one.
 
     Raises:
       CheckpointError: no checkpoint, or the saved state does not match ``target``.
@@ -137,9 +154,10 @@ class Checkpointer:
       step = self.latest_step()
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
-    args = ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()
-    )
+    items = {"state": ocp.args.StandardRestore(abstract_like(target))}
+    if self.has_data(step):
+      items["data"] = ocp.args.JsonRestore()
+    args = ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)
     try:
       out = self._manager.restore(int(step), args=args)
     except Exception as e:  # orbax/tensorstore raise many types
@@ -160,7 +178,20 @@ class Checkpointer:
         f"{self.directory}: checkpoint {step} is corrupt (its arrays do not match the "
         "digest written with them)"
       )
+    want_data = meta.pop(DATA_DIGEST_KEY, None)
+    if "data" in items:
+      data = dict(out.data or {})
+      if want_data is not None and json_digest(data) != want_data:
+        raise CorruptCheckpointError(
+          f"{self.directory}: checkpoint {step} is corrupt (its data iterator state does not "
+          "match the digest written with it)"
+        )
+      meta[DATA_STATE_KEY] = data
     return out.state, meta
+
+  def has_data(self, step: int) -> bool:
+    """Whether checkpoint ``step`` holds a data iterator state (a ``data`` item)."""
+    return (self.directory / str(int(step)) / "data").exists()
 
   def restore_intact(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
     """Restores the newest checkpoint that reads back intact, skipping corrupt ones.
@@ -209,6 +240,13 @@ class Checkpointer:
 
 
 DIGEST_KEY = "_state_sha256"
+DATA_DIGEST_KEY = "_data_sha256"
+DATA_STATE_KEY = "data_state"
+
+
+def json_digest(obj: Any) -> str:
+  """SHA-256 of a JSON value written with sorted keys (the data state's digest)."""
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def tree_digest(tree: Any) -> str:
@@ -351,6 +389,7 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 __all__ = [
+  "DATA_STATE_KEY",
   "CheckpointError",
   "Checkpointer",
   "CorruptCheckpointError",
@@ -358,6 +397,7 @@ __all__ = [
   "abstract_like",
   "cause",
   "disk_full_error",
+  "json_digest",
   "quiet_abandoned_reads",
   "read_json",
   "write_json_atomic",

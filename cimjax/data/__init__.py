@@ -17,7 +17,9 @@ device. Modules (one concept each):
   the hook for a future streaming loader; :mod:`~cimjax.data.images` (decoding, scaling,
   resizing), :mod:`~cimjax.data.assemble` (parts -> splits, label checks);
 * :mod:`~cimjax.data.batches`: the batch iterators (pure functions of seed, epoch, step);
-* :mod:`~cimjax.data.load`: :func:`load_dataset`, one entry point for every source.
+* :mod:`~cimjax.data.load`: :func:`load_dataset`, one entry point for every source;
+* :mod:`~cimjax.data.stream`: :func:`open_stream`, the grain pipeline for training data that
+  does not fit in memory (:class:`TrainStream`, :class:`StreamOptions`, resumable iterators).
 
 Splits: ``train`` and ``val`` come from the train part, ``val`` (the "search-validation"
 split) held out by a seeded permutation; ``test`` is the test part, used only for final
@@ -82,6 +84,16 @@ from cimjax.data.splits import (
   pad_images,
   splits_from_indices,
 )
+from cimjax.data.stream import (
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  STREAM_SOURCES,
+  StreamData,
+  StreamIterator,
+  StreamOptions,
+  TrainStream,
+  open_stream,
+)
 from cimjax.errors import DataError
 
 __all__ = [
@@ -92,9 +104,12 @@ __all__ = [
   "DIGITS_TEST",
   "FASHION_CLASSES",
   "FASHION_FILES",
+  "IMAGENET_MEAN",
+  "IMAGENET_STD",
   "IMAGE_EXTENSIONS",
   "ON_BAD_IMAGE",
   "SOURCES",
+  "STREAM_SOURCES",
   "SUBSET_FILE",
   "USER_SOURCES",
   "ArraySource",
@@ -107,6 +122,10 @@ __all__ = [
   "RawData",
   "Source",
   "Splits",
+  "StreamData",
+  "StreamIterator",
+  "StreamOptions",
+  "TrainStream",
   "assemble",
   "channel_stats",
   "check_labels",
@@ -128,6 +147,7 @@ __all__ = [
   "load_tfds",
   "materialise",
   "normalise",
+  "open_stream",
   "pad_images",
   "read_arrays",
   "read_idx",

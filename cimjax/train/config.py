@@ -20,6 +20,26 @@ from cimjax.train.state import OPTIMIZERS
 ConfigDict = ml_collections.ConfigDict
 
 
+# The train.data fields of the streaming loader (cimjax.data.stream.StreamOptions), with the
+# in-memory path's data-parallel switch; a checkpoint written before they existed resumes as if
+# it had these values.
+STREAM_DEFAULTS: dict[str, Any] = dict(
+  stream=False,
+  workers=0,
+  prefetch=2,
+  threads=1,
+  augment=True,
+  crop_size=224,
+  resize_size=256,
+  min_scale=0.08,
+  normalize="data",
+  stats_images=1000,
+  data_parallel=False,
+)
+# train.data fields a resumed stage may change (they change speed, not batches).
+DATA_RESUME_IGNORED = ("workers", "prefetch", "threads")
+
+
 def default_config() -> ConfigDict:
   """All config fields with defaults (small CNN on full Fashion-MNIST).
 
@@ -29,7 +49,14 @@ def default_config() -> ConfigDict:
   random init, :func:`cimjax.models.pretrained.load_torchvision`; empty: none), ``data``
   (``source`` and ``path``, or the built-in ``name`` when ``source`` is empty; see
   :func:`cimjax.data.load_dataset` and BUILD_NOTES.md "Data sources"; -1 means default/all, 0
-  for image_size/channels/num_classes means native / from the data), ``seed``, ``batch_size``,
+  for image_size/channels/num_classes means native / from the data; ``stream`` (decode the
+  train split on the fly with grain, :mod:`cimjax.data.stream`, for ``folder``/``npy``/``npz``
+  sources too large for memory) with ``workers`` (decoding processes, 0: in-process),
+  ``prefetch`` (batches buffered per worker), ``threads`` (per worker), ``augment`` (random
+  resized crop + flip), ``crop_size``, ``resize_size`` (eval: resize then centre-crop),
+  ``min_scale``, ``normalize`` (data|imagenet), ``stats_images``; ``data_parallel`` (in-memory
+  data: split each batch over all devices; a stream always is)), ``seed``, ``batch_size`` (the
+  global batch: per-device batch x devices x processes),
   ``eval_batch_size``, ``checkpoint_every`` (steps; 0: only
   at the end), ``max_to_keep``, ``log_every`` (steps), ``eval_every`` (steps; 0: every epoch;
   negative: never), ``progress`` (rich bar), ``fast_compile`` (skip XLA's expensive
@@ -66,6 +93,7 @@ def default_config() -> ConfigDict:
       test_fraction=0.2,
       num_classes=0,
       on_bad_image="skip",
+      **STREAM_DEFAULTS,
     )
   )
   c.seed = 0
@@ -223,11 +251,105 @@ def _validate_data_source(d: ConfigDict) -> None:
     raise config_error("data.num_classes", n_cls, "an integer >= 0 (0: from the data)")
   if d.get("on_bad_image", "skip") not in data_lib.ON_BAD_IMAGE:
     raise config_error("data.on_bad_image", d.on_bad_image, ", ".join(data_lib.ON_BAD_IMAGE))
+  _validate_stream(d)
+
+
+def _validate_stream(d: ConfigDict) -> None:
+  for f in ("stream", "data_parallel"):
+    if not isinstance(d.get(f, False), bool):
+      raise config_error(f"data.{f}", d.get(f), "True or False")
+  if not d.get("stream", False):
+    return
+  if data_source(d) not in data_lib.STREAM_SOURCES:
+    raise config_error(
+      "data.source", data_source(d), f"{', '.join(data_lib.STREAM_SOURCES)} with data.stream=True"
+    )
+  try:
+    stream_options(d).validate()
+  except DataError as e:
+    field, _, rest = str(e).partition("=")
+    value, _, allowed = rest.partition("; allowed: ")
+    raise ConfigError(
+      f"config.{field.removeprefix('train.')} = {value}; allowed: {allowed}"
+    ) from None
+
+
+def stream_options(d: ConfigDict) -> data_lib.StreamOptions:
+  """The :class:`cimjax.data.StreamOptions` of a ``data`` config."""
+  g = lambda f: d.get(f, STREAM_DEFAULTS.get(f))
+  return data_lib.StreamOptions(
+    workers=g("workers"),
+    prefetch=g("prefetch"),
+    threads=g("threads"),
+    augment=g("augment"),
+    crop_size=g("crop_size"),
+    resize_size=g("resize_size"),
+    min_scale=g("min_scale"),
+    normalize=g("normalize"),
+    stats_images=g("stats_images"),
+    channels=d.get("channels", 0),
+    on_bad_image=d.get("on_bad_image", "skip"),
+  )
+
+
+def _load_options(d: ConfigDict) -> data_lib.LoadOptions:
+  opt = lambda v: None if v < 0 else v
+  return data_lib.LoadOptions(
+    train_size=opt(d.train_size),
+    val_size=opt(d.val_size),
+    test_size=opt(d.test_size),
+    split_seed=d.split_seed,
+    val_fraction=float(d.val_fraction),
+    test_fraction=float(d.test_fraction),
+    num_classes=d.num_classes or None,
+    on_bad_image=d.on_bad_image,
+  )
+
+
+_STREAMS: dict[str, data_lib.StreamData] = {}
+
+
+def load_stream(config: ConfigDict, local_devices: int | None = None) -> data_lib.StreamData:
+  """The config's streamed train split and its in-memory val/test and training sample.
+
+  The sample (``splits.train``) holds ``max(calib_images, bn_recal_batches * batch_size,
+  stats_images)`` training images (clip calibration and batch-norm re-estimation read it).
+  Built once per data config and device count in a process (a folder is scanned once).
+
+  Args:
+    config: the training config (``data.stream`` True).
+    local_devices: this host's devices the batch splits over (default: all local devices).
+
+  Raises:
+    DataError: bad data or a batch that does not split over the hosts and devices.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  d = config.data
+  devices = jax.local_device_count() if local_devices is None else int(local_devices)
+  sample = max(config.calib_images, config.bn_recal_batches * config.batch_size, 1)
+  key = repr((d.to_dict(), config.batch_size, sample, config.seed, devices))
+  if key not in _STREAMS:
+    _STREAMS.clear()  # one at a time: the in-memory splits can be large
+    _STREAMS[key] = data_lib.open_stream(
+      data_source(d),
+      d.path,
+      _load_options(d),
+      stream_options(d),
+      global_batch=config.batch_size,
+      local_devices=devices,
+      sample_images=sample,
+      sample_seed=config.seed,
+    )
+  return _STREAMS[key]
 
 
 def load_splits(config: ConfigDict) -> data_lib.Splits:
-  """The config's dataset (see :func:`cimjax.data.load_dataset`)."""
+  """The config's dataset (see :func:`cimjax.data.load_dataset`); with ``data.stream`` the
+  in-memory splits of :func:`load_stream` (val, test, and a sample of the train split)."""
   d = config.data
+  if d.get("stream", False):
+    return load_stream(config).splits
   opt = lambda v: None if v < 0 else v
   source = data_source(d)
   if source in data_lib.DATASET_NAMES:
@@ -368,16 +490,20 @@ def num_steps(config: ConfigDict, stage: str, steps_per_epoch: int) -> int:
 
 
 __all__ = [
+  "DATA_RESUME_IGNORED",
   "STAGES",
+  "STREAM_DEFAULTS",
   "build_model",
   "check_data",
   "check_model",
   "default_config",
   "load_splits",
+  "load_stream",
   "num_steps",
   "resolve_model",
   "stage_config",
   "static_model",
   "static_specs",
+  "stream_options",
   "validate_config",
 ]

@@ -1,9 +1,18 @@
 """The training loop: :func:`fit`, its metrics file (and TensorBoard scalars), its progress
-display (:mod:`cimjax.progress`) and the resume check.
+display (:mod:`cimjax.progress`), data parallelism and the resume check.
 
 Determinism: the data order is a pure function of (seed, stage, epoch) and a step's randomness
 a pure function of (key, step), so a run resumed from a checkpoint reaches bit-identical
-parameters.
+parameters. The data is in memory (a :class:`cimjax.data.Dataset`) or streamed
+(a :class:`cimjax.data.TrainStream`, whose iterator state is checkpointed with the train
+state).
+
+Data parallelism (:func:`data_mesh`): given a mesh with a ``data`` axis, the train state is
+replicated (``NamedSharding(mesh, P())``) and every batch is split over the axis
+(``NamedSharding(mesh, P("data"))``, built from each host's rows with
+``jax.make_array_from_process_local_data``); the jitted steps follow their inputs' shardings
+(GSPMD), so the step is unchanged. The result equals the one-device run up to float32
+summation order (the batch mean is reduced across devices).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -134,10 +144,48 @@ def _window_record(window: list[dict[str, Array]], images_per_s: float) -> dict[
   return rec
 
 
+DATA_AXIS = "data"
+
+
+def data_mesh(devices: Any = None) -> jax.sharding.Mesh:
+  """A 1-D mesh named ``data`` over ``devices`` (default: every device of every process)."""
+  devs = np.asarray(jax.devices() if devices is None else list(devices))
+  return jax.sharding.Mesh(devs.reshape(-1), (DATA_AXIS,))
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """``tree`` replicated on every device of ``mesh``."""
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.device_put(tree, rep)
+
+
+def shard_batch(batch: tuple[np.ndarray, ...], mesh: jax.sharding.Mesh) -> tuple[Array, ...]:
+  """This host's rows of a batch as global arrays split over the ``data`` axis.
+
+  Args:
+    batch: arrays ``[B_host, ...]`` (``B_host`` a multiple of the local devices).
+    mesh: the data mesh.
+
+  Returns:
+    Global arrays ``[B_host * processes, ...]`` sharded along their first axis.
+  """
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+  return tuple(jax.make_array_from_process_local_data(sh, np.asarray(a)) for a in batch)
+
+
+def check_mesh_batch(batch_size: int, mesh: jax.sharding.Mesh | None) -> None:
+  """Raises DataError unless the global batch splits evenly over the mesh's devices."""
+  if mesh is not None and batch_size % mesh.size:
+    raise data_lib.DataError(
+      f"train.batch_size={batch_size}; allowed: a multiple of the {mesh.size} devices of the "
+      "data mesh (global batch = per-device batch x local devices x processes)"
+    )
+
+
 def fit(
   step_fn: StepFn,
   state: TrainState,
-  train: data_lib.Dataset,
+  train: data_lib.Dataset | data_lib.TrainStream,
   *,
   num_steps: int,
   batch_size: int,
@@ -151,21 +199,27 @@ def fit(
   progress: bool | progress_lib.Progress = True,
   description: str = "train",
   throttle_s: float = 0.0,
+  data_state: Mapping[str, Any] | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  stop_after: int | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
   """The training loop: a Python loop of jitted steps from ``state.step`` to ``num_steps``.
 
-  Batch ``s`` is a pure function of ``(data_seed, s)`` (see :func:`cimjax.data.train_batches`),
-  so resuming from a checkpoint replays the same data.
+  Batch ``s`` is a pure function of ``(data_seed, s)`` (see :func:`cimjax.data.train_batches`
+  and :mod:`cimjax.data.stream`), so resuming from a checkpoint replays the same data; a
+  stream also resumes from its saved iterator state (``data_state``).
 
   Args:
     step_fn: ``(state, (images, labels)) -> (state, metrics)``.
     state: the state to continue from.
-    train: the training split.
+    train: the training split, in memory or streamed (``batch_size`` is then the stream's
+      global batch; each host gets its rows).
     num_steps: the stage's total steps.
     batch_size: images a step.
     data_seed: int or sequence of ints seeding the epoch permutations.
     writer: JSON-lines metrics sink.
-    save_fn: ``save_fn(state, done)`` checkpoints (called every ``checkpoint_every`` steps).
+    save_fn: ``save_fn(state, done)`` checkpoints (called every ``checkpoint_every`` steps);
+      with a stream ``save_fn(state, done, data_state)`` (the iterator's JSON state).
     checkpoint_every: steps between checkpoints (0: none here).
     log_every: steps between logged training metrics.
     eval_fn: ``eval_fn(state) -> metrics`` run every ``eval_every`` steps (<= 0: never).
@@ -174,6 +228,11 @@ def fit(
       on a terminal and periodic plain lines elsewhere, False nothing.
     description: progress label (the stage).
     throttle_s: sleep after each step (tests use it to kill a run mid-way).
+    data_state: a stream's saved iterator state (from the checkpoint being resumed); None:
+      the stream starts at ``state.step``.
+    mesh: a data mesh (:func:`data_mesh`): the state is replicated and each batch split over
+      its ``data`` axis; None: one device, as placed.
+    stop_after: stop (as a kill would) after this many steps of this call (tests).
 
   Returns:
     ``(state, {"loss", "accuracy", "images_per_s", "step", "epoch"})`` of the last logging
@@ -181,14 +240,39 @@ def fit(
   """
   start = int(state.step)
   seed = np.asarray(data_seed, np.uint32).reshape(-1)
-  batches = data_lib.train_batches(train, batch_size, seed, start)
+  check_mesh_batch(batch_size, mesh)
+  stream = isinstance(train, data_lib.TrainStream)
+  if stream:
+    if train.global_batch != batch_size:
+      raise data_lib.DataError(
+        f"batch_size={batch_size} but the stream's global batch is {train.global_batch}"
+      )
+    if data_state is not None and int(data_state.get("next_step", -1)) != start:
+      logging.warning(
+        "%s: the saved data state is of step %s, the train state of step %d; the stream "
+        "restarts at step %d (the same batches: they are a pure function of the step)",
+        description,
+        data_state.get("next_step"),
+        start,
+        start,
+      )
+      data_state = None
+    batches = train.iterator(seed, start, data_state, num_steps)
+  else:
+    batches = data_lib.train_batches(train, batch_size, seed, start)
+  if mesh is not None:
+    state = replicate(state, mesh)
   bar = progress_lib.Progress.of(progress).training(description, num_steps, start)
   clock = _Throughput(start, batch_size)
   window: list[dict[str, Array]] = []
   last: dict[str, float] = {}
   try:
     for step in range(start, num_steps):
+      if stop_after is not None and step - start >= stop_after:
+        break
       x, y = next(batches)
+      if mesh is not None:
+        x, y = shard_batch((x, y), mesh)
       state, metrics = step_fn(state, (x, y))
       window.append(metrics)
       clock.n_win += 1
@@ -212,11 +296,63 @@ def fit(
         clock.pause(time.time() - t0)
       if save_fn is not None and checkpoint_every > 0 and done % checkpoint_every == 0:
         t0 = time.time()
-        save_fn(state, done == num_steps)
+        if stream:
+          save_fn(state, done == num_steps, batches.get_state())
+        else:
+          save_fn(state, done == num_steps)
         clock.pause(time.time() - t0)
   finally:
     bar.close()
+    if stream:
+      batches.close()
   return state, last
+
+
+def _eval_counts(module: Any, variables: Any, x: Array, y: Array, m: Array, policy: Any):
+  from cimjax.evaluate import cross_entropy  # pylint: disable=g-import-not-at-top
+  from cimjax.models import forward  # pylint: disable=g-import-not-at-top
+
+  logits, _ = forward(module, variables, x, policy, train=False)
+  w = m.astype(jnp.float32)
+  correct = jnp.sum((jnp.argmax(logits, -1) == y).astype(jnp.float32) * w)
+  return correct, jnp.sum(cross_entropy(logits, y) * w)
+
+
+_EVAL = jax.jit(_eval_counts, static_argnames="module")
+
+
+def evaluate_sharded(
+  variables: Mapping[str, Any],
+  model: Any,
+  split: data_lib.Dataset,
+  policy: Any,
+  mesh: jax.sharding.Mesh,
+  *,
+  batch_size: int = 1000,
+) -> dict[str, float]:
+  """Accuracy (percent) and mean loss of one policy over a split, batches split over ``mesh``.
+
+  Every image is seen once (:func:`cimjax.data.eval_batches`, the last batch padded and
+  masked); the batch is rounded up to a multiple of the mesh's devices. Single-process only
+  (each process would pass the whole split).
+
+  Returns:
+    ``{"accuracy", "loss", "count"}`` (NaNs for an empty split).
+  """
+  n = len(split)
+  if n == 0:
+    return {"accuracy": float("nan"), "loss": float("nan"), "count": 0}
+  bs = -(-batch_size // mesh.size) * mesh.size
+  module = getattr(model, "module", model)
+  v = replicate(dict(variables), mesh)
+  pol = None if policy is None else replicate(jnp.asarray(policy, jnp.int32), mesh)
+  outs = []
+  for xb, yb, mb in data_lib.eval_batches(split, bs):
+    x, y, m = shard_batch((xb, yb, mb), mesh)
+    outs.append(_EVAL(module, v, x, y, m, pol))
+  correct = sum(float(c) for c, _ in jax.device_get(outs))
+  loss = sum(float(l) for _, l in jax.device_get(outs))
+  return {"accuracy": 100.0 * correct / n, "loss": loss / n, "count": n}
 
 
 def _log_train(
@@ -249,7 +385,9 @@ def check_resume(
 ) -> None:
   """A resumed stage must use the config it started with.
 
-  Logging fields (:data:`RESUME_IGNORED`) and the other stages' settings may differ.
+  Logging fields (:data:`RESUME_IGNORED`), the stream's speed fields
+  (:data:`cimjax.train.config.DATA_RESUME_IGNORED`) and the other stages' settings may differ;
+  a checkpoint from before the streaming loader's fields reads as having their defaults.
 
   Args:
     saved: the checkpoint's metadata (``config``, ``policy``, ``num_steps``).
@@ -260,8 +398,18 @@ def check_resume(
   Raises:
     StageError: a differing field, policy or number of steps.
   """
+  from cimjax.train.config import (  # pylint: disable=g-import-not-at-top
+    DATA_RESUME_IGNORED,
+    STREAM_DEFAULTS,
+  )
+
   old = dict(saved.get("config", {}))
   new = json.loads(json.dumps(meta["config"], default=to_py))
+  # data fields added with the streaming loader: an older checkpoint had their defaults
+  for cfg, fill in ((old, True), (new, False)):
+    if isinstance(cfg.get("data"), dict):
+      d = {**STREAM_DEFAULTS, **cfg["data"]} if fill else dict(cfg["data"])
+      cfg["data"] = {k: v for k, v in d.items() if k not in DATA_RESUME_IGNORED}
   diff = sorted(
     k
     for k in set(old) | set(new)
@@ -275,4 +423,16 @@ def check_resume(
     )
 
 
-__all__ = ["RESUME_IGNORED", "MetricsWriter", "check_resume", "fit", "to_py"]
+__all__ = [
+  "DATA_AXIS",
+  "RESUME_IGNORED",
+  "MetricsWriter",
+  "check_mesh_batch",
+  "check_resume",
+  "data_mesh",
+  "evaluate_sharded",
+  "fit",
+  "replicate",
+  "shard_batch",
+  "to_py",
+]

@@ -4,6 +4,12 @@ Layout: ``workdir/<stage>/`` holds ``checkpoints/`` (orbax, every ``checkpoint_e
 and at the end), ``variables/`` (final params and batch_stats), ``metrics.jsonl`` and
 ``result.json`` (written last: its presence marks the stage done). A stage given a policy
 (fine-tuning) uses ``workdir/<stage>/<policy_name>/``.
+
+Data: in memory (the default), or streamed with ``train.data.stream`` (:func:`load_stream`;
+the iterator state is saved in each checkpoint's ``data`` item and restored on resume). A
+stream, or ``train.data.data_parallel``, runs each step on all devices with the batch split
+over a ``data`` mesh axis (:func:`cimjax.train.loop.data_mesh`), and so does the periodic
+validation.
 """
 
 from __future__ import annotations
@@ -32,12 +38,20 @@ from cimjax.train.calibrate import calib_images, calibrate_clips, recal_batches,
 from cimjax.train.config import (
   build_model,
   load_splits,
+  load_stream,
   num_steps,
   static_specs,
   validate_config,
 )
 from cimjax.train.evaluation import evaluate, evaluate_splits
-from cimjax.train.loop import MetricsWriter, check_resume, fit
+from cimjax.train.loop import (
+  MetricsWriter,
+  check_mesh_batch,
+  check_resume,
+  data_mesh,
+  evaluate_sharded,
+  fit,
+)
 from cimjax.train.policies import bits_mask, extreme_policy, policy_label
 from cimjax.train.stages import (
   CALIB_ROWS,
@@ -79,6 +93,13 @@ class _Setup:
   num_steps: int
   steps_per_epoch: int
   key: Array
+  stream: data_lib.TrainStream | None = None
+  mesh: jax.sharding.Mesh | None = None
+
+  @property
+  def train_images(self) -> int:
+    """Images of the train split (streamed or in memory)."""
+    return len(self.stream) if self.stream is not None else len(self.splits.train)
 
   def meta(self) -> dict[str, Any]:
     """What a checkpoint records of the run (compared on resume)."""
@@ -102,6 +123,7 @@ def _setup(
   source: str | None,
   policy: Any,
   splits: data_lib.Splits,
+  stream: data_lib.TrainStream | None = None,
 ) -> _Setup:
   model = build_model(config, splits)
   names = tuple(s.name for s in trace_specs(model))
@@ -122,7 +144,12 @@ def _setup(
     given=policy,
     model_name=config.model,
   )
-  spe = data_lib.steps_per_epoch(len(splits.train), config.batch_size)
+  if stream is not None:
+    spe = stream.steps_per_epoch
+  else:
+    spe = data_lib.steps_per_epoch(len(splits.train), config.batch_size)
+  mesh = data_mesh() if stream is not None or config.data.get("data_parallel", False) else None
+  check_mesh_batch(config.batch_size, mesh)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), stage_index(spec.name))
   return _Setup(
     spec=spec,
@@ -137,6 +164,8 @@ def _setup(
     num_steps=num_steps(config, spec.name, spe),
     steps_per_epoch=spe,
     key=key,
+    stream=stream,
+    mesh=mesh,
   )
 
 
@@ -220,8 +249,9 @@ def _fresh_state(s: _Setup, tx: Any, extra: dict[str, Any]) -> TrainState:
 
 def _restored_state(
   s: _Setup, tx: Any, ckpt: ckpt_lib.Checkpointer
-) -> tuple[TrainState, dict[str, Any]] | None:
-  """The newest intact checkpoint (checked against this run's config) and its extra results.
+) -> tuple[TrainState, dict[str, Any], dict[str, Any] | None] | None:
+  """The newest intact checkpoint (checked against this run's config): its state, its extra
+  results and its data iterator state (None for in-memory data or an older checkpoint).
 
   A corrupt checkpoint is reported in one warning line and skipped for the next older one
   (:meth:`cimjax.checkpoint.Checkpointer.restore_intact`); with none intact left, one warning
@@ -244,7 +274,7 @@ def _restored_state(
   step, state, saved = restored
   check_resume(saved, s.meta(), s.sdir, set(STAGES) - {s.spec.name})
   logging.info("stage %s: resuming from step %d in %s", s.spec.name, step, s.sdir)
-  return state, saved.get("extra", {})
+  return state, saved.get("extra", {}), saved.get(ckpt_lib.DATA_STATE_KEY)
 
 
 def _val_eval_fn(s: _Setup) -> Any:
@@ -254,6 +284,16 @@ def _val_eval_fn(s: _Setup) -> Any:
   def eval_fn(state: TrainState) -> dict[str, float]:
     if len(s.splits.val) == 0:
       return {}
+    if s.mesh is not None and jax.process_count() == 1:
+      r = evaluate_sharded(
+        state.variables,
+        s.model,
+        s.splits.val,
+        s.train_policy,
+        s.mesh,
+        batch_size=s.config.eval_batch_size,
+      )
+      return {f"val_accuracy_{label}": r["accuracy"], f"val_loss_{label}": r["loss"]}
     r = evaluate(
       state.variables,
       s.model,
@@ -270,17 +310,18 @@ def _val_eval_fn(s: _Setup) -> Any:
 def _train(s: _Setup, trainer: Trainer, ckpt: ckpt_lib.Checkpointer) -> dict[str, Any]:
   """Resumes or starts the stage and trains it to the end; returns the result's fields."""
   extra: dict[str, Any] = {}
+  data_state = None
   restored = _restored_state(s, trainer.tx, ckpt)
   if restored is not None:
-    state, extra = restored
+    state, extra, data_state = restored
   else:
     state = _fresh_state(s, trainer.tx, extra)
   resume_step = None if restored is None else int(state.step)
   meta = s.meta()
 
-  def save(state: TrainState, done: bool) -> None:
+  def save(state: TrainState, done: bool, data: dict[str, Any] | None = None) -> None:
     step = int(state.step)
-    ckpt.save(step, state, {**meta, "step": step, "done": done, "extra": extra})
+    ckpt.save(step, state, {**meta, "step": step, "done": done, "extra": extra}, data=data)
 
   writer = MetricsWriter(s.sdir / "metrics.jsonl", resume_step=resume_step)
   c = s.config
@@ -288,7 +329,7 @@ def _train(s: _Setup, trainer: Trainer, ckpt: ckpt_lib.Checkpointer) -> dict[str
   state, stats = fit(
     s.spec.steps(trainer, c, s.policies, s.train_policy),
     state,
-    s.splits.train,
+    s.stream if s.stream is not None else s.splits.train,
     num_steps=s.num_steps,
     batch_size=c.batch_size,
     data_seed=[c.seed, stage_index(s.spec.name)],
@@ -301,6 +342,8 @@ def _train(s: _Setup, trainer: Trainer, ckpt: ckpt_lib.Checkpointer) -> dict[str
     progress=c.progress,
     description=s.spec.name,
     throttle_s=c.throttle_s,
+    data_state=data_state,
+    mesh=s.mesh,
   )
   train_time = time.time() - t0
   if ckpt.latest_step() != s.num_steps:
@@ -325,7 +368,7 @@ def _result(s: _Setup, out: dict[str, Any], t_start: float) -> dict[str, Any]:
     "steps": s.num_steps,
     "epochs": s.num_steps / s.steps_per_epoch,
     "batch_size": s.config.batch_size,
-    "train_images": len(splits.train),
+    "train_images": s.train_images,
     "val_images": len(splits.val),
     "test_images": len(splits.test),
     "train_time_s": round(out["train_time"], 2),
@@ -355,7 +398,8 @@ def run_stage(
     workdir: the experiment directory (layout: see the module docstring).
     policy: int ``[L, 2]`` policy to fine-tune (``finetune`` only).
     policy_name: name of the fine-tuning directory (default ``"policy"``).
-    splits: preloaded data (else loaded from the config).
+    splits: preloaded data (else loaded from the config; with ``data.stream`` the in-memory
+      val/test/sample splits, the train split streaming from :func:`load_stream`).
 
   Returns:
     The stage's result dict (also in ``result.json``); accuracies are in percent.
@@ -379,9 +423,13 @@ def run_stage(
     return done
   source = spec.source(config, workdir)
   t_start = time.time()
+  stream = None
+  if config.data.get("stream", False):
+    streamed = load_stream(config)
+    stream, splits = streamed.stream, splits if splits is not None else streamed.splits
   if splits is None:
     splits = load_splits(config)
-  s = _setup(spec, config, workdir, sdir, source, policy, splits)
+  s = _setup(spec, config, workdir, sdir, source, policy, splits, stream)
   ckpt = ckpt_lib.Checkpointer(sdir / "checkpoints", max_to_keep=config.max_to_keep)
   out = _train(s, _trainer(s), ckpt)
   ckpt.close()
