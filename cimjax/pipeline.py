@@ -606,6 +606,7 @@ def run_summary(p: Pipeline) -> report_lib.RunSummary:
     metrics={s: p.stage_dir(s) / "metrics.jsonl" for s in train_lib.STAGES},
     search_dir=p.stage_dir("search"),
     workdir=p.workdir,
+    data_info=dict(splits.info),
   )
 
 

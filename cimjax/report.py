@@ -46,6 +46,8 @@ class RunSummary:
     metrics: ``metrics.jsonl`` of each training stage (the training plot).
     search_dir: the search stage's folder (its plots).
     workdir: the run directory (the report is written there).
+    data_info: the source's summary (:attr:`cimjax.data.Splits.info`): ``source``, ``path``,
+      ``skipped`` (unreadable images left out) and ``skipped_paths`` (the first few).
   """
 
   model: str
@@ -66,6 +68,7 @@ class RunSummary:
   metrics: dict[str, Path]
   search_dir: Path
   workdir: Path
+  data_info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _pct(v: Any) -> float | None:
@@ -161,6 +164,9 @@ def _data(s: RunSummary) -> dict[str, Any]:
       else ""
     ),
     "epochs": dict(s.epochs),
+    "source": s.data_info.get("source"),
+    "skipped_images": int(s.data_info.get("skipped", 0) or 0),
+    "skipped_paths": list(s.data_info.get("skipped_paths", []))[:10],
   }
 
 
@@ -282,6 +288,15 @@ def _intro_lines(r: dict[str, Any]) -> list[str]:
     lines += [
       f"Note: {r['data']['subset_note']}; the test figures use "
       f"{r['data']['test_images']} test images.",
+      "",
+    ]
+  skipped = r["data"].get("skipped_images", 0)
+  if skipped:
+    shown = ", ".join(f"`{p}`" for p in r["data"].get("skipped_paths", []))
+    lines += [
+      f"Data: {skipped:,} unreadable image{'s' if skipped != 1 else ''} skipped"
+      + (f" (first: {shown})" if shown else "")
+      + " (`train.data.on_bad_image=error` refuses them instead).",
       "",
     ]
   ep = r["data"].get("epochs")

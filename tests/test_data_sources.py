@@ -378,6 +378,52 @@ def test_corrupt_image_is_skipped_and_counted(pool, tmp_path, caplog):
   assert len(lines) == 1 and "skipped 2 unreadable images" in lines[0] and "005.png" in lines[0]
 
 
+def test_report_counts_the_skipped_images(pool, tmp_path):
+  """The run's report carries the source's skipped count and names the first files."""
+  from cimjax import report
+
+  root = _copy_folder(pool[0], tmp_path / "bad")
+  bad = root / "vstripe" / "003.png"
+  bad.write_bytes(b"not an image")
+  s = data.load_dataset("folder", path=root)
+  summary = report.RunSummary(
+    model="m",
+    dataset=s.name,
+    hw="h",
+    hw_description="d",
+    latency_mode="serial",
+    train_images=len(s.train),
+    val_images=len(s.val),
+    test_images=len(s.test),
+    train_subset=False,
+    epochs={},
+    allowed_drop=0.5,
+    results={},
+    policy=[],
+    cost_int8={},
+    cost_mixed={},
+    metrics={},
+    search_dir=tmp_path,
+    workdir=tmp_path,
+    data_info=s.info,
+  )
+  d = report._data(summary)
+  assert d["skipped_images"] == 1 and d["skipped_paths"] == [str(bad)]
+  assert d["source"] == "folder"
+  r = {
+    "model": "m",
+    "dataset": s.name,
+    "hw": "h",
+    "hw_description": "d",
+    "latency_mode": "serial",
+    "data": d,
+  }
+  text = "\n".join(report._intro_lines(r))
+  assert "1 unreadable image skipped" in text and "003.png" in text
+  d["skipped_images"], d["skipped_paths"] = 0, []
+  assert "unreadable" not in "\n".join(report._intro_lines(r))
+
+
 def test_corrupt_image_refused_on_request(pool, tmp_path):
   root = _copy_folder(pool[0], tmp_path / "bad")
   bad = root / "diagonal" / "000.png"
@@ -685,4 +731,5 @@ def test_folder_and_npz_runs_give_the_same_figures(pool, tmp_path, repo_root):
   assert _figures(a) == _figures(b)
   assert a["data"]["train_images"] == 28 and a["data"]["val_images"] == 10
   assert a["verification"]["bit_exact"] is True and a["speedup"] > 1.0
+  assert a["data"]["skipped_images"] == 0 and a["data"]["source"] == "folder"
   assert a["accuracy"]["fp32"]["test"] > 100 / 3  # better than chance on 3 classes
