@@ -235,6 +235,15 @@ def test_program_of_a_referenced_model_reloads_by_reference(user_file, tmp_path)
   assert rep.ok and rep.logits_equal
   manifest = json.loads((tmp_path / "prog" / "manifest.json").read_text())
   assert manifest["model"] == ref and manifest["model_kwargs"] == {"hidden": 8}
+  assert manifest["num_classes"] == md.num_classes == loaded.num_classes
+  # a model rebuilt with another number of classes is refused, naming both
+  import dataclasses
+
+  other = dataclasses.replace(loaded, num_classes=md.num_classes + 1)
+  with pytest.raises(
+    cimjax.errors.ProgramError, match=f"{md.num_classes} classes.*{md.num_classes + 1}"
+  ):
+    cc.program_model(other)
 
 
 # ---------------------------------------------------------------------------------- end to end

@@ -217,6 +217,7 @@ def compile_model(
     model=getattr(model, "name", None),
     model_kwargs=dict(model_kwargs or {}),
     input_shape=tuple(getattr(model, "input_shape", ()) or ()) or None,
+    num_classes=getattr(model, "num_classes", None),
   )
 
 

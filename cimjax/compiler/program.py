@@ -70,6 +70,7 @@ class CimProgram:
     model: zoo name, or None.
     model_kwargs: keyword arguments of :func:`cimjax.models.get_model` (JSON values).
     input_shape: one input without the batch axis.
+    num_classes: the model's number of outputs (classes), or None when unknown.
     cost: walked per-layer cost (computed when missing).
   """
 
@@ -82,6 +83,7 @@ class CimProgram:
   model: str | None = None
   model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   input_shape: tuple[int, ...] | None = None
+  num_classes: int | None = None
   cost: ScheduleCost | None = None
 
   def __post_init__(self):
@@ -151,7 +153,8 @@ def program_model(program: CimProgram, model: Any = None) -> Any:
   input shape.
 
   Raises:
-    ProgramError: no model name, or the reference cannot be rebuilt (the message says why).
+    ProgramError: no model name, the reference cannot be rebuilt (the message says why), or
+      the rebuilt model has another number of classes than the program's.
   """
   if model is not None:
     return model
@@ -168,6 +171,12 @@ def program_model(program: CimProgram, model: Any = None) -> Any:
     ) from None
   if program.input_shape and tuple(md.input_shape) != tuple(program.input_shape):
     md = dataclasses.replace(md, input_shape=tuple(program.input_shape))
+  got = getattr(md, "num_classes", None)
+  if program.num_classes and got and int(got) != int(program.num_classes):
+    raise ProgramError(
+      f"model {program.model!r} rebuilt with {got} classes; the program was compiled for "
+      f"{program.num_classes} (model_kwargs {program.model_kwargs})"
+    )
   return md
 
 
@@ -204,6 +213,7 @@ def _manifest(program: CimProgram) -> dict[str, Any]:
     "model": program.model,
     "model_kwargs": program.model_kwargs,
     "input_shape": list(program.input_shape) if program.input_shape else None,
+    "num_classes": program.num_classes,
     "hw": program.hw.to_dict(),
     "input_scheme": program.input_scheme,
     "policy": np.asarray(program.policy).tolist(),
@@ -369,6 +379,7 @@ def load_program(path: str | os.PathLike[str]) -> CimProgram:
     model=man.get("model"),
     model_kwargs=dict(man.get("model_kwargs") or {}),
     input_shape=tuple(man["input_shape"]) if man.get("input_shape") else None,
+    num_classes=int(man["num_classes"]) if man.get("num_classes") else None,
   )
 
 
