@@ -636,6 +636,21 @@ def test_export_imported_vit_qcdq(tmp_path):
   _export_and_check(md, v, pol, tmp_path, n=8)
 
 
+@pytest.mark.parametrize("which", ["cnn", "vit", "res"])
+def test_integer_export_runs_int32_products_in_onnxruntime(which):
+  """``integer=True``: ConvInteger/MatMulInteger with cimjax's int8 codes, rescaled by sx * sw."""
+  _, md, v = imported(which)
+  num = len(trace.trace_specs(md))
+  pol = np.random.default_rng(3).integers(2, 9, (num, 2)).astype(np.int32)
+  proto = connx.export_qcdq(md, v, pol, integer=True)
+  ops = [n.op_type for n in proto.graph.node]
+  assert ops.count("ConvInteger") + ops.count("MatMulInteger") == num
+  assert "DequantizeLinear" not in ops and "Conv" not in ops
+  x = images(md, 3)
+  out = fwd(md, v, x, pol)
+  assert_close(out, ort_run(proto, x), rtol=1e-6)
+
+
 def test_export_rejects_bad_policy():
   _, md, v = imported("cnn")
   with pytest.raises(OnnxError, match="policy"):

@@ -69,6 +69,13 @@ _OUT = flags.DEFINE_string("out", "model_qcdq.onnx", "The ONNX file to write.", 
 _FLOAT = flags.DEFINE_bool(
   "float", False, "Write the float model (no QuantizeLinear/DequantizeLinear).", flag_values=FLAGS
 )
+_INTEGER = flags.DEFINE_bool(
+  "integer",
+  False,
+  "Integer products (ConvInteger/MatMulInteger, int32 sums, then cimjax's scales) instead of "
+  "QCDQ; such a file does not import back with its policy.",
+  flag_values=FLAGS,
+)
 _STATIC_BATCH = flags.DEFINE_bool(
   "static_batch", False, "A fixed batch of 1 instead of a symbolic batch axis.", flag_values=FLAGS
 )
@@ -181,6 +188,7 @@ def export(argv: list[str]) -> Path:
     out,
     dynamic_batch=not _STATIC_BATCH.value,
     float_model=_FLOAT.value,
+    integer=_INTEGER.value,
   )
   return out
 

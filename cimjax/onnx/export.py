@@ -193,7 +193,7 @@ class _LayerQ:
 class _Writer:
   """Builds the ONNX graph from the flattened equations of two traces."""
 
-  def __init__(self, batch_pair: tuple[int, int] | None) -> None:
+  def __init__(self, batch_pair: tuple[int, int] | None, integer: bool = False) -> None:
     import onnx
     from onnx import helper, numpy_helper
 
@@ -206,6 +206,7 @@ class _Writer:
     self.batch_value: str | None = None
     self.input = "input"
     self.transposed: dict[str, tuple[str, tuple[int, ...]]] = {}
+    self.integer = integer
 
   # -- names and constants ---------------------------------------------------------------------
   def fresh(self, hint: str) -> str:
@@ -287,6 +288,30 @@ class _Writer:
     return pieces[0] if len(pieces) == 1 else self.op("Concat", pieces, axis=0)
 
   # -- QCDQ ------------------------------------------------------------------------------------
+  def act_q(self, x: str, step: np.ndarray, bits: int, signed: bool, narrow: bool = False) -> str:
+    """QuantizeLinear (zero point 0) -> Clip to the bit-width's range: the integer codes."""
+    dt = np.int8 if signed else np.uint8
+    scale = self.const(np.asarray(step, np.float32).reshape(()), "a_scale")
+    q = self.op("QuantizeLinear", [x, scale, self.const(np.zeros((), dt), "a_zp")])
+    if bits < 8 or narrow:
+      rng = quant.int_range(bits, signed=signed, narrow=narrow)
+      lo, hi = self.const(np.asarray(float(rng.lo), dt)), self.const(np.asarray(float(rng.hi), dt))
+      q = self.op("Clip", [q, lo, hi])
+    return q
+
+  def rescale(self, acc: str, a_step: np.ndarray, w_step: np.ndarray, shape: Sequence[int]) -> str:
+    """``float(acc) * (a_step * w_step)``: cimjax's dequantisation of an int32 product.
+
+    The scale product is the float32 product cimjax computes (``sx * sw``), reshaped to
+    ``shape`` (the output channel axis), so the float result is cimjax's bit for bit.
+    """
+    f = self.op("Cast", [acc], to=self.onnx.TensorProto.FLOAT)
+    sx = np.asarray(a_step, np.float32).reshape(())
+    scale = (sx * np.asarray(w_step, np.float32).reshape(-1)).astype(np.float32)
+    if scale.size > 1:
+      scale = scale.reshape(shape)
+    return self.op("Mul", [f, self.const(scale, "out_scale")])
+
   def act_qcdq(self, x: str, step: np.ndarray, bits: int, signed: bool) -> str:
     dt = np.int8 if signed else np.uint8
     scale = self.const(np.asarray(step, np.float32).reshape(()), "a_scale")
@@ -553,20 +578,26 @@ def _emit_conv(w: _Writer, e: _Eqn, name: Any, layer: _LayerQ | None) -> str:
     raise OnnxError("export: a transposed or batch-grouped convolution is unsupported")
   pads = [tuple(int(v) for v in q) for q in p["padding"]]
   x = w.transpose(name(e.ins[0]), lhs_spec)
+  conv_attrs = dict(
+    strides=[int(s) for s in p["window_strides"]],
+    pads=[q[0] for q in pads] + [q[1] for q in pads],
+    dilations=[int(d) for d in p["rhs_dilation"]],
+    group=int(p["feature_group_count"]),
+  )
+  if layer is not None and w.integer:
+    xq = w.act_q(x, layer.a_step, layer.a_bits, layer.signed_input)
+    k = np.transpose(np.asarray(layer.w_int), rhs_spec)  # OIHW
+    wq = w.const(np.rint(k).astype(np.int8), "w_int")
+    acc = w.op("ConvInteger", [xq, wq], **conv_attrs)
+    y = w.rescale(acc, layer.a_step, layer.w_step, (1, k.shape[0], 1, 1))
+    return w.transpose(y, [int(i) for i in np.argsort(out_spec)])
   if layer is not None:
     x = w.act_qcdq(x, layer.a_step, layer.a_bits, layer.signed_input)
     k = np.transpose(np.asarray(layer.w_int), rhs_spec)  # OIHW
     wt = w.weight_cdq(k, layer.w_step, layer.w_bits, axis=0)
   else:
     wt = w.transpose(name(e.ins[1]), rhs_spec)
-  y = w.op(
-    "Conv",
-    [x, wt],
-    strides=[int(s) for s in p["window_strides"]],
-    pads=[q[0] for q in pads] + [q[1] for q in pads],
-    dilations=[int(d) for d in p["rhs_dilation"]],
-    group=int(p["feature_group_count"]),
-  )
+  y = w.op("Conv", [x, wt], **conv_attrs)
   return w.transpose(y, [int(i) for i in np.argsort(out_spec)])
 
 
@@ -584,6 +615,17 @@ def _emit_dot(w: _Writer, e: _Eqn, name: Any, layer: _LayerQ | None) -> str:
     raise OnnxError("export: dot_general with several free dimensions on the right is unsupported")
   a = w.transpose(name(e.ins[0]), [*lb, *lf, *lc])
   b_perm = [*rb, *rc, *rf]
+  if layer is not None and w.integer:
+    aq = w.act_q(a, layer.a_step, layer.a_bits, layer.signed_input)
+    if layer.kind != "MatMul":
+      k = np.transpose(np.asarray(layer.w_int), b_perm)
+      bq = w.const(np.rint(k).astype(np.int8), "w_int")
+      channels = k.shape[-1]
+    else:
+      bq = w.act_q(w.transpose(name(e.ins[1]), b_perm), layer.w_step, layer.w_bits, True, True)
+      channels = 1
+    acc = w.op("MatMulInteger", [aq, bq])
+    return w.rescale(acc, layer.a_step, layer.w_step, (channels,))
   if layer is not None and layer.kind != "MatMul":
     a = w.act_qcdq(a, layer.a_step, layer.a_bits, layer.signed_input)
     k = np.transpose(np.asarray(layer.w_int), b_perm)
@@ -653,8 +695,16 @@ def export_qcdq(
   *,
   dynamic_batch: bool = True,
   float_model: bool = False,
+  integer: bool = False,
 ) -> Any:
   """Writes ``model`` with ``policy`` and ``variables`` as a QCDQ ONNX model.
+
+  With ``integer=True`` each quantized product is written as integer ONNX instead
+  (``QuantizeLinear`` -> ``Clip`` -> ``ConvInteger``/``MatMulInteger`` with the int8 weight
+  codes -> ``Cast`` -> ``Mul`` by cimjax's scale product ``sx * sw``): onnxruntime accumulates
+  in int32, exactly as cimjax's integer product, so only the float ops between the layers
+  (normalisation, softmax, GELU, ...) can round differently. Such a file is not QCDQ and does
+  not import back with its policy (:func:`import_qcdq` reads QCDQ).
 
   Args:
     model: a :class:`cimjax.models.ModelDef` (zoo or imported).
@@ -663,6 +713,7 @@ def export_qcdq(
     path: where to write the file (atomically), or None.
     dynamic_batch: a symbolic batch axis (else the graph is fixed at batch 1).
     float_model: write the float model (no Q/DQ; ``policy`` is ignored) instead.
+    integer: integer products (``ConvInteger``/``MatMulInteger``) instead of QCDQ.
 
   Returns:
     The ``onnx.ModelProto`` (checked with ``onnx.checker``).
@@ -696,7 +747,7 @@ def export_qcdq(
   eqns2 = traces[-1][2]
   if [e.prim for e in eqns] != [e.prim for e in eqns2]:
     raise OnnxError("export: the forward pass differs between batch sizes; use dynamic_batch=False")
-  w = _Writer(batches if dynamic_batch else None)
+  w = _Writer(batches if dynamic_batch else None, integer=integer and not float_model)
   leaf_names = _leaf_names(variables)
   leaves = jax.tree_util.tree_leaves(variables)
   names: dict[int, str] = {}
