@@ -111,6 +111,9 @@ def default_config() -> ml_collections.ConfigDict:
       population=0,
       search_images=2000,
       final_top_k=64,
+      lazy=False,
+      lazy_chunk=250,
+      lazy_alpha=1e-3,
     )
   )
   c.compile = ml_collections.ConfigDict(dict(num_verify=16, eval_images=2000, input_scheme="twos"))

@@ -88,6 +88,7 @@ def validate_search(
     )
   if not _is_int(sc.final_top_k) or sc.final_top_k < 1:
     raise _field_error("search.final_top_k", sc.final_top_k, "an integer >= 1")
+  _validate_lazy(sc)
   if sc.agent == "exhaustive" and num_layers is not None:
     space = search_lib.make_space(num_layers, sc.constraint, cell_bits)
     if space.size >= 2**31 or space.size > (sc.budget or space.size):
@@ -97,6 +98,30 @@ def validate_search(
         f"with agent exhaustive, the whole space ({space.size:.4g} policies, below 2^31): 0 "
         f"or >= {space.size}",
       )
+
+
+def _lazy_fields(sc: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The lazy-evaluation fields of a ``search`` section (their defaults where absent)."""
+  d = search_lib.SearchConfig()
+  return {f: sc.get(f, getattr(d, f)) for f in ("lazy", "lazy_chunk", "lazy_alpha")}
+
+
+def _validate_lazy(sc: ml_collections.ConfigDict) -> None:
+  """Checks ``search.lazy``, ``search.lazy_chunk`` and ``search.lazy_alpha``."""
+  f = _lazy_fields(sc)
+  if not isinstance(f["lazy"], bool):
+    raise _field_error("search.lazy", f["lazy"], "True or False")
+  if not _is_int(f["lazy_chunk"]) or f["lazy_chunk"] < 1:
+    raise _field_error("search.lazy_chunk", f["lazy_chunk"], "an integer >= 1 (images)")
+  a = f["lazy_alpha"]
+  if isinstance(a, bool) or not isinstance(a, int | float) or not (0.0 < a < 1.0):
+    raise _field_error("search.lazy_alpha", a, "a number in (0, 1)")
+  if f["lazy"] and sc.mode == "scan":
+    raise _field_error(
+      "search.mode",
+      sc.mode,
+      "auto or loop with search.lazy = True (lazy evaluation runs on the host)",
+    )
 
 
 def validate_compile(config: ml_collections.ConfigDict) -> None:
@@ -249,7 +274,7 @@ def search_config(config: ml_collections.ConfigDict, **overrides: Any) -> search
     mode=sc.mode,
     population=int(sc.population),
     final_top_k=int(sc.final_top_k),
-    **overrides,
+    **{**_lazy_fields(sc), **overrides},
   )
 
 

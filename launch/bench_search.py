@@ -7,6 +7,10 @@ Usage (from the repository root)::
       --config=train/small_cnn_fashion.py
   python -m launch.bench_search --workdir=/tmp/bench --part=synthetic      # no model needed
   python -m launch.bench_search --workdir=/tmp/bench_quick --quick          # a few minutes
+  # lazy evaluation against full evaluation (Fashion-MNIST, live accuracies)
+  python -m launch.bench_search --workdir=/tmp/bench_lazy --part=fashion --lazy \
+      --checkpoint=runs/default/anyprec --config=cimjax/configs/default_run.py \
+      --targets=rram_64_c2 --agents=pg --seeds=0,1,2,3,4 --budgets=300 --lazy_chunks=50,250
 
 Tasks:
 
@@ -34,6 +38,16 @@ evaluation and the estimated live wall time (agent time + evaluations x seconds 
 Output: a table on stdout and ``WORKDIR/bench_search.json``. The acceptance checks (PG's
 median reward against DDPG's at each budget, PG's fraction of the optimum) are columns of that
 output (``checks`` of each task), computed here from the analysis, not by the library.
+
+``--lazy``: instead of the agent comparison, the Fashion-MNIST part compares lazy candidate
+evaluation (:mod:`cimjax.search.lazy`) with full evaluation at equal budgets (the largest of
+``--budgets``) and seeds: each agent and seed runs once with ``lazy`` off and once per chunk
+size of ``--lazy_chunks`` (error rate ``--lazy_alpha``), every accuracy computed live (no memo,
+no table, so wall times compare). Reported per task, agent and setting: image-forward passes
+(candidates x images scored: deterministic, the main figure), their reduction against lazy
+off, wall time, medians of the best reward, of its speedup and of the best policy's
+test-split accuracy, and on how many seeds the best policy equals lazy off's. Output: a table
+and ``lazy_comparison`` in ``WORKDIR/bench_search.json``.
 
 Bad input (flags, targets, checkpoint; any :class:`cimjax.errors.CimjaxError`) prints one line
 ``launch.bench_search: error: ...`` on stderr and exits with status 2.
@@ -117,6 +131,28 @@ flags.DEFINE_bool(
 )
 
 
+flags.DEFINE_bool(
+  "lazy",
+  False,
+  "Compare lazy candidate evaluation with full evaluation on the Fashion part (see above).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_list(
+  "lazy_chunks", "250", "Chunk sizes (images) of the --lazy comparison.", flag_values=FLAGS
+)
+flags.DEFINE_float(
+  "lazy_alpha", 1e-3, "Error rate of lazy evaluation's sequential test.", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  "lazy_top_k",
+  5,
+  "final_top_k of the --lazy runs (candidates kept exact for the re-evaluation; the run "
+  "config's default is 64).",
+  lower_bound=1,
+  flag_values=FLAGS,
+)
+
+
 def _is_int(x: str, lo: int) -> bool:
   return x.isdigit() and int(x) >= lo
 
@@ -145,6 +181,10 @@ _validate("budgets", lambda x: _is_int(x, 1), "integers >= 1")
 _validate("targets", bool, "hardware targets")
 _validate("models", bool, "zoo models")
 _validate("agent_max_budget", _is_cap, f"AGENT=N pairs, agents {', '.join(AGENTS)}", empty_ok=True)
+_validate("lazy_chunks", lambda x: _is_int(x, 1), "integers >= 1")
+flags.register_validator(
+  "lazy_alpha", lambda v: 0.0 < v < 1.0, "allowed values are numbers in (0, 1)", flag_values=FLAGS
+)
 
 
 def settings_from_flags() -> dict[str, Any]:
@@ -168,7 +208,16 @@ def settings_from_flags() -> dict[str, Any]:
     "exhaustive_limit": FLAGS.exhaustive_limit,
     "synthetic_kind": FLAGS.synthetic_kind,
     "checkpoint": FLAGS.checkpoint,
+    "lazy": FLAGS.lazy,
+    "lazy_chunks": [int(x) for x in FLAGS.lazy_chunks],
+    "lazy_alpha": FLAGS.lazy_alpha,
+    "lazy_top_k": FLAGS.lazy_top_k,
   }
+  if FLAGS.lazy:
+    if "fashion" not in s["parts"]:
+      raise UsageError("--lazy compares on the Fashion-MNIST part: add fashion to --part")
+    s["parts"] = ["fashion"]
+    s["exhaustive_limit"] = 0  # live accuracies only (no table), so wall times compare
   caps = [x.partition("=") for x in FLAGS.agent_max_budget]
   s["agent_max_budget"] = {name.strip(): int(val) for name, _, val in caps}
   if FLAGS.quick:
@@ -234,6 +283,8 @@ def _cached_run(js: Path, hz: Path) -> dict[str, Any] | None:
       reward=z["reward"],
       iteration=z["iteration"],
       count=np.asarray(n, np.int32),
+      exact=z["exact"] if "exact" in z.files else np.ones(n, bool),
+      images=z["images"] if "images" in z.files else np.zeros(n, np.int32),
     )
   return {**rec, "history": hist}
 
@@ -285,6 +336,8 @@ def run_one(
     reward=h.reward[:n],
     iteration=h.iteration[:n],
     count=np.int64(n),
+    exact=h.exact[:n],
+    images=h.images[:n],
   )
   rec = {
     "agent": agent,
@@ -721,6 +774,175 @@ def format_table(results: list[dict[str, Any]], budgets: list[int]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Lazy evaluation against full evaluation
+
+
+def lazy_run(
+  task: Task,
+  source: Any,
+  agent: str,
+  seed: int,
+  chunk: int,
+  s: dict[str, Any],
+  acc_ref: float,
+) -> dict[str, Any]:
+  """One search of the ``--lazy`` comparison (``chunk`` 0: lazy off), live accuracies."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from cimjax import search  # pylint: disable=g-import-not-at-top
+
+  cfg = search.SearchConfig(
+    agent=agent,
+    budget=max(s["budgets"]),
+    acc_drop=s["acc_drop"],
+    constraint=task.space.constraint,
+    seed=seed,
+    lazy=chunk > 0,
+    lazy_chunk=chunk if chunk > 0 else search.SearchConfig().lazy_chunk,
+    lazy_alpha=s["lazy_alpha"],
+    final_top_k=s.get("lazy_top_k", 5),
+  )
+  t0 = time.perf_counter()
+  res = search.run_search(
+    task.model, task.specs, task.tables, source, cfg, hw=task.hw, acc_ref=acc_ref, plots=False
+  )
+  wall = time.perf_counter() - t0
+  test = float(task.final(res.best_policy[None])[0]) if task.final is not None else None
+  n = res.evals_used
+  images, counts = np.unique(np.asarray(res.history.images[:n]), return_counts=True)
+  gap = np.abs(np.asarray(res.history.accuracy[:n], np.float64) - res.acc_target)
+  exact = np.asarray(res.history.exact[:n])
+  return {
+    "agent": agent,
+    "seed": seed,
+    "chunk": chunk,
+    "evals_used": res.evals_used,
+    "image_passes": res.image_passes,
+    "wall_s": wall,
+    "eval_s": res.eval_s,
+    "best_reward": res.best_reward,
+    "best_speedup": res.best_speedup,
+    "feasible": res.feasible,
+    "best_policy": res.best_policy.astype(int).tolist(),
+    "test_accuracy": test,
+    "lazy": res.lazy,
+    # rows by images scored, and exact rows within 1 / 2 points of the target (the ones no
+    # test can stop early: they decide where lazy evaluation's savings end)
+    "images_hist": {str(int(i)): int(c) for i, c in zip(images, counts)},
+    "exact_within_1pt": int(np.sum(exact & (gap <= 1.0))),
+    "exact_within_2pt": int(np.sum(exact & (gap <= 2.0))),
+  }
+
+
+def lazy_summary(runs: list[dict[str, Any]], final_ref: float | None) -> list[dict[str, Any]]:
+  """Per agent and chunk (0: lazy off): medians over seeds, and the reduction of image passes
+  against lazy off at the same seeds (median of the per-seed ratios and ratio of totals)."""
+  rows = []
+  for agent in sorted({r["agent"] for r in runs}):
+    off = {r["seed"]: r for r in runs if r["agent"] == agent and r["chunk"] == 0}
+    for chunk in sorted({r["chunk"] for r in runs if r["agent"] == agent}):
+      rs = [r for r in runs if r["agent"] == agent and r["chunk"] == chunk]
+      base = [off[r["seed"]] for r in rs if r["seed"] in off]
+      passes = sum(r["image_passes"] for r in rs)
+      tests = [r["test_accuracy"] for r in rs if r["test_accuracy"] is not None]
+      rows.append(
+        {
+          "agent": agent,
+          "chunk": chunk,
+          "seeds": [r["seed"] for r in rs],
+          "image_passes": [r["image_passes"] for r in rs],
+          "image_passes_total": passes,
+          "reduction_median": _median(
+            [b["image_passes"] / r["image_passes"] for r, b in zip(rs, base)]
+          ),
+          "reduction_total": (sum(b["image_passes"] for b in base) / passes) if base else None,
+          "wall_s": [r["wall_s"] for r in rs],
+          "median_wall_s": _median([r["wall_s"] for r in rs]),
+          "wall_speedup": (
+            _median([b["wall_s"] for b in base]) / _median([r["wall_s"] for r in rs])
+            if base
+            else None
+          ),
+          "median_best_reward": _median([r["best_reward"] for r in rs]),
+          "best_reward": [r["best_reward"] for r in rs],
+          "median_speedup": _median([r["best_speedup"] for r in rs]),
+          "feasible": sum(bool(r["feasible"]) for r in rs),
+          "median_test_accuracy": _median(tests),
+          "median_test_drop": _median([final_ref - t for t in tests]) if final_ref else None,
+          "same_best_as_off": sum(r["best_policy"] == b["best_policy"] for r, b in zip(rs, base)),
+          "median_exact": _median([r["lazy"]["exact"] for r in rs if r["lazy"]]),
+          "stopped_by_test": sum(r["lazy"]["stopped_by_test"] for r in rs if r["lazy"]),
+          "stopped_by_bound": sum(r["lazy"]["stopped_by_bound"] for r in rs if r["lazy"]),
+        }
+      )
+  return rows
+
+
+def format_lazy_table(results: list[dict[str, Any]]) -> str:
+  """The ``--lazy`` table: one row per task, agent and chunk (``off``: lazy off)."""
+  hdr = (
+    f"{'task':30s} {'agent':6s} {'chunk':>5s} {'img_passes':>11s} {'x_fewer':>7s} "
+    f"{'wall_s':>7s} {'x_wall':>6s} {'reward':>8s} {'speedup':>8s} {'feas':>5s} "
+    f"{'test_acc':>8s} {'same':>5s} {'exact':>6s}"
+  )
+  lines = [hdr, "-" * len(hdr)]
+  for t in results:
+    for r in t["rows"]:
+      n = len(r["seeds"])
+      lines.append(
+        f"{t['task'][:30]:30s} {r['agent']:6s} {('off' if not r['chunk'] else r['chunk']):>5} "
+        f"{r['image_passes_total']:11d} {_f(r['reduction_median'], 7, 2)} "
+        f"{_f(r['median_wall_s'], 7, 1)} {_f(r['wall_speedup'], 6, 2)} "
+        f"{_f(r['median_best_reward'], 8, 2)} {_f(r['median_speedup'], 8, 3)} "
+        f"{r['feasible']:2d}/{n:<2d} {_f(r['median_test_accuracy'], 8, 2)} "
+        f"{r['same_best_as_off']:2d}/{n:<2d} {_f(r['median_exact'], 6, 0)}"
+      )
+  return "\n".join(lines)
+
+
+def run_lazy_comparison(
+  s: dict[str, Any], tasks: list[Task], info: dict[str, Any], workdir: Path
+) -> dict[str, Any]:
+  """The ``--lazy`` comparison of every Fashion task; prints and returns it (and saves JSON)."""
+  from cimjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
+  fi = info["fashion"]
+  results = []
+  for task in tasks:
+    source = getattr(task.accuracy, "inner", task.accuracy)  # live: no memo, no table
+    runs = []
+    for agent in s["agents"]:
+      for seed in s["seeds"]:
+        for chunk in [0, *s["lazy_chunks"]]:
+          r = lazy_run(task, source, agent, seed, chunk, s, fi["acc_ref_val"])
+          runs.append(r)
+          print(
+            f"{task.name} {agent} seed {seed} {'lazy ' + str(chunk) if chunk else 'full':9s}: "
+            f"reward {r['best_reward']:.3f}, {r['image_passes']} image passes, "
+            f"{r['wall_s']:.1f} s",
+            flush=True,
+          )
+    results.append(
+      {
+        "task": task.name,
+        "budget": max(s["budgets"]),
+        "acc_ref": fi["acc_ref_val"],
+        "acc_ref_test": fi["acc_ref_test"],
+        "alpha": s["lazy_alpha"],
+        "top_k": s.get("lazy_top_k", 5),
+        "rows": lazy_summary(runs, fi["acc_ref_test"]),
+        "runs": runs,
+      }
+    )
+    ckpt_lib.write_json_atomic(
+      workdir / "bench_search.json",
+      {"settings": s, "info": info, "lazy_comparison": results, "partial": True},
+    )
+  print(format_lazy_table(results))
+  return {"lazy_comparison": results}
+
+
+# ----------------------------------------------------------------------------------------------
 # The benchmark
 
 
@@ -795,6 +1017,11 @@ def run_benchmark(s: dict[str, Any], config: Any, workdir: Path) -> dict[str, An
     if memo is not None:
       memo.save(memo_path, info["fashion"]["memo_tag"])
 
+  if s.get("lazy"):
+    out = {"settings": s, "info": info, **run_lazy_comparison(s, tasks, info, workdir)}
+    out["wall_s"] = time.perf_counter() - t_start
+    ckpt_lib.write_json_atomic(workdir / "bench_search.json", out)
+    return out
   results = []
   for task in tasks:
     rundir = workdir / "runs" / task.name.replace("/", "_")

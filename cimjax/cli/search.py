@@ -131,6 +131,24 @@ flags.DEFINE_integer(
   lower_bound=1,
   flag_values=FLAGS,
 )
+flags.DEFINE_bool(
+  "lazy",
+  False,
+  "Lazy evaluation: score candidates in chunks of images and stop those that cannot win or "
+  "are below the target by an exact sequential test (docs/architecture.md).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "lazy_chunk", 250, "Images per look of the lazy evaluation.", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_float(
+  "lazy_alpha",
+  1e-3,
+  "Error rate of the lazy evaluation's sequential test over the whole search.",
+  lower_bound=0.0,
+  upper_bound=1.0,
+  flag_values=FLAGS,
+)
 flags.DEFINE_integer(
   "search_images",
   0,
@@ -293,6 +311,8 @@ def run_config(fv: flags.FlagValues = FLAGS) -> Any:
     config.search[name] = fv[name].value
   config.search.search_images = fv.search_images
   config.search.final_top_k = fv.final_top_k
+  for name in ("lazy", "lazy_chunk", "lazy_alpha"):
+    config.search[name] = fv[name].value
   return config
 
 

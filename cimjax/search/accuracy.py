@@ -55,12 +55,17 @@ class AccuracySource:
       when a Python loop of jitted agent steps around the host entry is faster.
     chunk: candidates per jitted call of the default host entry (fixed shapes: the last call
       is padded, so values never depend on how a batch was split).
+    num_images: images of the split (0: not an image-based source, e.g. synthetic).
+
+  Sources that can score slices of their images (lazy evaluation,
+  :mod:`cimjax.search.lazy`) also have ``chunk_correct(policies, start, stop) -> int64 [N]``.
   """
 
   name: str = "source"
   fn: Callable[[jax.Array], jax.Array] | None = None
   preferred_mode: str = "loop"
   chunk: int = 64
+  num_images: int = 0
 
   def __call__(self, policies: Array) -> np.ndarray:
     if self.fn is None:
@@ -293,6 +298,50 @@ class DataAccuracy(AccuracySource):
     self.fn = fn
     self.seconds = 0.0
     self.evaluated = 0
+    self.image_passes = 0
+    self._x, self._y = np.asarray(x, np.float32), np.asarray(y)
+    self._batch_size, self._vchunk = batch_size, chunk
+    self._score = jax.jit(score)  # one compilation per slice shape (data are arguments)
+    self._vscore = jax.jit(vscore)
+    self._slices: dict[tuple[int, int], tuple[jax.Array, jax.Array, jax.Array]] = {}
+
+  def chunk_correct(self, policies: Array, start: int, stop: int) -> np.ndarray:
+    """int64 ``[N]`` correct predictions of each policy on images ``[start, stop)``.
+
+    The same per-candidate function as the full evaluation on a slice of the split (images
+    are classified independently of their batch: integer operands, stored batch-norm
+    statistics), so the counts of consecutive slices add up to the full split's count.
+    Equal-sized slices share one compilation.
+    """
+    from cimjax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+
+    pols = np.asarray(policies, np.int32)
+    if pols.ndim == 2:
+      pols = pols[None]
+    if not 0 <= start < stop <= self.num_images:
+      raise ValueError(f"image slice [{start}, {stop}) outside [0, {self.num_images})")
+    if pols.shape[0] == 0:
+      return np.zeros((0,), np.int64)
+    t0 = time.perf_counter()
+    data = self._slices.get((start, stop))
+    if data is None:
+      data = eval_lib._batch_data(  # pylint: disable=protected-access
+        self._x[start:stop], self._y[start:stop], min(self._batch_size, stop - start)
+      )
+      self._slices[(start, stop)] = data
+    if self.strategy == "loop":
+      out = np.asarray([int(self._score(jnp.asarray(p), *data)[0]) for p in pols], np.int64)
+    else:
+      n, size = pols.shape[0], self._vchunk
+      pad = np.concatenate([pols, np.repeat(pols[-1:], (-n) % size, axis=0)])
+      parts = [
+        np.asarray(self._vscore(jnp.asarray(pad[i : i + size]), *data)[0])
+        for i in range(0, pad.shape[0], size)
+      ]
+      out = np.concatenate(parts)[:n].astype(np.int64)
+    self.seconds += time.perf_counter() - t0
+    self.image_passes += pols.shape[0] * (stop - start)
+    return out
 
   def __call__(self, policies: Array) -> np.ndarray:
     pols = np.asarray(policies, np.int32)
@@ -304,6 +353,7 @@ class DataAccuracy(AccuracySource):
     res = self._evaluate(pols)
     self.seconds += time.perf_counter() - t0
     self.evaluated += pols.shape[0]
+    self.image_passes += pols.shape[0] * self.num_images
     return np.asarray(res.accuracy, np.float64)
 
   def describe(self) -> dict[str, Any]:
@@ -417,6 +467,28 @@ class MemoAccuracy(AccuracySource):
     self._memo: dict[bytes, float] = {}
     self.computed = 0
     self.hits = 0
+    self.num_images = int(getattr(inner, "num_images", 0) or 0)
+    self._chunks: dict[tuple[bytes, int, int], int] = {}
+    if callable(getattr(inner, "chunk_correct", None)):
+      self.chunk_correct = self._chunk_correct
+
+  def _chunk_correct(self, policies: Array, start: int, stop: int) -> np.ndarray:
+    """int64 ``[N]`` correct predictions on images ``[start, stop)`` (memoised per slice; only
+    when the inner source has ``chunk_correct``)."""
+    pols = np.asarray(policies, np.int32)
+    if pols.ndim == 2:
+      pols = pols[None]
+    keys = [(space_lib.policy_bytes(p), int(start), int(stop)) for p in pols]
+    todo, seen = [], set()
+    for i, k in enumerate(keys):
+      if k not in self._chunks and k not in seen:
+        todo.append(i)
+        seen.add(k)
+    if todo:
+      vals = self.inner.chunk_correct(pols[todo], start, stop)
+      for i, v in zip(todo, vals):
+        self._chunks[keys[i]] = int(v)
+    return np.asarray([self._chunks[k] for k in keys], np.int64)
 
   def __call__(self, policies: Array) -> np.ndarray:
     pols = np.asarray(policies, np.int32)

@@ -21,7 +21,11 @@ Two implementations with the same semantics:
   (:func:`cimjax.search.space.policy_keys`).
 - :class:`SearchEnv`: on the host, with a dict cache keyed by the policy bytes, for sources
   that are not jittable or faster outside ``jit`` (the batched evaluator on CPU). Only new
-  policies reach the accuracy source.
+  policies reach the accuracy source. Optionally *lazy* (``lazy=LazyConfig(...)``): new
+  policies are scored in chunks of images and stop early when a sequential test shows them
+  below the accuracy target or when they can no longer be the winner nor enter the top-k
+  re-evaluated at the end (:mod:`cimjax.search.lazy`: the rules, the error rate, what a
+  stopped row records). The budget semantics above are unchanged.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cimjax import cost as cost_lib
+from cimjax.errors import ConfigError
 from cimjax.search import accuracy as acc_lib
+from cimjax.search import lazy as lazy_lib
 from cimjax.search import reward as reward_lib
 from cimjax.search import space as space_lib
 
@@ -52,6 +58,11 @@ class History(NamedTuple):
     reward: float32 ``[cap]`` CIM-AQ reward.
     iteration: int32 ``[cap]`` search iteration that first evaluated the row.
     count: int32 ``[]`` rows filled = unique evaluations = budget used.
+    exact: bool ``[cap]`` the row was scored on the whole search split (False: stopped early
+      by lazy evaluation, :mod:`cimjax.search.lazy`; its accuracy is the estimate on the
+      images scored and its reward that estimate's).
+    images: int32 ``[cap]`` search images scored for the row (0 for sources without images,
+      e.g. synthetic models); ``sum(images)`` is the search's image-forward passes.
   """
 
   policies: Array
@@ -61,6 +72,33 @@ class History(NamedTuple):
   reward: Array
   iteration: Array
   count: Array
+  exact: Array
+  images: Array
+
+
+class HistoryV1(NamedTuple):
+  """:class:`History` as checkpoints before lazy evaluation stored it (no ``exact``,
+  ``images``); :func:`upgrade_history` reads one."""
+
+  policies: Array
+  keys: Array
+  accuracy: Array
+  cost_ratio: Array
+  reward: Array
+  iteration: Array
+  count: Array
+
+
+def upgrade_history(old: HistoryV1, num_images: int) -> History:
+  """A :class:`History` from a :class:`HistoryV1`: every filled row exact, on ``num_images``."""
+  count = int(np.asarray(old.count))
+  cap = np.asarray(old.accuracy).shape[0]
+  filled = np.arange(cap) < count
+  return History(
+    *(np.asarray(x) for x in old),
+    exact=filled,
+    images=np.where(filled, num_images, 0).astype(np.int32),
+  )
 
 
 class EnvParams(NamedTuple):
@@ -108,6 +146,8 @@ def empty_history(capacity: int, num_layers: int, xp: Any = jnp) -> History:
     reward=xp.zeros((capacity,), xp.float32),
     iteration=xp.zeros((capacity,), xp.int32),
     count=xp.asarray(0, xp.int32),
+    exact=xp.zeros((capacity,), bool),
+    images=xp.zeros((capacity,), xp.int32),
   )
 
 
@@ -143,11 +183,13 @@ def evaluate_in_graph(
   acc_fn: Any,
   iteration: jax.Array | int = 0,
   sharding: Any = None,
+  num_images: int = 0,
 ) -> tuple[History, EvalOut]:
   """Scores a batch with the cache and budget semantics of the module docstring (jittable).
 
   The accuracy function runs on the whole batch (shapes are static); values of policies
   already in the history are taken from it, so a repeat never changes what was recorded.
+  Every row is exact (lazy evaluation is host-only, :class:`SearchEnv`).
 
   Args:
     params: environment arrays.
@@ -157,6 +199,7 @@ def evaluate_in_graph(
     iteration: current search iteration (recorded with new rows).
     sharding: optional ``jax.sharding.Sharding`` of the candidate axis (the population is
       evaluated sharded over devices; results are identical).
+    num_images: search images per evaluation (recorded as each new row's ``images``; static).
 
   Returns:
     ``(history, EvalOut)``.
@@ -166,7 +209,9 @@ def evaluate_in_graph(
   slot_new, ok_new, slot, valid = _locate(history, keys)
   policies, acc = _batch_accuracy(acc_fn, policies, sharding)
   ratio, rew = score(params, acc, policies)
-  history = _write_rows(history, ok_new, slot_new, policies, keys, acc, ratio, rew, iteration)
+  history = _write_rows(
+    history, ok_new, slot_new, policies, keys, acc, ratio, rew, iteration, num_images
+  )
   cap = history.accuracy.shape[0]
   safe = jnp.clip(slot, 0, cap - 1)
   zero = jnp.zeros((), jnp.float32)
@@ -232,8 +277,9 @@ def _write_rows(
   ratio: jax.Array,
   rew: jax.Array,
   iteration: jax.Array | int,
+  num_images: int = 0,
 ) -> History:
-  """Records the new candidates (``ok_new``) at their rows ``slot_new`` (jittable)."""
+  """Records the new candidates (``ok_new``) at their rows ``slot_new`` (jittable, all exact)."""
   n = policies.shape[0]
   cap = history.accuracy.shape[0]
   write = jnp.where(ok_new, slot_new, cap)  # out-of-range rows are dropped
@@ -245,6 +291,8 @@ def _write_rows(
     reward=history.reward.at[write].set(rew.astype(jnp.float32), mode="drop"),
     iteration=history.iteration.at[write].set(jnp.full((n,), iteration, jnp.int32), mode="drop"),
     count=history.count + jnp.sum(ok_new).astype(jnp.int32),
+    exact=history.exact.at[write].set(jnp.ones((n,), bool), mode="drop"),
+    images=history.images.at[write].set(jnp.full((n,), num_images, jnp.int32), mode="drop"),
   )
 
 
@@ -260,12 +308,21 @@ class SearchEnv:
     budget: unique evaluations allowed (the history's capacity).
     acc_ref: reference accuracy; default: measured on the space's reference policy.
     layer_names: for error messages.
+    lazy: lazy evaluation settings (None: every new policy scored on the whole split). Needs
+      a source with ``num_images`` and ``chunk_correct``
+      (:func:`cimjax.search.lazy.supports_chunks`).
 
   Attributes:
     params: :class:`EnvParams` (for the jitted path).
     history: NumPy :class:`History`.
     acc_ref, acc_target: floats (percent).
     eval_seconds: wall time spent in the accuracy source.
+    num_images: search images per full evaluation (0: a source without images).
+    lazy_plan: the :class:`cimjax.search.lazy.LazyPlan`, or None.
+    stops: ``{"test": n, "bound": n}`` candidates stopped by each rule (lazy).
+
+  Raises:
+    ConfigError: ``lazy`` with a source that cannot score chunks of images.
   """
 
   def __init__(
@@ -278,6 +335,7 @@ class SearchEnv:
     budget: int,
     acc_ref: float | None = None,
     layer_names: list[str] | None = None,
+    lazy: lazy_lib.LazyConfig | None = None,
   ):
     if not isinstance(budget, (int, np.integer)) or budget < 1:
       raise ValueError(f"budget = {budget!r}; allowed: an integer >= 1")
@@ -306,6 +364,27 @@ class SearchEnv:
     )
     self.history = empty_history(self.budget, space.num_layers, np)
     self._cache: dict[bytes, int] = {}
+    self.num_images = int(getattr(accuracy, "num_images", 0) or 0)
+    self.stops = {"test": 0, "bound": 0}
+    self.lazy_plan = None
+    if lazy is not None:
+      if not lazy_lib.supports_chunks(accuracy):
+        raise ConfigError(
+          f"config.search.lazy = True needs an accuracy source that scores chunks of images "
+          f"(DataAccuracy, MemoAccuracy of one, PerImageAccuracy); {accuracy.name} cannot"
+        )
+      self.lazy_plan = lazy_lib.make_plan(self.num_images, self.acc_target, lazy, self.budget)
+
+  @property
+  def lazy(self) -> bool:
+    """Whether new policies are evaluated lazily."""
+    return self.lazy_plan is not None
+
+  @property
+  def image_passes(self) -> int:
+    """Candidates x images scored so far (the reference policy's evaluation not included)."""
+    h = self.history
+    return int(np.sum(np.asarray(h.images[: int(h.count)], np.int64)))
 
   @property
   def used(self) -> int:
@@ -389,15 +468,22 @@ class SearchEnv:
 
   def _record(self, sel: np.ndarray, iteration: int) -> None:
     """Evaluates new policies ``sel`` (int32 ``[M, L, 2]``) and appends them to the history."""
-    t0 = time.perf_counter()
-    acc = np.asarray(self.accuracy(sel), np.float64)
-    self.eval_seconds += time.perf_counter() - t0
     cost = cost_lib.policy_cost(self.table, sel)
     ratio = cost / self.baseline
+    t0 = time.perf_counter()
+    if self.lazy_plan is None:
+      acc = np.asarray(self.accuracy(sel), np.float64)
+      exact = np.ones(len(sel), bool)
+      images = np.full(len(sel), self.num_images, np.int64)
+    else:
+      acc, exact, images = self._lazy_accuracy(sel, ratio, self.baseline / cost)
+    self.eval_seconds += time.perf_counter() - t0
     rew = reward_lib.reward(acc, ratio, self.acc_target, xp=np, speedup=self.baseline / cost)
     h = self.history
     count = int(h.count)
     rows = np.arange(count, count + len(sel))
+    h.exact[rows] = exact
+    h.images[rows] = images
     h.policies[rows] = sel.astype(np.int8)
     h.keys[rows] = space_lib.policy_keys(sel, np)
     h.accuracy[rows] = acc
@@ -407,6 +493,21 @@ class SearchEnv:
     for r, p in zip(rows, sel):
       self._cache[space_lib.policy_bytes(p)] = int(r)
     self.history = h._replace(count=np.asarray(count + len(sel), np.int32))
+
+  def _lazy_accuracy(
+    self, sel: np.ndarray, ratio: np.ndarray, speedup: np.ndarray
+  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(accuracy float64 [M], exact bool [M], images int64 [M])`` of new policies, lazily."""
+    plan = self.lazy_plan
+    h = self.history
+    n = int(h.count)
+    threshold = lazy_lib.top_k_threshold(h.reward[:n], h.exact[:n], plan.top_k)
+    out = lazy_lib.evaluate_lazily(
+      self.accuracy.chunk_correct, sel, plan, self.acc_target, ratio, speedup, threshold
+    )
+    self.stops["test"] += int(np.sum(out.reason == lazy_lib.BY_TEST))
+    self.stops["bound"] += int(np.sum(out.reason == lazy_lib.BY_BOUND))
+    return lazy_lib.accuracy_of(out.correct, out.images), out.exact, out.images
 
 
 def best_index(
@@ -452,6 +553,7 @@ __all__ = [
   "EnvParams",
   "EvalOut",
   "History",
+  "HistoryV1",
   "SearchEnv",
   "best_index",
   "best_so_far",
@@ -461,4 +563,5 @@ __all__ = [
   "make_params",
   "pareto_front",
   "score",
+  "upgrade_history",
 ]

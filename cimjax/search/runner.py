@@ -13,6 +13,10 @@ Two loops with the same semantics (:func:`search_loop`):
   default on CPU with the real evaluator, where a loop over candidates is fastest.
 - ``"auto"``: the accuracy source's ``preferred_mode``.
 
+With ``SearchConfig.lazy`` the loop mode's environment scores new candidates lazily, in chunks
+of images with early stops (:mod:`cimjax.search.lazy`); the result counts the image-forward
+passes either way (:attr:`SearchResult.image_passes`).
+
 A search stops when the budget (unique evaluations) is spent, after ``stall_iters``
 consecutive iterations without a new evaluation (the agent has converged: it only samples
 policies it has seen), or after ``max_iters`` iterations.
@@ -42,10 +46,12 @@ from absl import logging
 from cimjax import cost as cost_lib
 from cimjax import hw as hw_lib
 from cimjax import policy as policy_lib
+from cimjax.errors import CheckpointError, ConfigError
 from cimjax.search import accuracy as acc_lib
 from cimjax.search import baselines
 from cimjax.search import ddpg as ddpg_lib
 from cimjax.search import env as env_lib
+from cimjax.search import lazy as lazy_lib
 from cimjax.search import pg as pg_lib
 from cimjax.search import space as space_lib
 from cimjax.search.agent import Agent, iteration_keys
@@ -88,6 +94,13 @@ class SearchConfig:
     final_top_k: best candidates (by search reward) re-evaluated on the final source.
     pg: policy-gradient hyperparameters.
     ddpg: DDPG hyperparameters.
+    lazy: lazy candidate evaluation (:mod:`cimjax.search.lazy`): new candidates are scored
+      in chunks of ``lazy_chunk`` images and stop early when a sequential test (search-wide
+      error rate ``lazy_alpha``) shows them below the accuracy target or when they can be
+      neither the winner nor one of the ``final_top_k``. Host loop only (``mode`` ``auto`` or
+      ``loop``); needs a source that scores chunks of images. Off by default.
+    lazy_chunk: images a look of lazy evaluation.
+    lazy_alpha: probability that lazy evaluation's test stops any candidate meeting the target.
   """
 
   agent: str = "pg"
@@ -108,9 +121,36 @@ class SearchConfig:
   final_top_k: int = 5
   pg: pg_lib.PGConfig = pg_lib.PGConfig()
   ddpg: ddpg_lib.DDPGConfig = ddpg_lib.DDPGConfig()
+  lazy: bool = False
+  lazy_chunk: int = lazy_lib.DEFAULT_CHUNK
+  lazy_alpha: float = lazy_lib.DEFAULT_ALPHA
 
   def to_dict(self) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  def lazy_config(self) -> lazy_lib.LazyConfig | None:
+    """The environment's :class:`cimjax.search.lazy.LazyConfig` (None when ``lazy`` is off).
+
+    Raises:
+      ConfigError: a bad ``lazy_chunk`` or ``lazy_alpha``.
+    """
+    if not self.lazy:
+      return None
+    lazy_lib.check_config(self.lazy_chunk, self.lazy_alpha)
+    return lazy_lib.LazyConfig(
+      chunk=int(self.lazy_chunk),
+      alpha=float(self.lazy_alpha),
+      top_k=max(int(self.final_top_k), 1),
+    )
+
+
+# fields added after checkpoints were first written: a saved configuration without them had
+# their defaults (so an old checkpoint resumes under the same settings)
+_ADDED_DEFAULTS = {
+  "lazy": False,
+  "lazy_chunk": lazy_lib.DEFAULT_CHUNK,
+  "lazy_alpha": lazy_lib.DEFAULT_ALPHA,
+}
 
 
 def make_agent(
@@ -186,8 +226,11 @@ def make_scan_segment(
   stall_iters: int,
   sharding: Any = None,
   progress: ProgressFn | None = None,
+  num_images: int = 0,
 ) -> Callable[[LoopState], LoopState]:
   """A jitted function advancing a :class:`LoopState` by ``length`` iterations (scan mode).
+
+  ``num_images`` is recorded as each new row's ``images`` (every row is exact in scan mode).
 
   Iterations after ``done`` are skipped (``lax.cond``), so the result does not depend on how
   the run is cut into segments.
@@ -204,7 +247,7 @@ def make_scan_segment(
     if sharding is not None:  # the agent stays replicated; only the evaluation is sharded
       pols = jax.lax.with_sharding_constraint(pols, replicated)
     hist, out = env_lib.evaluate_in_graph(
-      params, state.history, pols, acc_fn, state.iteration, sharding
+      params, state.history, pols, acc_fn, state.iteration, sharding, num_images
     )
     if sharding is not None:
       out = jax.lax.with_sharding_constraint(out, replicated)
@@ -282,7 +325,16 @@ def search_loop(
 
   Raises:
     ValueError: a checkpoint written by a different search configuration.
+    ConfigError: ``mode="scan"`` with a lazy environment (lazy evaluation runs on the host).
   """
+  if env.lazy:
+    if mode == "scan":
+      raise ConfigError(
+        "config.search.mode = 'scan' with config.search.lazy = True; allowed: 'auto' or "
+        "'loop' (lazy evaluation runs in the host loop)"
+      )
+    resolve_mode(mode, env.accuracy)  # checks the name
+    mode = "loop"
   mode = resolve_mode(mode, env.accuracy)
   max_iters = max_iters or default_max_iters(env.budget, agent.population)
   meta = dict(meta or {})
@@ -295,7 +347,9 @@ def search_loop(
   def save(st: LoopState) -> None:
     if checkpointer is not None:
       wall_s = wall_before + time.perf_counter() - t0
-      checkpointer.save(st, _checkpoint_meta(meta, st, wall_s, env.eval_seconds, mode))
+      checkpointer.save(
+        st, {**_checkpoint_meta(meta, st, wall_s, env.eval_seconds, mode), "lazy_stops": env.stops}
+      )
 
   limit = max_iters if stop_after is None else min(max_iters, stop_after)
   stop = dict(limit=limit, max_iters=max_iters, stall_iters=stall_iters, progress=progress)
@@ -330,7 +384,7 @@ def _resume(
   """
   if checkpointer is None or not checkpointer.has_checkpoints():
     return state, None
-  restored = checkpointer.restore_intact(state)  # corrupt ones: a warning each, skipped
+  restored = _restore(checkpointer, state, env.num_images)
   if restored is None:
     logging.warning(
       "search: no intact checkpoint in %s; the search restarts from its beginning",
@@ -339,6 +393,8 @@ def _resume(
     return state, None
   state, saved = restored
   saved_cfg = saved.get("search")
+  if saved_cfg is not None:
+    saved_cfg = {**_ADDED_DEFAULTS, **saved_cfg}
   if (
     saved_cfg is not None
     and meta.get("search") is not None
@@ -350,7 +406,33 @@ def _resume(
     )
   env.set_history(state.history)
   env.eval_seconds += float(saved.get("eval_s", 0.0))
+  for k in env.stops:
+    env.stops[k] = int(saved.get("lazy_stops", {}).get(k, 0))
   return state, saved
+
+
+def _restore(
+  checkpointer: SearchCheckpointer, state: LoopState, num_images: int
+) -> tuple[LoopState, dict[str, Any]] | None:
+  """:meth:`SearchCheckpointer.restore_intact`, also reading checkpoints written before the
+  history had ``exact``/``images`` (their rows are all exact, :func:`env_lib.upgrade_history`).
+
+  Raises:
+    CheckpointError: a checkpoint that matches neither structure (another search).
+  """
+  try:
+    return checkpointer.restore_intact(state)  # corrupt ones: a warning each, skipped
+  except CheckpointError as e:
+    legacy = state._replace(history=env_lib.HistoryV1(*state.history[:7]))
+    try:
+      out = checkpointer.restore_intact(legacy)
+    except CheckpointError:
+      raise e from None
+    if out is None:
+      return None
+    old, saved = out
+    logging.info("search: read a checkpoint written before lazy evaluation (all rows exact)")
+    return old._replace(history=env_lib.upgrade_history(old.history, num_images)), saved
 
 
 def _checkpoint_meta(
@@ -390,6 +472,7 @@ def _run_scan(
     stall_iters=stall_iters,
     sharding=sharding,
     progress=progress,
+    num_images=env.num_images,
   )
   segment = segment_of(length=chunk)
   state = state._replace(history=env_lib.History(*(jnp.asarray(x) for x in state.history)))
@@ -492,6 +575,12 @@ class SearchResult:
       "reward", "feasible"}], "best": {...}}``.
     report: cost report of the best policy (``cimjax.cost.layer_report``), if a target was
       given.
+    image_passes: image-forward passes of the search: candidates x search images actually
+      scored (``sum(history.images)``; the reference policy's measurement not included; 0
+      for sources without images).
+    lazy: lazy evaluation's figures (None when off): ``{"chunk", "alpha", "alpha_look",
+      "looks", "top_k", "exact", "stopped_by_test", "stopped_by_bound", "image_passes_full"}``
+      (``image_passes_full``: what scoring every candidate on every image would have cost).
   """
 
   agent: str
@@ -515,6 +604,8 @@ class SearchResult:
   config: dict[str, Any]
   final: dict[str, Any] | None = None
   report: dict[str, Any] | None = None
+  image_passes: int = 0
+  lazy: dict[str, Any] | None = None
 
   def curve(self) -> np.ndarray:
     """Best reward after each evaluation, float64 ``[evals_used]``."""
@@ -569,6 +660,8 @@ _SUMMARY_FIELDS = (
   "space",
   "config",
   "final",
+  "image_passes",
+  "lazy",
 )
 
 
@@ -667,7 +760,28 @@ def make_result(
     mode=stats["mode"],
     space=env.space.describe(),
     config=config.to_dict() if config is not None else dict(agent.config),
+    image_passes=env.image_passes,
+    lazy=lazy_summary(env),
   )
+
+
+def lazy_summary(env: env_lib.SearchEnv) -> dict[str, Any] | None:
+  """Lazy evaluation's figures of a finished environment (see :class:`SearchResult`)."""
+  plan = env.lazy_plan
+  if plan is None:
+    return None
+  n = env.used
+  return {
+    "chunk": plan.chunk,
+    "alpha": plan.alpha,
+    "alpha_look": plan.alpha_look,
+    "looks": plan.looks.astype(int).tolist(),
+    "top_k": plan.top_k,
+    "exact": int(np.sum(env.history.exact[:n])),
+    "stopped_by_test": int(env.stops["test"]),
+    "stopped_by_bound": int(env.stops["bound"]),
+    "image_passes_full": n * int(plan.num_images),
+  }
 
 
 def reevaluate(
@@ -864,6 +978,7 @@ def make_env(
     budget=budget,
     acc_ref=acc_ref,
     layer_names=[s.name for s in specs],
+    lazy=cfg.lazy_config(),
   )
 
 
@@ -906,6 +1021,8 @@ def write_outputs(
     cost_ratio=h.cost_ratio[:n],
     reward=h.reward[:n],
     iteration=h.iteration[:n],
+    exact=h.exact[:n],
+    images=h.images[:n],
   )
   if plots:
     from cimjax.search import plots as plots_lib  # pylint: disable=g-import-not-at-top
