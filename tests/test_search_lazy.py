@@ -406,3 +406,22 @@ def test_bad_lazy_settings_are_refused_in_one_line(task):
       m, specs, tables, src, runner.SearchConfig(lazy=True, mode="scan", budget=8), hw=hw
     )
   assert math.isfinite(runner.SearchConfig(lazy=True).lazy_config().alpha)
+
+
+def test_search_cli_flags_reach_the_run_config():
+  """``launch.search --lazy --lazy_chunk=50 --lazy_alpha=0.01``: the run config's search section."""
+  from cimjax.cli import search as search_cli
+
+  search_cli.FLAGS.unparse_flags()
+  try:
+    fv = search_cli.parse_args(
+      ["launch.search", "--workdir=/tmp/x", "--lazy", "--lazy_chunk=50", "--lazy_alpha=0.01"]
+    )
+    sc = search_cli.run_config(fv).search
+    assert (sc.lazy, sc.lazy_chunk, sc.lazy_alpha) == (True, 50, 0.01)
+  finally:
+    search_cli.FLAGS.unparse_flags()
+  from cimjax import pipeline
+
+  d = pipeline.default_config().search
+  assert (d.lazy, d.lazy_chunk, d.lazy_alpha) == (False, 250, 1e-3)
