@@ -214,6 +214,8 @@ def _search(res: dict[str, Any]) -> dict[str, Any]:
     "final_images": res.get("final_images"),
     "source": res.get("source"),
     "chosen": res.get("chosen"),
+    "image_passes": search.get("image_passes"),
+    "lazy": search.get("lazy"),
   }
 
 
@@ -361,6 +363,22 @@ def _cost_lines(r: dict[str, Any]) -> list[str]:
   return lines
 
 
+def _passes_text(s: dict[str, Any]) -> str:
+  """The search's image-forward passes (and what lazy evaluation saved)."""
+  passes, lazy = s.get("image_passes"), s.get("lazy")
+  if not passes:
+    return ""
+  text = f" Image-forward passes: {passes:,}"
+  if lazy and lazy.get("image_passes_full"):
+    full = lazy["image_passes_full"]
+    text += (
+      f" (lazy evaluation, chunks of {lazy['chunk']}: {full / passes:.2f}x fewer than the "
+      f"{full:,} of scoring every candidate on every image; stopped by the bound "
+      f"{lazy['stopped_by_bound']}, by the sequential test {lazy['stopped_by_test']})"
+    )
+  return text + "."
+
+
 def _search_lines(s: dict[str, Any]) -> list[str]:
   return [
     "",
@@ -373,7 +391,7 @@ def _search_lines(s: dict[str, Any]) -> list[str]:
       f"{_fmt(s['acc_ref_val'])}%, target {_fmt(s['acc_target_val'])}%. The best candidates "
       f"were re-evaluated on "
       f"{s['final_images']} other validation images before choosing"
-      f"{_choice_text(s.get('chosen'))}."
+      f"{_choice_text(s.get('chosen'))}.{_passes_text(s)}"
       if s["searched"]
       else f"No search: the policy was given ({s['source']})."
     ),

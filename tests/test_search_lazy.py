@@ -425,3 +425,17 @@ def test_search_cli_flags_reach_the_run_config():
 
   d = pipeline.default_config().search
   assert (d.lazy, d.lazy_chunk, d.lazy_alpha) == (False, 250, 1e-3)
+
+
+def test_run_report_shows_image_passes():
+  """The run report's search section carries the passes and what lazy evaluation saved."""
+  from cimjax import report
+
+  lazy = {"chunk": 25, "image_passes_full": 4800, "stopped_by_bound": 3, "stopped_by_test": 14}
+  res = {"summary": {"image_passes": 4000, "lazy": lazy}}
+  s = report._search(res)
+  assert s["image_passes"] == 4000 and s["lazy"] == lazy
+  text = report._passes_text(s)
+  assert "4,000" in text and "1.20x fewer" in text and "test 14" in text and "bound 3" in text
+  plain = report._passes_text(report._search({"summary": {"image_passes": 4800, "lazy": None}}))
+  assert plain == " Image-forward passes: 4,800."
