@@ -23,6 +23,11 @@ Strategies (``strategy=``):
 Every strategy computes the same per-candidate function; integer operands make the results
 independent of batching (docs/architecture.md), so accuracy equals the single-policy evaluation.
 
+Integer products (``int_mode=``, :data:`cimjax.layers.INT_MODES`): ``"auto"`` (default) is
+resolved once when the evaluator is built, by :func:`cimjax.layers.resolve_int_dtype`: int8
+operands with int32 sums on GPU/TPU, float32 codes on CPU. Both are exact where the float32
+sums are (below 2^24), so the accuracies agree bit for bit there.
+
 :func:`evaluate_policy` is the single-policy evaluator (accuracy in percent and mean loss of
 one policy, or of the float model, over masked fixed-size batches); training and the pipeline
 use it through :func:`cimjax.train.evaluate`. :func:`cross_entropy` is the per-example loss that
@@ -51,6 +56,7 @@ import numpy as np
 import optax
 
 from cimjax import data as data_lib
+from cimjax import layers as layers_lib
 from cimjax import models as models_lib
 from cimjax.spec import LayerSpec
 from cimjax.variables import FAST_COMPILE
@@ -107,19 +113,27 @@ def _batch_data(x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[Array, A
 
 
 def make_policy_score(
-  module: Any, variables: Any
+  module: Any, variables: Any, *, int_mode: Any = "auto"
 ) -> Callable[[Array, Array, Array, Array], tuple[Array, Array]]:
   """The per-candidate function every strategy shares.
+
+  Args:
+    module: the Flax module.
+    variables: the shared weights.
+    int_mode: integer-product mode or dtype (:data:`cimjax.layers.INT_MODES`), resolved here
+      once for the default backend.
 
   Returns:
     ``score(policy [L, 2], xb [nb, B, ...], yb [nb, B], wb [nb, B]) -> (correct, loss_sum)``,
     scanning the data batches (a forward-only scan costs nothing extra on CPU).
   """
 
+  int_dtype = layers_lib.resolve_int_dtype(int_mode)
+
   def score(policy, xb, yb, wb):
     def body(carry, batch):
       xi, yi, wi = batch
-      logits, _ = models_lib.forward(module, variables, xi, policy)
+      logits, _ = models_lib.forward(module, variables, xi, policy, int_dtype=int_dtype)
       logp = jax.nn.log_softmax(logits)
       nll = -jnp.take_along_axis(logp, yi[:, None], axis=1)[:, 0]
       hit = (jnp.argmax(logits, axis=-1) == yi).astype(jnp.int32) * (wi > 0).astype(jnp.int32)
@@ -129,6 +143,7 @@ def make_policy_score(
     (correct, loss), _ = jax.lax.scan(body, (jnp.int32(0), jnp.float32(0.0)), (xb, yb, wb))
     return correct, loss
 
+  score.int_dtype = int_dtype  # type: ignore[attr-defined]
   return score
 
 
@@ -215,6 +230,7 @@ def make_evaluator(
   chunk: int = 16,
   batch_size: int = 500,
   devices: Sequence[Any] | None = None,
+  int_mode: Any = "auto",
 ) -> Callable[[Any], EvalResult]:
   """Builds an evaluator of bit policies on a fixed split.
 
@@ -227,12 +243,16 @@ def make_evaluator(
     chunk: candidates per vmapped call (``"vmap"``, ``"map"``, ``"shard"``); bounds memory.
     batch_size: images per forward pass; bounds memory.
     devices: devices for ``"shard"`` (default all).
+    int_mode: integer-product mode (:data:`cimjax.layers.INT_MODES`) or dtype; ``"auto"`` is
+      resolved once here for the platform of ``devices`` (int8 on GPU/TPU, float32 on CPU).
 
   Returns:
-    ``evaluate(policies) -> EvalResult`` for policies ``[N, L, 2]`` (or ``[L, 2]``: N = 1).
+    ``evaluate(policies) -> EvalResult`` for policies ``[N, L, 2]`` (or ``[L, 2]``: N = 1), with
+    attributes ``strategy``, ``num_images`` and ``int_dtype`` (the resolved operand dtype).
 
   Raises:
     ValueError: unknown strategy, or bad chunk/batch size.
+    cimjax.errors.ConfigError: an unknown ``int_mode``.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy = {strategy!r}; allowed: {', '.join(STRATEGIES)}")
@@ -244,8 +264,10 @@ def make_evaluator(
   num = int(x.shape[0])
   if num == 0 or y.shape[0] != num:
     raise ValueError(f"x has {num} images and y {y.shape[0]} labels; need equal and > 0")
+  platform = list(devices)[0].platform if devices else None
+  int_dtype = layers_lib.resolve_int_dtype(int_mode, platform)
   data = _batch_data(np.asarray(x, np.float32), np.asarray(y), min(batch_size, num))
-  score = make_policy_score(module, variables)
+  score = make_policy_score(module, variables, int_mode=int_dtype)
   if strategy == "loop":
     run = _loop_runner(score, data)
   elif strategy in ("vmap", "shard"):
@@ -266,6 +288,7 @@ def make_evaluator(
 
   evaluate.strategy = strategy  # type: ignore[attr-defined]
   evaluate.num_images = num  # type: ignore[attr-defined]
+  evaluate.int_dtype = int_dtype  # type: ignore[attr-defined]
   return evaluate
 
 
@@ -301,10 +324,17 @@ def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0) ->
 
 
 def _batch_counts(
-  variables: Any, x: Array, y: Array, mask: Array, policy: Array | None, *, module: Any
+  variables: Any,
+  x: Array,
+  y: Array,
+  mask: Array,
+  policy: Array | None,
+  *,
+  module: Any,
+  int_dtype: Any = "float32",
 ) -> tuple[Array, Array]:
   """``(correct, summed loss)`` of one masked batch (float32 scalars)."""
-  logits, _ = models_lib.forward(module, variables, x, policy)
+  logits, _ = models_lib.forward(module, variables, x, policy, int_dtype=int_dtype)
   m = mask.astype(jnp.float32)
   correct = jnp.sum((jnp.argmax(logits, -1) == y).astype(jnp.float32) * m)
   loss = jnp.sum(cross_entropy(logits, y) * m)
@@ -315,7 +345,9 @@ def _batch_counts(
 # XLA options (without the expensive passes: faster compiles, slower batches).
 _BATCH_COUNTS = {
   fast: jax.jit(
-    _batch_counts, static_argnames="module", compiler_options=FAST_COMPILE if fast else None
+    _batch_counts,
+    static_argnames=("module", "int_dtype"),
+    compiler_options=FAST_COMPILE if fast else None,
   )
   for fast in (False, True)
 }
@@ -330,6 +362,7 @@ def evaluate_policy(
   *,
   batch_size: int = 500,
   fast_compile: bool = False,
+  int_mode: Any = "auto",
 ) -> tuple[float, float]:
   """Accuracy and mean loss of one policy (the reference for the batched strategies).
 
@@ -345,6 +378,7 @@ def evaluate_policy(
     policy: int ``[L, 2]``, or None for the float model.
     batch_size: images a forward pass.
     fast_compile: compile without XLA's expensive optimisations (small splits, tests).
+    int_mode: integer-product mode or dtype (see :func:`make_evaluator`), resolved once here.
 
   Returns:
     ``(accuracy in percent, mean cross-entropy)``.
@@ -356,11 +390,12 @@ def evaluate_policy(
   if num == 0 or np.shape(y)[0] != num:
     raise ValueError(f"x has {num} images and y {np.shape(y)[0]} labels; need equal and > 0")
   fn = _BATCH_COUNTS[bool(fast_compile)]
+  int_dtype = layers_lib.resolve_int_dtype(int_mode)
   module = getattr(model, "module", model)
   pol = None if policy is None else jnp.asarray(policy, jnp.int32)
   split = data_lib.Dataset(np.asarray(x), np.asarray(y), np.arange(num))
   outs = [
-    fn(variables, xb, yb, mb, pol, module=module)
+    fn(variables, xb, yb, mb, pol, module=module, int_dtype=int_dtype)
     for xb, yb, mb in data_lib.eval_batches(split, batch_size)
   ]
   correct, loss = 0.0, 0.0

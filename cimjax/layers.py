@@ -7,10 +7,14 @@ layer's CIM geometry (:class:`cimjax.spec.LayerSpec`), which is how :mod:`cimjax
 geometry without dimension files.
 
 Integer operands (docs/architecture.md, section 3): each layer quantizes its input activation and
-its weight to integer codes, multiplies the codes (``precision=HIGHEST``; float32 sums of
-integers are exact below 2^24, or int32 when ``ctx.int_dtype`` is int32) and applies the scales
-after the matmul. The integer product can be replaced by a hook (``ctx.mvm``), which is how the
-crossbar simulator runs inside a forward pass.
+its weight to integer codes, multiplies the codes and applies the scales after the matmul. The
+product runs in one of three modes (``ctx.int_dtype``, chosen by :func:`resolve_int_dtype`):
+float32 codes at ``precision=HIGHEST`` (float32 sums of integers are exact below 2^24), int32
+codes, or int8 codes with int32 accumulation (:func:`int8_product`, exact while the int32 sums
+do not overflow; unsigned 8-bit activations are offset by -128 and corrected exactly). The int8
+product keeps the float path's gradients (:func:`int8_with_float_grad`). The integer product
+can be replaced by a hook (``ctx.mvm``), which is how the crossbar simulator runs inside a
+forward pass.
 
 The computation lives in module-level functions (:func:`dense_op`, :func:`conv_op`,
 :func:`matmul_op`, :func:`quantized_weight_op`) that take the module holding the clip tables as
@@ -25,15 +29,21 @@ policy and any-precision training can tune the range of each bit-width.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cimjax import quant
-from cimjax.errors import PolicyLengthError  # noqa: F401 (re-exported)
+from cimjax.errors import (
+  ConfigError,
+  PolicyLengthError,  # noqa: F401 (re-exported)
+)
 from cimjax.spec import LayerSpec
 
 Array = jax.Array
@@ -44,6 +54,13 @@ MvmFn = Callable[[int, LayerSpec, Array, Array, Array, Array], Array]
 
 DEFAULT_MAX_BITS = 8
 CALIB_SAMPLES = 65536  # values kept per layer input in calibration mode
+
+INT_MODES = ("auto", "float32", "int32", "int8")  # integer-product modes (resolve_int_dtype)
+INT8_MAX_BITS = 8  # widest codes an int8 operand holds (weights narrow, activations offset)
+UNSIGNED_OFFSET = 128  # unsigned codes [0, 255] are fed as x - 128 in [-128, 127]
+_ACCEL_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+_MODE_DTYPES = {"float32": jnp.float32, "int32": jnp.int32, "int8": jnp.int8}
+_log = logging.getLogger(__name__)
 
 
 def _quantize_operands(
@@ -76,8 +93,10 @@ class QuantContext:
       or None for the float (unquantized) forward pass.
     train: training mode (batch norm uses batch statistics, dropout active).
     mvm: optional integer-product hook replacing the native matmul/conv (crossbar simulator).
-    int_dtype: dtype of integer operands in the native product: float32 (fast, exact while
-      partial sums stay below 2^24) or int32 (always exact, slower on CPU).
+    int_dtype: dtype of integer operands in the native product (see :func:`resolve_int_dtype`):
+      float32 (exact while partial sums stay below 2^24), int32 (always exact, slower on CPU)
+      or int8 (int8 operands, int32 sums, exact; layers whose codes may be wider than 8 bits
+      run the float32 product).
     capture: sow each layer's integer operands and accumulator into the ``"cim"`` collection.
     calibrate: sow a sample of each layer's float input into the ``"calib"`` collection.
     specs: filled with one :class:`LayerSpec` per quantizable layer in call order.
@@ -164,6 +183,7 @@ def quantized_weight_op(
   max_bits: int = DEFAULT_MAX_BITS,
   fixed_bits: tuple[int, int] | None = None,
   calib_w: Array | None = None,
+  native_int8: Callable[[Array, Array], Array] | None = None,
 ) -> Array:
   """A weight layer on integer operands: policy row, clip tables, quantization, product.
 
@@ -191,6 +211,9 @@ def quantized_weight_op(
     calib_w: the CIM matrix ``[n, m]`` to sow whole as the calibration weight ``"w"`` (for
       layers whose stored kernel is not laid out ``[..., C_out]`` like a dense or conv kernel;
       :func:`cimjax.train.calibrate_clips` prefers it to the kernel).
+    native_int8: ``native`` on int8 operands with int32 results
+      (``preferred_element_type=jnp.int32``), used by the int8 mode through
+      :func:`int8_product`; None: int8 mode runs ``native`` on float32 codes.
 
   Returns:
     The dequantized output (plus bias), or the float output when the policy is None.
@@ -218,7 +241,12 @@ def quantized_weight_op(
       layer_spec = ctx.specs[index] if index < len(ctx.specs) else None
       acc = hooked(xq, wq, lambda a, b: ctx.mvm(index, layer_spec, a, b, w_bits, a_bits))
     else:
-      acc = _product(ctx, xq, wq, native)
+      int8_fn = None
+      if native_int8 is not None and int8_fits(max_bits, fixed_bits):
+        int8_fn = lambda a, b: int8_product(  # noqa: E731
+          a, b, native_int8, unsigned_x=not signed_input
+        ).astype(jnp.float32)
+      acc = _product(ctx, xq, wq, native, int8_fn, bits)
     if index is not None:
       _sow_capture(host, ctx, x_int=xq, w_int=wq, acc=acc)
     y = acc * (sx * sw.reshape(-1))
@@ -231,11 +259,247 @@ class _QuantOp(nn.Module):
   """Shared attributes of the quantized layers (the logic lives in module-level functions)."""
 
 
-def _product(
-  ctx: QuantContext, x: Array, w: Array, native: Callable[[Array, Array], Array]
+# ----------------------------------------------------------------------------------------------
+# Integer products: float32, int32 or int8 operands (docs/architecture.md, integer operands)
+
+
+def int8_product(
+  x: Array, w: Array, product: Callable[[Array, Array], Array], *, unsigned_x: bool
 ) -> Array:
-  if ctx.int_dtype == jnp.float32:
+  """Exact product of integer codes with int8 operands and int32 accumulation.
+
+  ``product`` must be linear in its first operand and act on each index of that operand's
+  leading axis independently (a dense layer, a convolution over the batch axis). Unsigned
+  codes ``x in [0, 255]`` do not fit int8; they are fed as ``x' = x - 128`` and corrected::
+
+    product(x, w) = product(x', w) + 128 * product(1, w)
+
+  where ``1`` is an all-ones input of ``x``'s shape with a leading axis of 1 (broadcast over
+  the batch). A convolution zero-pads its input, so ``pad(x) = pad(x') + 128 * pad(1)`` and the
+  ones input carries exactly the zero padding of the real input: the correction is exact for
+  every padding, stride and group count.
+
+  Args:
+    x: ``[B, ...]`` integer-valued codes (any dtype): signed in ``[-128, 127]``, or unsigned in
+      ``[0, 255]`` when ``unsigned_x``.
+    w: integer-valued codes in ``[-128, 127]`` (narrow-range weights up to 8 bits).
+    product: ``product(a int8, b int8) -> int32`` (``preferred_element_type=jnp.int32``).
+    unsigned_x: whether ``x`` holds unsigned codes.
+
+  Returns:
+    int32 ``product(x, w)``, exact while ``|sum| < 2^31`` (``n * 128 * 127 < 2^31``: any
+    reduction length ``n`` below 132,000).
+  """
+  w8 = w.astype(jnp.int8)
+  if not unsigned_x:
+    return product(x.astype(jnp.int8), w8)
+  x8 = (x - UNSIGNED_OFFSET).astype(jnp.int8)
+  ones = jnp.ones((1, *x.shape[1:]), jnp.int8)
+  return product(x8, w8) + UNSIGNED_OFFSET * product(ones, w8)
+
+
+def int8_matmul(x: Array, w: Array, *, unsigned_x: bool, unsigned_w: bool = False) -> Array:
+  """Exact batched ``x [..., T, n] @ w [..., n, m]`` of codes with int8 operands, int32 sums.
+
+  With offsets ``ox, ow`` (128 for an unsigned operand, else 0), ``x = x' + ox`` and
+  ``w = w' + ow`` with ``x', w'`` in int8, and for every output element::
+
+    sum_n x w = sum_n x' w' + ow * sum_n x' + ox * sum_n w' + ox * ow * n
+
+  The row sums of ``x'`` and column sums of ``w'`` are int32 reductions (``O(T n + n m)``
+  per batch element, against ``O(T n m)`` for the product).
+
+  Args:
+    x: ``[..., T, n]`` codes: unsigned ``[0, 255]`` or signed ``[-128, 127]``.
+    w: ``[..., n, m]`` codes, likewise (same leading axes).
+    unsigned_x, unsigned_w: which operands hold unsigned codes.
+
+  Returns:
+    int32 ``[..., T, m]``, exact while ``n * 255 * 255 < 2^31``.
+  """
+  ox = UNSIGNED_OFFSET if unsigned_x else 0
+  ow = UNSIGNED_OFFSET if unsigned_w else 0
+  x8 = (x - ox).astype(jnp.int8)
+  w8 = (w - ow).astype(jnp.int8)
+  acc = jnp.einsum("...tn,...nm->...tm", x8, w8, preferred_element_type=jnp.int32)
+  n = x.shape[-1]
+  if ow:
+    acc = acc + ow * jnp.sum(x8, axis=-1, keepdims=True, dtype=jnp.int32)
+  if ox:
+    acc = acc + ox * jnp.sum(w8, axis=-2, keepdims=True, dtype=jnp.int32)
+  if ox and ow:
+    acc = acc + jnp.int32(ox * ow * n)
+  return acc
+
+
+def int8_with_float_grad(
+  int8_fn: Callable[[Array, Array], Array], float_fn: Callable[[Array, Array], Array]
+) -> Callable[[Array, Array], Array]:
+  """``int8_fn`` in the forward pass, the gradients of ``float_fn`` in the backward pass.
+
+  Casting codes to int8 has no gradient; QAT's straight-through estimators need the gradient
+  of the float product of the (float) codes. Both functions compute the same values on integer
+  codes, so this is the float path exactly, forward and backward (a ``jax.custom_vjp``).
+
+  Args:
+    int8_fn: ``(x, w) -> float32`` product through int8 operands.
+    float_fn: ``(x, w) -> float32`` product of the float codes (the float path's ``native``).
+
+  Returns:
+    ``f(x, w)`` with ``f = int8_fn`` and ``vjp(f) = vjp(float_fn)``.
+  """
+
+  @jax.custom_vjp
+  def f(x: Array, w: Array) -> Array:
+    return int8_fn(x, w)
+
+  def fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+    return int8_fn(x, w), (x, w)
+
+  def bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    _, vjp = jax.vjp(float_fn, *res)
+    return vjp(g)
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+def int8_fits(max_bits: int, fixed_bits: tuple[int, int] | None) -> bool:
+  """Whether a layer's codes fit int8 operands, from its static bit bounds.
+
+  Args:
+    max_bits: size of the layer's clip tables (policy bits are validated within it).
+    fixed_bits: the layer's fixed ``(w, a)`` bits, or None (policy bits up to ``max_bits``).
+  """
+  bound = max(fixed_bits) if fixed_bits is not None else max_bits
+  return bound <= INT8_MAX_BITS
+
+
+def _poison(acc: Array, x: Array, w: Array, bits: Array | None) -> Array:
+  """NaN output where int8 operands cannot carry the codes: loud, never silently wrong.
+
+  Traced bits above 8 would wrap in int8, and NaN codes (a NaN or inf upstream, e.g. after a
+  degenerate 1-bit weight layer) would cast to finite integers; the float path propagates
+  NaN, so the whole int8 product is NaN then (one cheap reduction over each operand).
+  """
+  ok = ~jnp.isnan(jnp.sum(x)) & ~jnp.isnan(jnp.sum(w))
+  if bits is not None:
+    ok = ok & jnp.all(bits <= INT8_MAX_BITS)
+  return jnp.where(ok, acc, jnp.float32(jnp.nan))
+
+
+def resolve_int_dtype(mode: Any = "auto", platform: str | None = None) -> np.dtype:
+  """The dtype of integer operands for a mode (resolved once, where a forward is built).
+
+  ``"auto"`` picks int8 on GPU/TPU when :func:`int8_self_check` passes on that platform (else
+  float32, with a warning), and float32 on CPU, where the float32 path is today's reference
+  (BUILD_NOTES.md has the measured CPU figures of both).
+
+  Args:
+    mode: one of :data:`INT_MODES`, or a dtype (float32, int32, int8) passed through.
+    platform: the JAX platform (default ``jax.default_backend()``), for ``"auto"``.
+
+  Returns:
+    ``np.dtype`` float32, int32 or int8.
+
+  Raises:
+    ConfigError: an unknown mode or dtype.
+  """
+  if not isinstance(mode, str):
+    try:
+      dt = np.dtype(mode)
+    except TypeError:
+      dt = None
+    if dt not in [np.dtype(d) for d in _MODE_DTYPES.values()]:
+      raise ConfigError(f"int_dtype = {mode!r}; allowed: {', '.join(INT_MODES)} or their dtypes")
+    return dt
+  if mode not in INT_MODES:
+    raise ConfigError(f"int mode = {mode!r}; allowed: {', '.join(INT_MODES)}")
+  if mode == "auto":
+    platform = platform or jax.default_backend()
+    use8 = platform in _ACCEL_PLATFORMS and int8_self_check(platform)
+    return np.dtype(np.int8 if use8 else np.float32)
+  return np.dtype(_MODE_DTYPES[mode])
+
+
+@functools.lru_cache(maxsize=None)
+def int8_self_check(platform: str) -> bool:
+  """Whether int8 dense, convolution and matmul products are exact on ``platform``'s device.
+
+  Runs tiny products (unsigned/signed inputs, SAME padding, stride 2, two groups) through the
+  int8 path and the float32 path on the platform's first device and compares them bit for
+  bit. Cached per platform. A failure (an unsupported int8 lowering, or a wrong result) is
+  logged and returns False.
+  """
+  try:
+    dev = jax.devices(platform)[0]
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.randint(k[0], (2, 7, 7, 8), 0, 256).astype(jnp.float32)
+    w = jax.random.randint(k[1], (3, 3, 4, 8), -127, 128).astype(jnp.float32)
+    q = jax.random.randint(k[2], (2, 2, 5, 8), -128, 128).astype(jnp.float32)
+
+    def conv(a, b, **kw):
+      return jax.lax.conv_general_dilated(
+        a,
+        b,
+        (2, 2),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=2,
+        **kw,
+      )
+
+    def both(x, w, q):
+      c8 = int8_product(
+        x, w, lambda a, b: conv(a, b, preferred_element_type=jnp.int32), unsigned_x=True
+      )
+      cf = conv(x, w, precision=HIGHEST)
+      d8 = int8_product(q[..., :4], w[0, 0], _int8_einsum("...n,nm->...m"), unsigned_x=False)
+      df = jnp.einsum("...n,nm->...m", q[..., :4], w[0, 0], precision=HIGHEST)
+      xm, qm = x[:, :2, :3, :], jnp.swapaxes(q, -1, -2)  # [2, 2, 3, 8] @ [2, 2, 8, 5]
+      m8 = int8_matmul(xm, qm, unsigned_x=True)
+      mf = jnp.einsum("...tn,...nm->...tm", xm, qm, precision=HIGHEST)
+      return [(c8, cf), (d8, df), (m8, mf)]
+
+    pairs = jax.jit(both)(*jax.device_put((x, w, q), dev))
+    ok = all(bool(jnp.array_equal(a.astype(jnp.float32), b)) for a, b in pairs)
+    if not ok:
+      _log.warning("int8 products on %s differ from float32; int mode auto -> float32", platform)
+    return ok
+  except Exception as e:  # pylint: disable=broad-except  (any lowering failure means "no")
+    _log.warning("int8 products fail on %s (%s); int mode auto -> float32", platform, e)
+    return False
+
+
+def _int8_einsum(spec: str) -> Callable[[Array, Array], Array]:
+  return lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.int32)
+
+
+def _product(
+  ctx: QuantContext,
+  x: Array,
+  w: Array,
+  native: Callable[[Array, Array], Array],
+  int8_fn: Callable[[Array, Array], Array] | None = None,
+  bits: Array | None = None,
+) -> Array:
+  """The native integer product of codes in the context's mode (float32 result).
+
+  Args:
+    ctx: the context (its ``int_dtype``).
+    x, w: float32 codes.
+    native: the float product (also run on int32 codes).
+    int8_fn: ``(x, w) -> float32`` through int8 operands, or None when the codes may not fit
+      int8 (then int8 mode runs the float32 product).
+    bits: ``[2]`` traced (w, a) bits, checked in int8 mode (NaN output above 8 bits, and where
+      a code is NaN: see :func:`_poison`).
+  """
+  dt = np.dtype(ctx.int_dtype)
+  if dt == np.float32 or (dt == np.int8 and int8_fn is None):
     return native(x, w)
+  if dt == np.int8:
+    acc = int8_with_float_grad(int8_fn, native)(x, w)
+    return _poison(acc, jax.lax.stop_gradient(x), jax.lax.stop_gradient(w), bits)
   out = native(x.astype(ctx.int_dtype), w.astype(ctx.int_dtype))
   return out.astype(jnp.float32)
 
@@ -289,6 +553,7 @@ def dense_op(
     signed_input=signed_input,
   )
   native = lambda a, b: jnp.einsum("...n,nm->...m", a, b, precision=HIGHEST)  # noqa: E731
+  native_int8 = _int8_einsum("...n,nm->...m")
   hooked = (
     lambda a, b, mvm: mvm(a.reshape(1, -1, n), b[None]).reshape(  # noqa: E731
       *x.shape[:-1], m
@@ -308,6 +573,7 @@ def dense_op(
     max_bits=max_bits,
     fixed_bits=fixed_bits,
     calib_w=calib_w,
+    native_int8=native_int8,
   )
 
 
@@ -441,7 +707,7 @@ def conv_op(
   kh, kw, _, c_out = kernel.shape
   c_in = x.shape[-1]
 
-  def native(a: Array, b: Array) -> Array:
+  def native(a: Array, b: Array, **kw: Any) -> Array:
     return jax.lax.conv_general_dilated(
       a,
       b,
@@ -449,8 +715,11 @@ def conv_op(
       padding=padding,
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
       feature_group_count=groups,
-      precision=HIGHEST,
+      **(kw or {"precision": HIGHEST}),
     )
+
+  def native_int8(a: Array, b: Array) -> Array:
+    return native(a, b, preferred_element_type=jnp.int32)
 
   y_shape = jax.eval_shape(native, x, kernel).shape
   spec = LayerSpec(
@@ -484,6 +753,7 @@ def conv_op(
     per_channel=per_channel,
     max_bits=max_bits,
     fixed_bits=fixed_bits,
+    native_int8=native_int8,
   )
 
 
@@ -603,7 +873,12 @@ def matmul_op(
       index, layer_spec, xq.reshape(b * r, t, n), wq.reshape(b * r, n, m), w_bits, a_bits
     ).reshape(b, r, t, m)
   else:
-    acc = _product(ctx, xq, wq, native)
+    int8_fn = None
+    if int8_fits(max_bits, fixed_bits):  # w: narrow signed codes; x: offset when unsigned
+      int8_fn = lambda p, q: int8_matmul(p, q, unsigned_x=not signed_input).astype(  # noqa: E731
+        jnp.float32
+      )
+    acc = _product(ctx, xq, wq, native, int8_fn, bits)
   if index is not None:
     _sow_capture(host, ctx, x_int=xq, w_int=wq, acc=acc)
   return acc * (sx * sw)

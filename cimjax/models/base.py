@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cimjax.layers import MvmFn, QuantContext
+from cimjax.layers import MvmFn, QuantContext, resolve_int_dtype
 
 Array = jax.Array
 
@@ -62,7 +62,10 @@ def forward(
       the float forward pass. May be traced (vmapped, jitted): bits are data.
     train: batch norm in training mode; the updated ``batch_stats`` are returned.
     mvm: integer-product hook (crossbar simulator), see :class:`cimjax.layers.QuantContext`.
-    int_dtype: float32 or int32 integer operands in the native product.
+    int_dtype: integer operands of the native product: a dtype (float32, int32, int8) or a
+      mode of :data:`cimjax.layers.INT_MODES` (``"auto"``: int8 on GPU/TPU, float32 on CPU),
+      resolved by :func:`cimjax.layers.resolve_int_dtype`. Callers that build a forward once
+      (the evaluator, the training steps) resolve the mode there and pass the dtype.
     capture: also return each layer's integer operands (``"cim"`` collection).
     calibrate: also return samples of each layer's input (``"calib"`` collection).
     rngs: PRNG keys for stochastic layers, if any.
@@ -73,9 +76,15 @@ def forward(
 
   Raises:
     cimjax.layers.PolicyLengthError: the policy length differs from the model's layer count.
+    cimjax.errors.ConfigError: an unknown ``int_dtype``.
   """
   ctx = QuantContext(
-    policy=policy, train=train, mvm=mvm, int_dtype=int_dtype, capture=capture, calibrate=calibrate
+    policy=policy,
+    train=train,
+    mvm=mvm,
+    int_dtype=resolve_int_dtype(int_dtype),
+    capture=capture,
+    calibrate=calibrate,
   )
   mutable = []
   if train and "batch_stats" in variables:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cimjax.layers import resolve_int_dtype
 from cimjax.models import ModelDef, forward
 from cimjax.policy import uniform_policy
 from cimjax.trace import trace_specs
@@ -62,6 +63,9 @@ class StepConfig:
     max_policy: the max-bits (teacher) policy of :func:`anyprec_step`, ``[L, 2]`` as nested
       tuples.
     anyprec: the any-precision recipe.
+    int_mode: integer-product mode of the QAT forward (:data:`cimjax.layers.INT_MODES`),
+      resolved when a step is traced (``"auto"``: int8 on GPU/TPU, float32 on CPU). The int8
+      product keeps the float path's gradients (:func:`cimjax.layers.int8_with_float_grad`).
   """
 
   module: nn.Module
@@ -69,6 +73,7 @@ class StepConfig:
   label_smoothing: float = 0.0
   max_policy: tuple[tuple[int, int], ...] = ()
   anyprec: AnyPrecConfig = AnyPrecConfig()
+  int_mode: str = "auto"
 
   @classmethod
   def create(
@@ -79,19 +84,28 @@ class StepConfig:
     label_smoothing: float = 0.0,
     max_policy: Any = None,
     anyprec: AnyPrecConfig = AnyPrecConfig(),
+    int_mode: str = "auto",
   ) -> StepConfig:
     """The config of ``model``; ``max_policy`` int ``[L, 2]`` defaults to 8/8 everywhere."""
     if max_policy is None:
       max_policy = uniform_policy(len(trace_specs(model)), 8, 8)
     rows = tuple((int(w), int(a)) for w, a in np.asarray(max_policy).tolist())
-    return cls(model.module, tx, float(label_smoothing), rows, anyprec)
+    resolve_int_dtype(int_mode)  # checks the mode now (ConfigError), resolved again at trace
+    return cls(model.module, tx, float(label_smoothing), rows, anyprec, int_mode)
 
 
 def _apply(
-  module: nn.Module, params: PyTree, batch_stats: PyTree, x: Array, policy: Array | None
+  module: nn.Module,
+  params: PyTree,
+  batch_stats: PyTree,
+  x: Array,
+  policy: Array | None,
+  int_mode: str = "auto",
 ) -> tuple[Array, PyTree]:
   """Training-mode logits and the updated batch statistics."""
-  logits, st = forward(module, variables_dict(params, batch_stats), x, policy, train=True)
+  variables = variables_dict(params, batch_stats)
+  int_dtype = resolve_int_dtype(int_mode)  # once per trace (the config is static)
+  logits, st = forward(module, variables, x, policy, train=True, int_dtype=int_dtype)
   return logits, st.get("batch_stats", batch_stats)
 
 
@@ -127,7 +141,7 @@ def train_step(
   x, y = batch
 
   def loss_fn(params):
-    logits, bs = _apply(config.module, params, state.batch_stats, x, policy)
+    logits, bs = _apply(config.module, params, state.batch_stats, x, policy, config.int_mode)
     loss = jnp.mean(cross_entropy(logits, y, config.label_smoothing))
     return loss, (logits, bs)
 
@@ -145,14 +159,16 @@ def _anyprec_losses(
   teacher, bs_out = None, state.batch_stats
   if cfg.sandwich:
     max_policy = jnp.asarray(config.max_policy, jnp.int32)
-    teacher, bs_out = _apply(config.module, params, state.batch_stats, x, max_policy)
+    teacher, bs_out = _apply(
+      config.module, params, state.batch_stats, x, max_policy, config.int_mode
+    )
     l_max = jnp.mean(cross_entropy(teacher, y, smooth))
     losses.append(l_max)
     metrics["loss_max"] = l_max
     metrics["accuracy"] = jnp.mean(jnp.argmax(teacher, -1) == y)
   accs, pl, stats = [], [], []
   for i in range(policies.shape[0]):
-    logits, bs = _apply(config.module, params, state.batch_stats, x, policies[i])
+    logits, bs = _apply(config.module, params, state.batch_stats, x, policies[i], config.int_mode)
     stats.append(bs)
     ce = jnp.mean(cross_entropy(logits, y, smooth))
     if cfg.distill and teacher is not None:
@@ -231,6 +247,7 @@ class Trainer:
     max_policy: int ``[L, 2]`` max-bits (teacher) policy of ``anyprec_step``; default all 8/8.
     anyprec: the any-precision recipe.
     fast_compile: compile without XLA's expensive optimisations.
+    int_mode: integer-product mode of the QAT forward (see :class:`StepConfig`).
   """
 
   config: StepConfig
@@ -245,9 +262,15 @@ class Trainer:
     max_policy: Any = None,
     anyprec: AnyPrecConfig = AnyPrecConfig(),
     fast_compile: bool = False,
+    int_mode: str = "auto",
   ):
     config = StepConfig.create(
-      model, tx, label_smoothing=label_smoothing, max_policy=max_policy, anyprec=anyprec
+      model,
+      tx,
+      label_smoothing=label_smoothing,
+      max_policy=max_policy,
+      anyprec=anyprec,
+      int_mode=int_mode,
     )
     object.__setattr__(self, "config", config)
     object.__setattr__(self, "fast_compile", bool(fast_compile))
