@@ -266,6 +266,26 @@ def test_folder_with_train_val_test(split_folder):
   json.dumps(s.info)  # the report can embed it
 
 
+def test_val_folder_as_test_reads_imagenet_layout(split_folder, tmp_path):
+  """``val_folder="test"``: ``train/`` + ``val/`` (ImageNet's layout), ``val/`` is the test
+  split and the search's validation split is held out of ``train/``."""
+  import shutil
+
+  src, parts = split_folder
+  root = tmp_path / "imagenet"
+  shutil.copytree(src / "train", root / "train")
+  shutil.copytree(src / "val", root / "val")
+  s = data.load_dataset("folder", path=root, val_folder="test", val_size=6)
+  np.testing.assert_array_equal(s.test.labels, parts["val"][1])
+  assert len(s.val) == 6 and len(s.train) == len(parts["train"][1]) - 6
+  default = data.load_dataset("folder", path=root)  # val/ is the validation split by default
+  np.testing.assert_array_equal(default.val.labels, parts["val"][1])
+  with pytest.raises(data.DataError, match=r"val_folder=test reads val/ as the test part"):
+    data.load_dataset("folder", path=src, val_folder="test")  # val/ and test/ both there
+  with pytest.raises(data.DataError, match=r"val_folder='x'; allowed: val, test"):
+    data.load_dataset("folder", path=root, val_folder="x")
+
+
 def test_folder_pool_equals_npz(pool):
   folder, npz, _, _ = pool
   a = data.load_dataset("folder", path=folder, split_seed=3)

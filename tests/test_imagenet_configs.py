@@ -1,8 +1,8 @@
 """The ImageNet run configs (train/*_imagenet.py) on a tiny ImageNet-layout folder.
 
 The folder is made here: ``imagenet/train/<synset>/`` and ``imagenet/val/<synset>/`` JPEGs of
-varied sizes (one grey), and the run root of train/imagenet_common.py's docstring: ``root/train``
-and ``root/test`` symlinked to them. Pretrained weights: a random state dict with torchvision's
+varied sizes (one grey): ImageNet's own layout, whose ``val/`` the configs read as the test
+split (``data.val_folder = "test"``). Pretrained weights: a random state dict with torchvision's
 keys for the zoo ResNet-18 (3 classes), saved with ``safetensors.numpy``.
 """
 
@@ -46,18 +46,14 @@ def _jpegs(d: Path, n: int, cls: int, rng: np.random.Generator, grey: bool = Fal
 
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory) -> Path:
-  """The run root (``train``, ``test`` -> ImageNet ``val``); its parent holds the raw layout."""
+  """ImageNet's own layout: ``train/<synset>/`` and ``val/<synset>/`` (the benchmark's set)."""
   base = tmp_path_factory.mktemp("imagenet")
   rng = np.random.default_rng(0)
   raw = base / "imagenet"
   for c, syn in enumerate(SYNSETS):
     _jpegs(raw / "train" / syn, 8, c, rng, grey=c == 1)
     _jpegs(raw / "val" / syn, 3, c, rng)
-  root = base / "imagenet_cim"
-  root.mkdir()
-  (root / "train").symlink_to(raw / "train", target_is_directory=True)
-  (root / "test").symlink_to(raw / "val", target_is_directory=True)
-  return root
+  return raw
 
 
 def _pretrained_like(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -168,11 +164,24 @@ def test_missing_data_path_or_weights_is_one_line_exit_2(imagenet, weights, tmp_
   assert not wd.exists()  # nothing written
 
 
-def test_standard_layout_with_val_folder_is_refused(imagenet, weights):
-  # ROOT/val (not ROOT/test): the search would tune on ImageNet's validation images
-  c = _tiny(_config("resnet18"), imagenet.parent / "imagenet", weights[0])
+def test_val_folder_read_as_validation_is_refused(imagenet, weights):
+  # val_folder=val: ImageNet's val/ would be the search split and nothing would be left for test
+  c = _tiny(_config("resnet18"), imagenet, weights[0])
+  c.train.data.val_folder = "val"
   c.train.data.test_size = 50_000
   with pytest.raises(CimjaxError, match="test_size") as info:
+    pipeline.validate_run(c)
+  assert "\n" not in str(info.value)
+
+
+def test_val_folder_as_test_with_a_test_folder_too_is_one_line(imagenet, weights, tmp_path):
+  import shutil
+
+  root = tmp_path / "both"
+  shutil.copytree(imagenet, root)
+  shutil.copytree(imagenet / "val", root / "test")
+  c = _tiny(_config("resnet18"), root, weights[0])
+  with pytest.raises(CimjaxError, match=r"val_folder=test reads val/ as the test part") as info:
     pipeline.validate_run(c)
   assert "\n" not in str(info.value)
 

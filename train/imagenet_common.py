@@ -11,23 +11,14 @@ crossbars, 4-bit cells, 1-bit DAC) with 1.0 point of allowed top-1 drop from INT
 epochs a stage on ImageNet; these configs do 1 epoch a stage (any-precision QAT replaces its
 per-candidate fine-tuning), a budget to raise for a final number.
 
-Data: ``train.data.path=ROOT`` must hold ``ROOT/train/<synset>/*.JPEG`` (ImageNet's 1,000
-class folders, 1,281,167 images) and ``ROOT/test/<synset>/*.JPEG``: **ImageNet's validation
-set (50,000 images, class-per-subfolder as torchvision's ``ImageFolder`` reads it) under the
-name ``test``**, so that it is the run's test split (final numbers only) and the search's
-validation split is held out of the training set. cimjax's folder loader reads a ``val/``
-folder as the validation split, which the search tunes on; no option renames it, so give the
-standard layout two symlinks instead of copying anything::
-
-  mkdir -p /data/imagenet_cim
-  ln -s /data/imagenet/train /data/imagenet_cim/train
-  ln -s /data/imagenet/val /data/imagenet_cim/test
-
-With ``ROOT/val`` instead of ``ROOT/test`` the check before the first stage fails in one line
-(``test_size=50000``: nothing is held out for test), so the search can never tune on the test
+Data: ``train.data.path=ROOT`` is ImageNet's own layout, ``ROOT/train/<synset>/*.JPEG`` (1,000
+class folders, 1,281,167 images) and ``ROOT/val/<synset>/*.JPEG`` (the 50,000 validation images,
+class-per-subfolder as torchvision's ``ImageFolder`` reads them). ``data.val_folder = "test"``
+reads ``ROOT/val`` as the run's **test** split (final numbers only), and the search's
+validation split is held out of the training set, so the search never tunes on the benchmark's
 images. A validation folder of another size: ``--config.train.data.test_size=-1`` (all of it).
 
-Splits: test = all of ``ROOT/test``; val = 10,000 training images held out by a seeded
+Splits: test = all of ``ROOT/val``; val = 10,000 training images held out by a seeded
 permutation (``data.val_size``, ``split_seed``); train = the other 1,271,167, streamed
 (``data.stream``: grain, decoded and augmented on the fly: random resized crop 224 + flip for
 training; resize 256 + centre crop 224 for val and test, which are decoded once into host
@@ -108,7 +99,8 @@ def imagenet_config(
   t.pretrained = weights_unset(model)
   d = t.data
   d.source = "folder"
-  d.path = ""  # required: --config.train.data.path=ROOT (ROOT/train, ROOT/test)
+  d.path = ""  # required: --config.train.data.path=ROOT (ROOT/train, ROOT/val)
+  d.val_folder = "test"  # ImageNet's val/ is the benchmark: the run's test split
   d.stream = True
   d.workers = 8
   d.prefetch = 2
@@ -122,7 +114,7 @@ def imagenet_config(
   d.num_classes = 0  # from the class folders
   d.val_size = HELD_OUT_VAL
   d.test_size = IMAGENET_VAL_IMAGES
-  d.test_fraction = 0.0  # the test split is ROOT/test; nothing else is held out for it
+  d.test_fraction = 0.0  # the test split is ROOT/val; nothing else is held out for it
   d.train_size = -1
   d.split_seed = 0
   t.batch_size = batch_size

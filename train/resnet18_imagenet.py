@@ -5,7 +5,7 @@ The shared part (data layout, splits, weights, stages, CIM-AQ's constraints) is
 weight decay 1e-4, peak lr 1e-4 (INT8 QAT) / 2e-4 (any-precision) / 1e-4 (fine-tune), cosine
 decay, global batch 256.
 
-One GPU (``ROOT`` prepared as in imagenet_common: ``ROOT/train``, ``ROOT/test`` = ImageNet val)::
+One GPU (``ROOT`` is ImageNet's own layout, ``ROOT/train`` and ``ROOT/val``)::
 
   cimjax --config=train/resnet18_imagenet.py --config.train.data.path=ROOT \
       --config.train.pretrained=/weights/resnet18.safetensors --workdir=runs/r18_imagenet

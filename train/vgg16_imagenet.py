@@ -7,7 +7,7 @@ weight decay 5e-4 (torchvision's VGG recipe), peak lr 1e-4 (INT8 QAT) / 2e-4 (an
 has 0.5 after fc1 and fc2 in training, docs/pretrained.md); at 224x224 its forward equals
 torchvision's.
 
-One GPU (``ROOT`` prepared as in imagenet_common: ``ROOT/train``, ``ROOT/test`` = ImageNet val)::
+One GPU (``ROOT`` is ImageNet's own layout, ``ROOT/train`` and ``ROOT/val``)::
 
   cimjax --config=train/vgg16_imagenet.py --config.train.data.path=ROOT \
       --config.train.pretrained=/weights/vgg16.safetensors --workdir=runs/vgg16_imagenet

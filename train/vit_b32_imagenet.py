@@ -6,7 +6,7 @@ only), peak lr 1e-5 (INT8 QAT) / 2e-5 (any-precision) / 1e-5 (fine-tune), cosine
 batch 256. The position embedding fixes the input at 224x224 (50 tokens at patch 32): keep
 ``train.data.crop_size=224`` with pretrained weights.
 
-One GPU (``ROOT`` prepared as in imagenet_common: ``ROOT/train``, ``ROOT/test`` = ImageNet val)::
+One GPU (``ROOT`` is ImageNet's own layout, ``ROOT/train`` and ``ROOT/val``)::
 
   cimjax --config=train/vit_b32_imagenet.py --config.train.data.path=ROOT \
       --config.train.pretrained=/weights/vit_b32.safetensors --workdir=runs/vit_b32_imagenet

@@ -50,6 +50,8 @@ class LoadOptions:
     test_fraction: fraction held out for test when there is no test part.
     num_classes: the number of classes (None: from the class names or the labels).
     on_bad_image: ``"skip"`` or ``"error"`` for an unreadable image.
+    val_folder: the part an image folder's ``val/`` holds: ``"val"`` or ``"test"``
+      (:func:`cimjax.data.scan_folder`).
   """
 
   train_size: int | None = None
@@ -62,9 +64,12 @@ class LoadOptions:
   test_fraction: float = 0.2
   num_classes: int | None = None
   on_bad_image: str = "skip"
+  val_folder: str = "val"
 
   def validate(self) -> None:
     """Raises DataError naming the first bad option."""
+    if self.val_folder not in ("val", "test"):
+      raise DataError(f"val_folder={self.val_folder!r}; allowed: val, test")
     if self.on_bad_image not in ON_BAD_IMAGE:
       raise DataError(f"on_bad_image={self.on_bad_image!r}; allowed: {', '.join(ON_BAD_IMAGE)}")
     for f in ("val_fraction", "test_fraction"):

@@ -7,7 +7,10 @@ Layouts (``train.data.path=ROOT``)::
   ROOT/test/<class>/*.png
 
 ``val/`` (or ``validation/``) and ``test/`` are optional; without them, those splits are held
-out of ``train/`` (see :mod:`cimjax.data.assemble`). Class names are the sorted subfolder names
+out of ``train/`` (see :mod:`cimjax.data.assemble`). ``val_folder="test"``
+(``train.data.val_folder``) reads ``val/`` as the test part instead, for ImageNet's own layout
+(``train/`` + ``val/``, where ``val/`` is the benchmark's evaluation set): the search's
+validation split is then held out of ``train/``. Class names are the sorted subfolder names
 of ``train/`` (or ``ROOT``), class ``i`` the ``i``-th; a class folder in ``val/`` or ``test/``
 must also exist in ``train/``. Images (extensions :data:`cimjax.data.images.IMAGE_EXTENSIONS`,
 any case, searched recursively, sorted by path; hidden files ignored) are decoded with Pillow.
@@ -76,11 +79,18 @@ class FolderSource:
     return str(self.files[i])
 
 
-def scan_folder(path: str | os.PathLike[str]) -> tuple[dict[str, FolderSource], tuple[str, ...]]:
+VAL_FOLDER_ROLES = ("val", "test")
+
+
+def scan_folder(
+  path: str | os.PathLike[str], val_folder: str = "val"
+) -> tuple[dict[str, FolderSource], tuple[str, ...]]:
   """The parts and class names of an image folder (no image is decoded).
 
   Args:
     path: the folder (layouts: see the module docstring).
+    val_folder: the part that ``val/`` (``validation/``) holds: ``"val"`` (the search's
+      validation split) or ``"test"`` (ImageNet's layout; then no ``test/`` may exist).
 
   Returns:
     ``({"train": source, ["val": ...], ["test": ...]}, class_names)``.
@@ -90,6 +100,8 @@ def scan_folder(path: str | os.PathLike[str]) -> tuple[dict[str, FolderSource], 
       without a train folder; the message names the folder.
   """
   root = Path(path)
+  if val_folder not in VAL_FOLDER_ROLES:
+    raise DataError(f"val_folder={val_folder!r}; allowed: {', '.join(VAL_FOLDER_ROLES)}")
   if not root.is_dir():
     raise DataError(f"{root}: folder not found ({_LAYOUT_HINT})")
   subs = _subdirs(root)
@@ -102,8 +114,14 @@ def scan_folder(path: str | os.PathLike[str]) -> tuple[dict[str, FolderSource], 
         f"folders ({', '.join(others)}); {_LAYOUT_HINT}"
       )
     by_part: dict[str, Path] = {}
+    roles = {**SPLIT_FOLDERS, "val": val_folder, "validation": val_folder}
     for s in split_dirs:
-      part = SPLIT_FOLDERS[s.name]
+      part = roles[s.name]
+      if part in by_part and val_folder == "test" and "test" in (s.name, by_part[part].name):
+        raise DataError(
+          f"{root}: val_folder=test reads {'val' if s.name == 'test' else s.name}/ as the test "
+          f"part, but test/ exists too; keep one, or use val_folder=val"
+        )
       if part in by_part:
         raise DataError(f"{root}: both {by_part[part].name}/ and {s.name}/; keep one")
       by_part[part] = s
@@ -140,7 +158,7 @@ def load_folder(path: str | os.PathLike[str], opts: LoadOptions) -> Splits:
       class without a readable image; splits too small for the requested sizes.
   """
   root = Path(path)
-  sources, classes = scan_folder(root)
+  sources, classes = scan_folder(root, opts.val_folder)
   parts, skipped = read_sources(
     sources, {part: str(src.root) for part, src in sources.items()}, str(root), opts
   )
@@ -159,4 +177,4 @@ def load_folder(path: str | os.PathLike[str], opts: LoadOptions) -> Splits:
   return assemble(RawData(f"folder:{root.name}", parts, classes, info), opts)
 
 
-__all__ = ["SPLIT_FOLDERS", "FolderSource", "load_folder", "scan_folder"]
+__all__ = ["SPLIT_FOLDERS", "VAL_FOLDER_ROLES", "FolderSource", "load_folder", "scan_folder"]

@@ -31,6 +31,7 @@ def load_dataset(
   test_fraction: float = 0.2,
   num_classes: int | None = None,
   on_bad_image: str = "skip",
+  val_folder: str = "val",
 ) -> Splits:
   """Loads a dataset as normalised float32 NHWC train/val/test splits.
 
@@ -57,6 +58,8 @@ def load_dataset(
     num_classes: other sources: the number of classes (None: from the class names or labels).
     on_bad_image: other sources: ``"skip"`` (leave unreadable images out, counted in
       ``Splits.info["skipped"]``) or ``"error"``.
+    val_folder: image folders: the part ``val/`` holds, ``"val"`` or ``"test"`` (ImageNet's
+      ``train/`` + ``val/`` layout: ``val/`` is the test split; :func:`scan_folder`).
 
   Returns:
     :class:`Splits`.
@@ -92,6 +95,7 @@ def load_dataset(
     test_fraction=test_fraction,
     num_classes=num_classes or None,
     on_bad_image=on_bad_image,
+    val_folder=val_folder,
   )
   opts.validate()
   if name in ("npz", "npy"):

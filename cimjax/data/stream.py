@@ -356,14 +356,15 @@ def scan_arrays(path: str | os.PathLike[str], kind: str) -> StreamParts:
   return StreamParts(f"{info['source']}:{p.name}", str(p), parts, labels, names, info)
 
 
-def scan_source(kind: str, path: str | os.PathLike[str]) -> StreamParts:
-  """The parts of a ``folder``, ``npy`` or ``npz`` source (nothing decoded).
+def scan_source(kind: str, path: str | os.PathLike[str], val_folder: str = "val") -> StreamParts:
+  """The parts of a ``folder``, ``npy`` or ``npz`` source (nothing decoded; ``val_folder``:
+  the part a folder's ``val/`` holds, see :func:`cimjax.data.scan_folder`).
 
   Raises:
     DataError: another source kind, or the scanners' errors.
   """
   if kind == "folder":
-    sources, classes = scan_folder(path)
+    sources, classes = scan_folder(path, val_folder)
     labels = {part: np.asarray(s.labels, np.int64) for part, s in sources.items()}
     info = {"source": "folder", "path": str(path)}
     return StreamParts(f"folder:{Path(path).name}", str(path), dict(sources), labels, classes, info)
@@ -938,7 +939,7 @@ def open_stream(
   """
   stream_opts.validate()
   opts.validate()
-  sp = scan_source(kind, path)
+  sp = scan_source(kind, path, opts.val_folder)
   where = sp.where
   counts = {part: src.num_examples for part, src in sp.parts.items()}
   split = split_indices(counts, opts, where)

@@ -35,6 +35,9 @@ STREAM_DEFAULTS: dict[str, Any] = dict(
   normalize="data",
   stats_images=1000,
   data_parallel=False,
+  # the part an image folder's val/ holds (val, or test for ImageNet's train/ + val/ layout);
+  # listed here so that checkpoints from before the field resume with its default
+  val_folder="val",
 )
 # train.data fields a resumed stage may change (they change speed, not batches).
 DATA_RESUME_IGNORED = ("workers", "prefetch", "threads")
@@ -251,6 +254,8 @@ def _validate_data_source(d: ConfigDict) -> None:
     raise config_error("data.num_classes", n_cls, "an integer >= 0 (0: from the data)")
   if d.get("on_bad_image", "skip") not in data_lib.ON_BAD_IMAGE:
     raise config_error("data.on_bad_image", d.on_bad_image, ", ".join(data_lib.ON_BAD_IMAGE))
+  if d.get("val_folder", "val") not in ("val", "test"):
+    raise config_error("data.val_folder", d.get("val_folder"), "val, test")
   _validate_stream(d)
 
 
@@ -303,6 +308,7 @@ def _load_options(d: ConfigDict) -> data_lib.LoadOptions:
     test_fraction=float(d.test_fraction),
     num_classes=d.num_classes or None,
     on_bad_image=d.on_bad_image,
+    val_folder=d.get("val_folder", "val"),
   )
 
 
@@ -377,6 +383,7 @@ def load_splits(config: ConfigDict) -> data_lib.Splits:
     test_fraction=float(d.test_fraction),
     num_classes=d.num_classes or None,
     on_bad_image=d.on_bad_image,
+    val_folder=d.get("val_folder", "val"),
   )
 
 
