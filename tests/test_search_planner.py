@@ -71,6 +71,20 @@ def test_pareto_dp_plan_is_the_brute_force_optimum(tiny):
     assert r == pytest.approx(want_rel, abs=1e-9), m
 
 
+def test_plan_front_gives_the_full_fronts_plans(tiny):
+  """The pruned front (cimjax.search.pareto) answers every margin it is asked about with the
+  full front's policy, including margins no policy meets (the most accurate)."""
+  space, table, coef, _, _, rel = tiny
+  full, full_rel = planner.model_front(space, table, coef)
+  margins = np.concatenate([np.quantile(rel, [0.0, 0.2, 0.5, 0.8, 1.0]), [rel.max() + 1.0]])
+  for ask in (margins, margins[2:3], margins[-1:]):
+    front, front_rel = planner.plan_front(space, table, coef, ask)
+    assert len(front.cost) <= len(full.cost)
+    for m in ask:
+      got = planner.cheapest_feasible(front, front_rel, float(m))
+      np.testing.assert_array_equal(got, planner.cheapest_feasible(full, full_rel, float(m)))
+
+
 def test_plan_policies_margins_and_a_collapsed_thompson_draw(tiny):
   """Deterministic plans at ``margin * max(sigma, min_sigma)``; a Thompson draw whose posterior
   has collapsed (huge Gram diagonal, no misfit floor) is the plan at margin 0."""

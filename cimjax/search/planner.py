@@ -8,8 +8,11 @@ exactly in float64 on the host, so a plan does not depend on how a sharded progr
 sums.
 
 Planner: the exact optima of the model at a range of safety margins, by a Pareto DP over layers
-(:func:`model_front`, :func:`cheapest_feasible`); the margins are measured in the model's
-out-of-sample error on earlier planned candidates. A few planned candidates are Thompson
+(:func:`plan_front`, :func:`cheapest_feasible`); the margins are measured in the model's
+out-of-sample error on earlier planned candidates. The DP keeps only the part of the front
+that can hold an answer (bound and prune, :mod:`cimjax.search.pareto`) and plans exactly what
+the full front (:func:`model_front`, the reference) plans, bit for bit, over 20 times faster
+on ViT-B/32's 74 layers (BUILD_NOTES.md). A few planned candidates are Thompson
 samples: optima of models drawn from the fit's posterior widened by the additive model's misfit
 (:func:`thompson_std`), which keeps trying equal-cost alternatives that the model cannot tell
 apart.
@@ -29,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cimjax.search import baselines
+from cimjax.search import baselines, pareto
 from cimjax.search import space as space_lib
 
 
@@ -265,6 +268,31 @@ def model_front(
   return front, coef[-1] - front.damage
 
 
+def plan_front(
+  space: space_lib.SearchSpace, cost_table: np.ndarray, coef: np.ndarray, margins: np.ndarray
+) -> tuple[baselines.ParetoDP, np.ndarray]:
+  """The part of :func:`model_front` that answers ``margins`` (:func:`pareto.constrained_front
+  <cimjax.search.pareto.constrained_front>`).
+
+  :func:`cheapest_feasible` of it at any of ``margins`` returns the same policy as on the full
+  front (the cheapest predicted at least that far above the target, or the most accurate when
+  none is), at a fraction of the cost on many layers.
+
+  Args:
+    space: the search space (allowed pairs).
+    cost_table: float64 ``[L, 8, 8]`` costs.
+    coef: ``[16 L + 17]`` model coefficients.
+    margins: float64 ``[Q]`` margins (points above the target).
+
+  Returns:
+    ``(front, rel)`` as :func:`model_front`, the front pruned to the margins' answers.
+  """
+  c = np.asarray(coef, np.float64)
+  limits = c[-1] - np.asarray(margins, np.float64)  # rel >= margin <=> damage <= limit
+  front = pareto.constrained_front(space, cost_table, model_damage(c, space.num_layers), limits)
+  return front, c[-1] - front.damage
+
+
 def cheapest_feasible(front: baselines.ParetoDP, rel: np.ndarray, margin: float) -> np.ndarray:
   """The cheapest front policy predicted at least ``margin`` above the target (none: the most
   accurate). int ``[L, 2]``."""
@@ -282,12 +310,15 @@ def plan_policies(
   space: space_lib.SearchSpace,
   cost_table: np.ndarray,
   config: PlannerConfig,
+  pruned: bool = True,
 ) -> np.ndarray:
   """The planned candidates (host function, NumPy in and out).
 
   The first ``plan - num_thompson`` are the model's optima at the deterministic margins (times
   the margin unit ``max(sigma, min_sigma)``); the rest are Thompson samples: optima at margin 0
-  of models drawn around the fit with standard deviations :func:`thompson_std`.
+  of models drawn around the fit with standard deviations :func:`thompson_std`. The optima come
+  from :func:`plan_front`, which gives the same policies as the full front of
+  :func:`model_front` (``pruned=False``, the reference) in a fraction of the time.
 
   Args:
     coef: ``[D]`` the model's coefficients.
@@ -297,11 +328,18 @@ def plan_policies(
     space: the search space.
     cost_table: float64 ``[L, 8, 8]`` costs.
     config: the planner's settings.
+    pruned: use :func:`plan_front` (default) rather than the full :func:`model_front`.
 
   Returns:
     int32 ``[plan, L, 2]``.
   """
   cfg = config
+
+  def front_of(coef_: np.ndarray, margins_: np.ndarray):
+    if pruned:
+      return plan_front(space, cost_table, coef_, margins_)
+    return model_front(space, cost_table, coef_)
+
   num = space.num_layers
   c = np.asarray(coef, np.float64)
   sd = max(float(sigma), cfg.min_sigma)
@@ -309,7 +347,7 @@ def plan_policies(
   det = cfg.plan - cfg.num_thompson
   if det:  # the model's optimum per margin
     margins = cfg.deterministic_margins()
-    front, rel = model_front(space, cost_table, c)
+    front, rel = front_of(c, margins * sd)
     for k in range(det):
       out[k] = cheapest_feasible(front, rel, float(margins[k]) * sd)
   # Thompson samples: optima of models drawn around the fit (diagonal posterior), so the
@@ -318,7 +356,7 @@ def plan_policies(
   post = thompson_std(diag, sd, num, cfg.ts_misfit)
   for k in range(det, cfg.plan):
     drawn = c + cfg.ts_scale * post * rng.standard_normal(c.shape)
-    front, rel = model_front(space, cost_table, drawn)
+    front, rel = front_of(drawn, np.zeros(1))
     out[k] = cheapest_feasible(front, rel, 0.0)
   return out
 
@@ -424,6 +462,7 @@ __all__ = [
   "model_ridge_penalty",
   "model_update",
   "plan_candidates",
+  "plan_front",
   "plan_policies",
   "predict",
   "refit",
