@@ -42,6 +42,7 @@ FLAGS = {
     "max_seconds",
     "quick",
     "out",
+    "int_modes",
   ),
   "launch.bench_noise": ("variables", "workdir", "hw", "policy", "adc_bits", "variations", "out"),
   "launch.bench_search": (
@@ -61,8 +62,13 @@ FLAGS = {
     "synthetic_kind",
     "agent_max_budget",
     "quick",
+    "lazy",
+    "lazy_chunks",
   ),
   "launch.bench_xbar": ("out", "tokens", "batch", "repeats"),
+  "launch.bench_data": ("folder", "images", "workers", "batch_size", "crop", "model", "out"),
+  "launch.bench_gpu": ("out_dir", "dry", "budget", "max_seconds"),
+  "launch.bench_planner": ("out", "tasks", "seeds", "budget", "planner", "compare", "quick"),
   "launch.proxy_validity": (
     "config",
     "workdir",
