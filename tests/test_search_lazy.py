@@ -383,7 +383,10 @@ def test_checkpoint_without_lazy_fields_is_read_as_all_exact(tmp_path):
 def test_bad_lazy_settings_are_refused_in_one_line(task):
   m, specs, hw, tables, syn = task
   c = pipeline.default_config()
-  stages.validate_search(c)  # the default run has no lazy fields: lazy off
+  stages.validate_search(c)  # the default run: lazy off
+  assert stages.search_config(c).lazy is False
+  del c.search["lazy"]  # a config file from before the fields: their defaults
+  stages.validate_search(c)
   assert stages.search_config(c).lazy is False
   for field, value, word in (
     ("lazy", 1, "search.lazy"),
@@ -391,6 +394,7 @@ def test_bad_lazy_settings_are_refused_in_one_line(task):
     ("lazy_alpha", 1.5, "search.lazy_alpha"),
   ):
     bad = pipeline.default_config()
+    del bad.search[field]  # typed fields refuse another type on assignment; a file may not
     bad.search[field] = value
     with pytest.raises(ConfigError, match=word):
       stages.validate_search(bad)
