@@ -69,6 +69,8 @@ FLAGS = {
   "launch.bench_data": ("folder", "images", "workers", "batch_size", "crop", "model", "out"),
   "launch.bench_gpu": ("out_dir", "dry", "budget", "max_seconds"),
   "launch.bench_planner": ("out", "tasks", "seeds", "budget", "planner", "compare", "quick"),
+  "launch.bench_train": ("arch", "batch_size", "steps", "warmup", "repeats", "stages", "out"),
+  "launch.profile_eval": ("dataset", "images", "n", "batch_size", "repeats", "out"),
   "launch.proxy_validity": (
     "config",
     "workdir",

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 
 from cimjax.layers import QuantContext, QuantConv, QuantDense
+from cimjax.models.pooling import max_pool_2x2
 
 
 class SmallCNN(nn.Module):
@@ -36,7 +37,7 @@ class SmallCNN(nn.Module):
     for i, c in enumerate(self.channels):
       x = QuantConv(c, (3, 3), signed_input=(i == 0), name=f"conv{i + 1}")(x, ctx)
       x = nn.relu(x)
-      x = nn.max_pool(x, (2, 2), (2, 2))
+      x = max_pool_2x2(x)  # nn.max_pool's values and gradients, bit for bit
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(QuantDense(self.hidden, name="fc1")(x, ctx))
     return QuantDense(self.num_classes, name="fc2")(x, ctx)

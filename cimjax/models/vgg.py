@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 
 from cimjax.layers import QuantContext, QuantConv, QuantDense
+from cimjax.models.pooling import max_pool_2x2
 
 VGG16_CFG: tuple[int | str, ...] = (
   64,
@@ -50,7 +51,7 @@ class VGG(nn.Module):
     i = 0
     for v in self.cfg:
       if v == "M":
-        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = max_pool_2x2(x)  # nn.max_pool's values and gradients, bit for bit
         continue
       i += 1
       x = nn.relu(
