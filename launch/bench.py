@@ -1,11 +1,12 @@
 """All benchmarks, one table: ``python -m launch.bench [--quick]``.
 
-Runs ``launch.bench_eval``, ``launch.bench_search`` and ``launch.bench_xbar`` (in quick mode with
-``--quick``) as subprocesses, each writing its JSON into ``--workdir``, then prints one summary
-table and writes ``WORKDIR/bench_summary.json`` and ``WORKDIR/bench_summary.md`` with the date
-and the machine. The search benchmark includes the Fashion-MNIST part when ``--checkpoint``
-names a trained any-precision model (e.g. ``runs/default/anyprec`` after the default run),
-else only its synthetic latency-side part.
+Runs ``launch.bench_eval``, ``launch.bench_search``, ``launch.bench_xbar`` and
+``launch.bench_train`` (the img/s of every training stage's step of the default run) as
+subprocesses (in quick mode with ``--quick``), each writing its JSON into ``--workdir``, then
+prints one summary table and writes ``WORKDIR/bench_summary.json`` and
+``WORKDIR/bench_summary.md`` with the date and the machine. The search benchmark includes the
+Fashion-MNIST part when ``--checkpoint`` names a trained any-precision model (e.g.
+``runs/default/anyprec`` after the default run), else only its synthetic latency-side part.
 
 Example::
 
@@ -30,7 +31,7 @@ from cimjax import cli as cli_lib
 from cimjax.errors import CimjaxError
 
 PROG = "launch.bench"
-PARTS = ("eval", "search", "xbar")
+PARTS = ("eval", "search", "xbar", "train")
 
 FLAGS = flags.FlagValues()  # this CLI's own registry (see cimjax.cli)
 flags.DEFINE_string(
@@ -69,6 +70,14 @@ def _commands(workdir: Path, quick: bool, checkpoint: str) -> dict[str, list[str
     "search": search,
     "xbar": [*py, "launch.bench_xbar", f"--out={workdir / 'bench_xbar.json'}"]
     + (["--tokens=1024", "--repeats=3", "--batch=8"] if quick else []),
+    "train": [
+      *py,
+      "launch.bench_train",
+      "--parts=stages",
+      "--arch=default",
+      f"--out={workdir / 'bench_train.json'}",
+    ]
+    + (["--repeats=1", "--steps=4", "--warmup=1"] if quick else []),
   }
 
 
@@ -77,6 +86,7 @@ def _json_of(part: str, workdir: Path) -> Path:
     "eval": workdir / "bench_eval.json",
     "search": workdir / "search" / "bench_search.json",
     "xbar": workdir / "bench_xbar.json",
+    "train": workdir / "bench_train.json",
   }[part]
 
 
@@ -120,6 +130,16 @@ def summarize(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     for r in xb.get("results", []):
       thr = f"{r['mvm_per_s']:.3g} MVM/s" if "mvm_per_s" in r else f"{r['images_per_s']:.3g} img/s"
       rows.append(("crossbar", f"{r['bench']}: {r['case']}", thr))
+  tr = results.get("train")
+  if tr:
+    for stage, v in tr.get("stages", {}).items():
+      rows.append(
+        (
+          "training",
+          f"{stage} step, {tr['model']}, batch {tr['batch_size']}",
+          f"{v['img_s']:.1f} img/s",
+        )
+      )
   return rows
 
 

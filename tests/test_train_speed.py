@@ -3,9 +3,9 @@
 * :func:`cimjax.train.fit` running the real fp32 stage step reaches bit-identical parameters to
   a plain reference loop written here (its own batch gather, a plain ``jax.jit`` of
   :func:`cimjax.train.steps.train_step`, one blocking step at a time);
-* ``cimjax.models.pooling.max_pool_2x2`` (the faster max-pool gradient the benchmark measures) equals
-  ``nn.max_pool`` and its ``select_and_scatter`` gradient bit for bit, and a CNN built with it
-  trains to the same parameters as the zoo's ``small_cnn``;
+* ``cimjax.models.pooling.max_pool_2x2`` (the faster max-pool gradient the benchmark
+  measures) equals ``nn.max_pool`` and its ``select_and_scatter`` gradient bit for bit, and a
+  CNN built with it trains to the same parameters as the zoo's ``small_cnn``;
 * ``python -m launch.bench_train``: ``--help`` exits 0, a bad flag is one line and status 2.
 """
 
@@ -145,3 +145,25 @@ def test_bench_train_cli_help_and_bad_flag():
   assert bad.stderr.strip().splitlines() == [
     "launch.bench_train: error: flag --parts=['nope']: allowed values are train, breakdown, stages"
   ]
+
+
+def test_bench_summary_has_a_row_for_every_training_stage():
+  """``launch.bench``'s summary carries bench_train's img/s of each stage of the default run."""
+  from launch import bench
+
+  tr = {
+    "model": "small_cnn",
+    "batch_size": 128,
+    "stages": {s: {"img_s": v} for s, v in (("fp32", 300.0), ("int8", 250.5), ("anyprec", 90.0))},
+  }
+  rows = bench.summarize({"train": tr})
+  assert rows == [
+    ("training", "fp32 step, small_cnn, batch 128", "300.0 img/s"),
+    ("training", "int8 step, small_cnn, batch 128", "250.5 img/s"),
+    ("training", "anyprec step, small_cnn, batch 128", "90.0 img/s"),
+  ]
+  assert (
+    "train" in bench.PARTS
+    and "launch.bench_train"
+    in bench._commands(__import__("pathlib").Path("/tmp/w"), True, "none")["train"]
+  )
