@@ -273,36 +273,10 @@ class StageBench:
     self.spe = 55000 // batch_size  # the default run's train split
 
   def trainer(self, stage: str) -> Any:
-    from cimjax.train.state import make_optimizer  # pylint: disable=g-import-not-at-top
-    from cimjax.train.steps import AnyPrecConfig, Trainer  # pylint: disable=g-import-not-at-top
+    from cimjax.train.runner import stage_trainer  # pylint: disable=g-import-not-at-top
 
-    sc, ap = self.config[stage], self.config.anyprec
-    n = max(int(round(sc.epochs * self.spe)), 1)
-    tx = make_optimizer(
-      sc.optimizer,
-      sc.lr,
-      n,
-      warmup_steps=int(round(sc.warmup_epochs * self.spe)),
-      weight_decay=sc.weight_decay,
-      momentum=sc.momentum,
-      nesterov=sc.nesterov,
-      end_lr_frac=sc.end_lr_frac,
-      clip_lr_mult=sc.clip_lr_mult,
-      grad_clip_norm=sc.grad_clip_norm,
-    )
-    recipe = AnyPrecConfig(
-      sandwich=ap.sandwich,
-      distill=ap.distill,
-      distill_weight=ap.distill_weight,
-      temperature=ap.temperature,
-    )
-    return Trainer(
-      self.model,
-      tx,
-      label_smoothing=sc.label_smoothing,
-      max_policy=self.policies.max_policy,
-      anyprec=recipe,
-    )
+    n = max(int(round(self.config[stage].epochs * self.spe)), 1)
+    return stage_trainer(self.model, self.config, stage, n, self.spe, self.policies.max_policy)
 
   def step_fn(self, stage: str, trainer: Any) -> Callable[..., Any]:
     from cimjax.train import stages as stages_lib  # pylint: disable=g-import-not-at-top

@@ -169,14 +169,33 @@ def _setup(
   )
 
 
-def _trainer(s: _Setup) -> Trainer:
-  """The stage's optimizer and jitted steps (an equal setup reuses the compiled steps)."""
-  sc, ap = s.config[s.spec.name], s.config.anyprec
+def stage_trainer(
+  model: Any,
+  config: Any,
+  stage: str,
+  num_steps: int,
+  steps_per_epoch: float,
+  max_policy: Any,
+  fast_compile: bool = False,
+) -> Trainer:
+  """A stage's optimizer and jitted steps from its config section (``config[stage]``).
+
+  Args:
+    model: the :class:`cimjax.models.ModelDef`.
+    config: the training config (``config[stage]``: optimizer fields; ``config.anyprec``: the
+      any-precision recipe).
+    stage: the stage name.
+    num_steps: the stage's steps (the learning-rate schedule's length).
+    steps_per_epoch: steps an epoch (converts ``warmup_epochs``).
+    max_policy: the all-maximum policy (any-precision's teacher).
+    fast_compile: compile the steps for speed of compilation (tests).
+  """
+  sc, ap = config[stage], config.anyprec
   tx = make_optimizer(
     sc.optimizer,
     sc.lr,
-    s.num_steps,
-    warmup_steps=int(round(sc.warmup_epochs * s.steps_per_epoch)),
+    num_steps,
+    warmup_steps=int(round(sc.warmup_epochs * steps_per_epoch)),
     weight_decay=sc.weight_decay,
     momentum=sc.momentum,
     nesterov=sc.nesterov,
@@ -191,12 +210,25 @@ def _trainer(s: _Setup) -> Trainer:
     temperature=ap.temperature,
   )
   return Trainer(
-    s.model,
+    model,
     tx,
     label_smoothing=sc.label_smoothing,
-    max_policy=s.policies.max_policy,
+    max_policy=max_policy,
     anyprec=recipe,
-    fast_compile=s.config.fast_compile,
+    fast_compile=fast_compile,
+  )
+
+
+def _trainer(s: _Setup) -> Trainer:
+  """The stage's optimizer and jitted steps (an equal setup reuses the compiled steps)."""
+  return stage_trainer(
+    s.model,
+    s.config,
+    s.spec.name,
+    s.num_steps,
+    s.steps_per_epoch,
+    s.policies.max_policy,
+    s.config.fast_compile,
   )
 
 
@@ -513,4 +545,4 @@ def check_stage(
   return sdir
 
 
-__all__ = ["check_stage", "discard_unreadable_result", "read_result", "run_stage"]
+__all__ = ["check_stage", "discard_unreadable_result", "read_result", "run_stage", "stage_trainer"]
