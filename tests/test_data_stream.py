@@ -158,6 +158,7 @@ def test_exact_resume_mid_epoch(folder_stream):
     s.iterator(8, state=state)
 
 
+@pytest.mark.slow  # worker processes start slowly on 2 cores (~40 s)
 def test_worker_processes_give_the_same_batches_and_resume(folder_stream):
   s0 = folder_stream.stream
   s2 = dataclasses.replace(s0, options=dataclasses.replace(s0.options, workers=2))

@@ -231,18 +231,9 @@ def test_layers_int8_equal_float_all_bit_pairs():
 
 class ModelTest(parameterized.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(("small_cnn", {}), ("resnet20", {"image_size": 8}))
+  @parameterized.parameters(("small_cnn", {}))
   def test_model_logits_bit_identical(self, name, kw):
-    md = models.get_model(name, **kw)
-    v = models.init(md, jax.random.key(0), batch=2)
-    x = jax.random.normal(jax.random.key(1), (2, *md.input_shape))
-    n = len(trace.trace_specs(md))
-    pol = jax.random.randint(jax.random.key(2), (n, 2), 2, 9)
-    f8 = self.variant(lambda p: models.forward(md.module, v, x, p, int_dtype="int8")[0])
-    ff = self.variant(lambda p: models.forward(md.module, v, x, p, int_dtype="float32")[0])
-    out8 = f8(pol)
-    assert np.all(np.isfinite(out8))
-    np.testing.assert_array_equal(out8, ff(pol))  # same variant: the same float ops around
+    _model_logits_bit_identical(self.variant, name, kw)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_layer_net_bit_identical(self):
@@ -251,6 +242,26 @@ class ModelTest(parameterized.TestCase):
     f8 = self.variant(lambda p: models.forward(net, v, x, p, int_dtype=jnp.int8)[0])
     ff = self.variant(lambda p: models.forward(net, v, x, p, int_dtype=jnp.float32)[0])
     np.testing.assert_array_equal(f8(pol), ff(pol))
+
+
+@pytest.mark.slow  # ~70 s on 2 cores
+@pytest.mark.parametrize("use_jit", [True, False])
+def test_resnet20_logits_bit_identical(use_jit):
+  _model_logits_bit_identical(jax.jit if use_jit else (lambda f: f), "resnet20", {"image_size": 8})
+
+
+def _model_logits_bit_identical(variant, name, kw):
+  """A zoo model's logits at a random mixed policy: int8 mode equals float32 mode."""
+  md = models.get_model(name, **kw)
+  v = models.init(md, jax.random.key(0), batch=2)
+  x = jax.random.normal(jax.random.key(1), (2, *md.input_shape))
+  n = len(trace.trace_specs(md))
+  pol = jax.random.randint(jax.random.key(2), (n, 2), 2, 9)
+  f8 = variant(lambda p: models.forward(md.module, v, x, p, int_dtype="int8")[0])
+  ff = variant(lambda p: models.forward(md.module, v, x, p, int_dtype="float32")[0])
+  out8 = f8(pol)
+  assert np.all(np.isfinite(out8))
+  np.testing.assert_array_equal(out8, ff(pol))  # same variant: the same float ops around
 
 
 @pytest.mark.slow  # minutes of eager gradients / ResNet-18 compiles on 2 cores

@@ -275,7 +275,9 @@ def test_plan_policies_pruned_equals_full_on_the_default_run_tables(small_cnn_rr
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("model_name", ["small_cnn", "resnet20"])
+@pytest.mark.parametrize(
+  "model_name", ["small_cnn", pytest.param("resnet20", marks=pytest.mark.slow)]
+)
 def test_a_pg_search_is_identical_with_the_full_front(monkeypatch, model_name):
   """A whole synthetic PG search (scan mode) on rram_64_c2 evaluates exactly the same
   candidates whether the planner uses the pruned or the full front (the small CNN: the default

@@ -103,6 +103,7 @@ def _small_vit():
   )
 
 
+@pytest.mark.slow  # ~60 s on 2 cores; the ViT below covers the default suite
 def test_torchvision_resnet18_small_input_import(tmp_path):
   """The real torchvision ResNet-18 at 32x32, 10 classes: logits, geometry, cost."""
   md, specs = onnx_t._check_zoo_model(
