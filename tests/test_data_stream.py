@@ -325,6 +325,7 @@ def _tiny_run(tmp_path, root: Path):
   return c
 
 
+@pytest.mark.slow  # the fit-level resume test stays in the default suite
 def test_runner_resumes_a_stream_bit_identically(tmp_path, caplog):
   root = _folder(tmp_path / "f", (15, 15, 15))
   c = _tiny_run(tmp_path, root)

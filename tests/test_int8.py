@@ -142,6 +142,7 @@ def test_matmul_int8_exact_all_bits(ux, uw):
   padding=st.sampled_from(["SAME", "VALID", ((2, 0), (1, 3))]),
   seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow  # tens of seconds on 2 cores; the all-bits exactness tests stay
 def test_offset_correction_property_conv(batch, h, w_, cg, groups, og, k, strides, padding, seed):
   """conv(x) = conv(x - 128) + 128 * conv(ones) for every geometry, codes at the extremes too."""
   if padding == "VALID" and (h < k[0] or w_ < k[1]):
@@ -163,6 +164,7 @@ def test_offset_correction_property_conv(batch, h, w_, cg, groups, og, k, stride
   uw=st.booleans(),
   seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow  # tens of seconds on 2 cores; the all-bits exactness tests stay
 def test_offset_correction_property_matmul(t, n, m, ux, uw, seed):
   rng = np.random.default_rng(seed)
   x = rng.integers(0, 256, (2, t, n)) if ux else rng.integers(-128, 128, (2, t, n))
@@ -217,6 +219,7 @@ def _all_pairs(num_layers):
   return [jnp.asarray([p] * num_layers, jnp.int32) for p in pairs]
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores; the all-bits exactness tests stay
 def test_layers_int8_equal_float_all_bit_pairs():
   net, v, x = _net()
   run = jax.jit(
@@ -416,6 +419,7 @@ def test_self_check_passes_on_cpu():
   assert layers.int8_self_check("cpu")
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores; the all-bits exactness tests stay
 def test_evaluator_modes_agree():
   md = models.get_model("small_cnn")
   v = models.init(md, jax.random.key(0), batch=2)
