@@ -15,10 +15,28 @@ Strategies (``strategy=``):
 - ``"map"``: the whole candidate batch in ONE jitted call: ``lax.map`` over chunks of
   ``chunk`` candidates (vmapped inside a chunk), scanning the data inside. Memory is bounded
   by the chunk, not by N.
-- ``"shard"``: like ``"vmap"``, with each chunk's candidate axis sharded over all devices
-  (``jax.sharding`` Mesh + NamedSharding); the chunk is rounded up to a multiple of the device
-  count. Results equal the single-device run.
-- ``"auto"``: ``"loop"`` on CPU, ``"shard"`` with several accelerators, else ``"vmap"``.
+- ``"shard"``: like ``"vmap"``, on a 2-D mesh ``(cand, data)`` of this process's devices
+  (``jax.sharding`` Mesh + NamedSharding, shape ``(len(devices) // data_parallel,
+  data_parallel)``). Each chunk's candidate axis is sharded over ``"cand"`` (the chunk is
+  rounded up to a multiple of ``len(devices) // data_parallel``) and the images of every
+  forward batch over ``"data"`` (the batch is rounded up to a multiple of ``data_parallel``;
+  the added rows are masked, so counts are unchanged). The per-device program is a
+  ``jax.shard_map``: each device scores its candidates on its images and the per-candidate
+  sums are ``psum``-ed over ``"data"``, the only collective (GSPMD alone all-gathered parts of
+  the vmapped convolution).
+  ``data_parallel=1`` (default) shards candidates only and replicates the data; a larger
+  ``data_parallel`` serves few candidates on many images (a final re-evaluation of a top-k,
+  or fewer candidates than devices). The correct counts equal the single-device run exactly;
+  the loss sums agree to float32 rounding (the summation order differs).
+- ``"auto"``: ``"loop"`` on CPU, ``"shard"`` with several accelerators, else ``"vmap"``;
+  always ``"shard"`` when ``data_parallel > 1``.
+
+How the parallel axes combine: candidates over processes (:class:`cimjax.search.
+MultiProcessAccuracy` splits every batch of candidates between the processes of a
+``jax.distributed`` run, each process holding the whole split) x this process's local devices
+(``jax.local_devices()``) as the ``(cand, data)`` mesh: a chunk's candidates over ``"cand"``,
+each forward batch's images over ``"data"``. No collective crosses processes except the
+all-gather of the results.
 
 Every strategy computes the same per-candidate function; integer operands make the results
 independent of batching (docs/architecture.md), so accuracy equals the single-policy evaluation.
@@ -40,7 +58,13 @@ Peak memory (float32) of one chunk is about::
 where ``A`` is the activation floats live per image in the forward pass (about the sum over
 quantizable layers of ``(n + m) * invocations * repeat``; :func:`activation_floats` gives it
 from the layer geometry) and ``P`` the parameter count (each candidate holds its own quantized
-copy of the weights). It does not grow with N; data (``x``) is resident once.
+copy of the weights). It does not grow with N; data (``x``) is resident once. With
+``"shard"`` on ``D = len(devices)`` devices and ``d = data_parallel``, per device::
+
+  bytes ~= 4 * (chunk / (D / d)) * (batch_size / d * A + P) + 4 * num * H * W * C / d
+
+(``chunk`` and ``batch_size`` after rounding up; the images are split over ``"data"`` and
+replicated over ``"cand"``).
 """
 
 from __future__ import annotations
@@ -89,12 +113,61 @@ def chunk_bytes(specs: Sequence[LayerSpec], num_params: int, chunk: int, batch_s
   return 4 * chunk * (batch_size * activation_floats(specs) + num_params)
 
 
-def default_strategy(devices: Sequence[Any] | None = None) -> str:
-  """The strategy ``"auto"`` resolves to on ``devices`` (default: ``jax.devices()``)."""
-  devices = list(devices if devices is not None else jax.devices())
+def default_strategy(devices: Sequence[Any] | None = None, data_parallel: int = 1) -> str:
+  """The strategy ``"auto"`` resolves to.
+
+  Args:
+    devices: the devices (default: ``jax.local_devices()``, this process's devices; the same
+      as ``jax.devices()`` in a single-process run).
+    data_parallel: images split over this many devices (> 1 needs ``"shard"``).
+
+  Returns:
+    ``"shard"`` when ``data_parallel > 1``, else ``"loop"`` on CPU, ``"shard"`` with several
+    accelerators, ``"vmap"`` with one.
+  """
+  if data_parallel > 1:
+    return "shard"
+  devices = list(devices if devices is not None else jax.local_devices())
   if devices[0].platform == "cpu":
     return "loop"
   return "shard" if len(devices) > 1 else "vmap"
+
+
+def eval_mesh(devices: Sequence[Any] | None = None, data_parallel: int = 1) -> jax.sharding.Mesh:
+  """The ``(cand, data)`` mesh of strategy ``"shard"``.
+
+  Args:
+    devices: the devices (default: ``jax.local_devices()``).
+    data_parallel: size of the ``"data"`` axis; must divide the device count.
+
+  Returns:
+    A mesh of shape ``(len(devices) // data_parallel, data_parallel)``, axes
+    ``("cand", "data")``.
+
+  Raises:
+    ValueError: ``data_parallel`` < 1 or not a divisor of the device count.
+  """
+  devs = list(devices if devices is not None else jax.local_devices())
+  _check_data_parallel(data_parallel, len(devs))
+  grid = np.asarray(devs, dtype=object).reshape(len(devs) // data_parallel, data_parallel)
+  auto = jax.sharding.AxisType.Auto
+  return jax.sharding.Mesh(grid, ("cand", "data"), axis_types=(auto, auto))
+
+
+def _check_data_parallel(data_parallel: Any, num_devices: int | None = None) -> None:
+  """Raises ValueError unless ``data_parallel`` is an int >= 1 dividing ``num_devices``."""
+  if (
+    not isinstance(data_parallel, (int, np.integer))
+    or isinstance(data_parallel, bool)
+    or data_parallel < 1
+  ):
+    raise ValueError(f"data_parallel = {data_parallel!r}; allowed: an int >= 1")
+  if num_devices is not None and num_devices % data_parallel:
+    divisors = ", ".join(str(d) for d in range(1, num_devices + 1) if num_devices % d == 0)
+    raise ValueError(
+      f"data_parallel = {data_parallel} must divide the {num_devices} device(s) of the "
+      f"evaluation mesh; allowed: {divisors}"
+    )
 
 
 def _batch_data(x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[Array, Array, Array]:
@@ -168,25 +241,52 @@ def _chunked_runner(
   chunk: int,
   devices: Sequence[Any] | None,
   shard: bool,
+  data_parallel: int = 1,
 ) -> Runner:
-  """``"vmap"``/``"shard"``: one jitted vmapped call a chunk (sharded over devices)."""
+  """``"vmap"``/``"shard"``: one jitted vmapped call a chunk.
+
+  With ``shard``, on the :func:`eval_mesh` ``(cand, data)``: candidates ``P("cand")``, the
+  image axis of every batch ``P(None, "data")`` (its size must be a multiple of
+  ``data_parallel``: :func:`make_evaluator` rounds it up). The per-device function is written
+  with ``jax.shard_map``: every device scores its own candidates on its own images (the
+  ``"vmap"`` computation on a block) and the per-candidate sums are ``psum``-ed over
+  ``"data"``, the only collective. (Left to GSPMD, the vmapped convolution, a grouped
+  convolution over candidates, was partly all-gathered: measured on 4 host devices.)
+  """
   xb, yb, wb = data
   vscore = jax.vmap(score, in_axes=(0, None, None, None))
-  size, ndev = chunk, 1
+  size, ncand = chunk, 1
   sharding = None
   if shard:
-    devs = list(devices if devices is not None else jax.devices())
-    mesh = jax.sharding.Mesh(np.asarray(devs), ("cand",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("cand"))
-    ndev = len(devs)
-    size = _round_up(chunk, ndev)
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    xb, yb, wb = (jax.device_put(a, rep) for a in (xb, yb, wb))
-  many = jax.jit(vscore)
+    mesh = eval_mesh(devices, data_parallel)
+    spec = jax.sharding.PartitionSpec
+    sharding = jax.sharding.NamedSharding(mesh, spec("cand"))
+    ncand = mesh.shape["cand"]
+    size = _round_up(chunk, ncand)
+    images = spec(None, "data")
+    xb, yb, wb = (jax.device_put(a, jax.sharding.NamedSharding(mesh, images)) for a in data)
+
+    def block(p: Array, xs: Array, ys: Array, ws: Array) -> tuple[Array, Array]:
+      c, l = vscore(p, xs, ys, ws)
+      if data_parallel == 1:
+        return c, l
+      return jax.lax.psum(c, "data"), jax.lax.psum(l, "data")
+
+    many = jax.jit(
+      jax.shard_map(
+        block,
+        mesh=mesh,
+        in_specs=(spec("cand"), images, images, images),
+        out_specs=(spec("cand"), spec("cand")),
+        check_vma=False,  # the scan carries start unvarying; the psum makes them replicated
+      )
+    )
+  else:
+    many = jax.jit(vscore)
 
   def run(pols: Array) -> tuple[np.ndarray, np.ndarray]:
     n = pols.shape[0]
-    step = size if n >= size else _round_up(n, ndev)  # small N: no padding to a full chunk
+    step = size if n >= size else _round_up(n, ncand)  # small N: no padding to a full chunk
     padded = _pad_rows(pols, step)
     cs, ls = [], []
     for start in range(0, padded.shape[0], step):
@@ -231,6 +331,7 @@ def make_evaluator(
   batch_size: int = 500,
   devices: Sequence[Any] | None = None,
   int_mode: Any = "auto",
+  data_parallel: int = 1,
 ) -> Callable[[Any], EvalResult]:
   """Builds an evaluator of bit policies on a fixed split.
 
@@ -242,36 +343,58 @@ def make_evaluator(
     strategy: one of :data:`STRATEGIES` (see the module docstring).
     chunk: candidates per vmapped call (``"vmap"``, ``"map"``, ``"shard"``); bounds memory.
     batch_size: images per forward pass; bounds memory.
-    devices: devices for ``"shard"`` (default all).
+    devices: devices of the ``"shard"`` mesh (default: ``jax.local_devices()``, this
+      process's devices; candidates are split between processes by
+      :class:`cimjax.search.MultiProcessAccuracy`, not here).
     int_mode: integer-product mode (:data:`cimjax.layers.INT_MODES`) or dtype; ``"auto"`` is
       resolved once here for the platform of ``devices`` (int8 on GPU/TPU, float32 on CPU).
+    data_parallel: devices each forward batch's images are split over (the ``"data"`` axis of
+      the ``(cand, data)`` mesh; the other ``len(devices) // data_parallel`` split the
+      candidates). Must divide the device count; > 1 needs strategy ``"shard"`` (``"auto"``
+      then resolves to it). ``batch_size`` is rounded up to a multiple of it.
 
   Returns:
     ``evaluate(policies) -> EvalResult`` for policies ``[N, L, 2]`` (or ``[L, 2]``: N = 1), with
-    attributes ``strategy``, ``num_images`` and ``int_dtype`` (the resolved operand dtype).
+    attributes ``strategy``, ``num_images``, ``int_dtype`` (the resolved operand dtype),
+    ``data_parallel`` and ``batch_size`` (images per forward pass, after rounding).
 
   Raises:
-    ValueError: unknown strategy, or bad chunk/batch size.
+    ValueError: unknown strategy, bad chunk/batch size, or a bad ``data_parallel`` (not an
+      int >= 1 dividing the device count, or > 1 with a strategy other than ``"shard"`` or
+      ``"auto"``).
     cimjax.errors.ConfigError: an unknown ``int_mode``.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy = {strategy!r}; allowed: {', '.join(STRATEGIES)}")
   if chunk < 1 or batch_size < 1:
     raise ValueError(f"chunk = {chunk} and batch_size = {batch_size} must be >= 1")
+  _check_data_parallel(data_parallel)
+  data_parallel = int(data_parallel)
+  if data_parallel > 1 and strategy not in ("shard", "auto"):
+    raise ValueError(
+      f"data_parallel = {data_parallel} needs strategy 'shard' (or 'auto', which then resolves "
+      f"to it); got strategy = {strategy!r}. Allowed with other strategies: data_parallel = 1"
+    )
   if strategy == "auto":
-    strategy = default_strategy(devices)
+    strategy = default_strategy(devices, data_parallel)
+  if strategy == "shard":
+    devices = list(devices if devices is not None else jax.local_devices())
+    _check_data_parallel(data_parallel, len(devices))
   module = getattr(model, "module", model)
   num = int(x.shape[0])
   if num == 0 or y.shape[0] != num:
     raise ValueError(f"x has {num} images and y {y.shape[0]} labels; need equal and > 0")
   platform = list(devices)[0].platform if devices else None
   int_dtype = layers_lib.resolve_int_dtype(int_mode, platform)
-  data = _batch_data(np.asarray(x, np.float32), np.asarray(y), min(batch_size, num))
+  batch = _round_up(min(batch_size, num), data_parallel)  # padded rows are masked (w = 0)
+  data = _batch_data(np.asarray(x, np.float32), np.asarray(y), batch)
   score = make_policy_score(module, variables, int_mode=int_dtype)
   if strategy == "loop":
     run = _loop_runner(score, data)
   elif strategy in ("vmap", "shard"):
-    run = _chunked_runner(score, data, chunk, devices, shard=strategy == "shard")
+    run = _chunked_runner(
+      score, data, chunk, devices, shard=strategy == "shard", data_parallel=data_parallel
+    )
   else:
     run = _mapped_runner(score, data, chunk)
 
@@ -289,6 +412,8 @@ def make_evaluator(
   evaluate.strategy = strategy  # type: ignore[attr-defined]
   evaluate.num_images = num  # type: ignore[attr-defined]
   evaluate.int_dtype = int_dtype  # type: ignore[attr-defined]
+  evaluate.data_parallel = data_parallel  # type: ignore[attr-defined]
+  evaluate.batch_size = batch  # type: ignore[attr-defined]
   return evaluate
 
 

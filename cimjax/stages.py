@@ -116,6 +116,16 @@ def _validate_lazy(sc: ml_collections.ConfigDict) -> None:
   a = f["lazy_alpha"]
   if isinstance(a, bool) or not isinstance(a, int | float) or not (0.0 < a < 1.0):
     raise _field_error("search.lazy_alpha", a, "a number in (0, 1)")
+  dp = sc.get("data_parallel", 1)
+  ndev = jax.local_device_count()
+  if not _is_int(dp) or dp < 1 or ndev % dp:
+    divisors = ", ".join(str(d) for d in range(1, ndev + 1) if ndev % d == 0)
+    raise _field_error(
+      "search.data_parallel",
+      dp,
+      f"a divisor of this process's {ndev} devices ({divisors}): the images of each forward "
+      "batch are split over that many devices",
+    )
   if f["lazy"] and sc.mode == "scan":
     raise _field_error(
       "search.mode",
@@ -179,6 +189,7 @@ def data_task(
   search_images: int = 0,
   final_split: str = "val",
   batch_size: int = 1000,
+  data_parallel: int = 1,
 ) -> SearchTask:
   """A search on the validation images of ``splits`` with a trained any-precision model.
 
@@ -194,6 +205,8 @@ def data_task(
     final_split: ``"val"`` (see above), ``"test"`` (re-evaluate on the test split, report only:
       the choice stays the search's winner) or ``"none"``.
     batch_size: evaluation batch size.
+    data_parallel: local devices each forward batch's images are split over
+      (:func:`cimjax.evaluate.make_evaluator`; the rest of the devices split the candidates).
 
   Returns:
     The task.
@@ -202,7 +215,7 @@ def data_task(
     raise ValueError(f"final_split = {final_split!r}; allowed: {', '.join(FINAL_SPLITS)}")
   val, test = splits.val, splits.test
   acc = lambda images, labels, name: search_lib.DataAccuracy(  # noqa: E731
-    model, variables, images, labels, batch_size=batch_size, name=name
+    model, variables, images, labels, batch_size=batch_size, name=name, data_parallel=data_parallel
   )
   if final_split == "val":
     n = min(int(search_images), len(val) - 1) if search_images > 0 else len(val) // 2

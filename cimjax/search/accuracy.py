@@ -257,6 +257,9 @@ class DataAccuracy(AccuracySource):
     chunk: candidates per vmapped call.
     batch_size: images per forward pass.
     name: label.
+    data_parallel: devices each forward batch's images are split over in the host entry
+      (``make_evaluator(data_parallel=)``: a ``(cand, data)`` mesh of this process's devices;
+      > 1 needs ``strategy`` ``"shard"`` or ``"auto"``, and must divide the device count).
   """
 
   def __init__(
@@ -270,15 +273,24 @@ class DataAccuracy(AccuracySource):
     chunk: int = 16,
     batch_size: int = 500,
     name: str = "data",
+    data_parallel: int = 1,
   ):
     from cimjax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
 
     self.name = name
     self.num_images = int(x.shape[0])
     self._evaluate = eval_lib.make_evaluator(
-      model, variables, x, y, strategy=strategy, chunk=chunk, batch_size=batch_size
+      model,
+      variables,
+      x,
+      y,
+      strategy=strategy,
+      chunk=chunk,
+      batch_size=batch_size,
+      data_parallel=data_parallel,
     )
     self.strategy = self._evaluate.strategy
+    self.data_parallel = self._evaluate.data_parallel
     self.preferred_mode = "loop" if self.strategy == "loop" else "scan"
     module = getattr(model, "module", model)
     score = eval_lib.make_policy_score(module, variables)
@@ -362,6 +374,7 @@ class DataAccuracy(AccuracySource):
       "kind": "DataAccuracy",
       "images": self.num_images,
       "strategy": self.strategy,
+      "data_parallel": self.data_parallel,
     }
 
 
@@ -572,6 +585,7 @@ class MultiProcessAccuracy(AccuracySource):
   def __init__(self, inner: AccuracySource, block: int = 8):
     self.inner, self.block = inner, int(block)
     self.name = inner.name
+    self.num_images = inner.num_images  # each candidate is scored on every image, once
     self.fn = inner.fn
     self.preferred_mode = "loop"
 
