@@ -46,7 +46,7 @@ import numpy as np
 from cimjax import compiler as compile_lib
 from cimjax import cost as cost_lib
 from cimjax import hw as hw_lib
-from cimjax import io
+from cimjax import io, multihost
 from cimjax import lock as lock_lib
 from cimjax import policy as policy_lib
 from cimjax import progress as progress_lib
@@ -114,6 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
       lazy=False,
       lazy_chunk=250,
       lazy_alpha=1e-3,
+      data_parallel=1,
     )
   )
   c.compile = ml_collections.ConfigDict(dict(num_verify=16, eval_images=2000, input_scheme="twos"))
@@ -244,6 +245,16 @@ def _check_stages(
     stages_lib.validate_search(config, checked.num_layers, checked.hw.cell_bits)
   if "compile" in stages:
     stages_lib.validate_compile(config)
+  if config.train.get("pretrained", "") and any(
+    train_lib.stages.get_stage(s).source(config.train, Path()) is None
+    for s in stages
+    if s in _PRETRAIN
+  ):  # the keys and shapes of the weights file, before any stage starts (reads headers only)
+    from cimjax.models import pretrained  # pylint: disable=g-import-not-at-top
+
+    with _train_fields():
+      model = train_config.static_model(config.train, checked.splits)
+    pretrained.check_weights_file(model, config.train.pretrained)
   if workdir is not None:
     wd = Path(workdir)
 
@@ -322,10 +333,13 @@ def _search(p: Pipeline) -> dict[str, Any]:
     p.hw,
     search_images=int(p.config.search.search_images),
     final_split="val",
+    data_parallel=int(p.config.search.get("data_parallel", 1)),
     batch_size=p.config.train.eval_batch_size,
   )
   with p.progress.search("search", int(p.config.search.budget), d / "tb") as progress:
-    return stages_lib.run_search_stage(p.config, d, task, hw=p.hw, progress=progress)
+    return stages_lib.run_search_stage(
+      p.config, d, stages_lib.multiprocess(task), hw=p.hw, progress=progress
+    )
 
 
 def _finetune(p: Pipeline) -> dict[str, Any]:
@@ -405,17 +419,21 @@ class Stage:
     writes_result: the pipeline writes the result, with the stage's wall time, to the stage's
       ``result.json`` (False: the stage writes its own, as the training stages do, or none, as
       the report).
+    collective: in a multi-process run every process runs the stage (data-parallel training,
+      the search with its batches split between processes); False: process 0 alone runs it
+      (host work: evaluation, compilation, the report) while the others wait.
   """
 
   name: str
   run: Callable[[Pipeline], dict[str, Any]]
   writes_result: bool = True
+  collective: bool = False
 
 
 STAGE_TABLE: tuple[Stage, ...] = (
-  *(Stage(s, _train(s), writes_result=False) for s in _PRETRAIN),
-  Stage("search", _search),
-  Stage(_FINETUNE, _finetune, writes_result=False),
+  *(Stage(s, _train(s), writes_result=False, collective=True) for s in _PRETRAIN),
+  Stage("search", _search, collective=True),
+  Stage(_FINETUNE, _finetune, writes_result=False, collective=True),
   Stage("evaluate", _evaluate),
   Stage("compile", _compile),
   Stage("report", _report, writes_result=False),
@@ -506,8 +524,10 @@ class Pipeline:
     """Writes ``config.json`` on the first run; refuses to continue a run with another config."""
     path = self.workdir / "config.json"
     cur = _json(self.config)
-    if not path.is_file():
-      io.write_json(path, cur)
+    if not multihost.leader_flag(path.is_file()):  # all processes take the same branch
+      if multihost.is_leader():
+        io.write_json(path, cur)
+      multihost.barrier("cimjax config written")
       return
     saved = json.loads(path.read_text())
     if saved != cur:
@@ -564,17 +584,23 @@ class Pipeline:
   def run_stage(self, stage: Stage) -> dict[str, Any] | None:
     """Runs one stage unless it is finished; returns its result (None when skipped)."""
     d = self.stage_dir(stage.name)
-    train_runner.discard_unreadable_result(d)  # a corrupt result.json: the stage runs again
-    if train_lib.is_done(d):
+    leader = multihost.is_leader()
+    if leader:
+      train_runner.discard_unreadable_result(d)  # a corrupt result.json: the stage runs again
+    # Multi-process: process 0's reading of the disk decides for all (they must agree).
+    if multihost.leader_flag(train_lib.is_done(d) if leader else False):
       self.log(f"[{stage.name}] already finished in {d}")
       return None
     self.log(f"[{stage.name}] running")
     t0 = time.time()
-    out = stage.run(self)
+    out = None
+    if stage.collective or leader:
+      out = stage.run(self)
     dt = time.time() - t0
-    if stage.writes_result:
+    if stage.writes_result and leader:
       out["stage_time_s"] = round(dt, 2)
       io.write_json(d / "result.json", out)  # written last: marks the stage finished
+    multihost.barrier(f"cimjax stage {stage.name} done")  # its files are there for every process
     self.log(f"[{stage.name}] done in {dt:.1f} s")
     return out
 

@@ -95,6 +95,19 @@ def save_variables(path: str | os.PathLike[str], variables: Mapping[str, PyTree]
     raise full from None
 
 
+def _reader() -> Any:
+  """An orbax checkpointer that reads on this process alone.
+
+  Every process of a multi-process run may read saved variables at its own time (process 0
+  alone evaluates and compiles), so a read must not wait for the others at orbax's barriers.
+  """
+  import orbax.checkpoint as ocp  # local: orbax is slow to import
+
+  me = jax.process_index()
+  only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  return ocp.StandardCheckpointer(multiprocessing_options=only_me)
+
+
 def _saved_tree(c: Any, p: Path) -> PyTree:
   meta = c.metadata(p)
   tree = getattr(meta, "item_metadata", meta)
@@ -112,7 +125,6 @@ def load_variables(path: str | os.PathLike[str], model: Any | None = None) -> di
     StageError: no saved variables at ``path``.
     VariablesError: saved variables that cannot be read back (a corrupt file) or do not fit.
   """
-  import orbax.checkpoint as ocp  # local: orbax is slow to import
 
   from cimjax import checkpoint as ckpt_lib
 
@@ -123,7 +135,7 @@ def load_variables(path: str | os.PathLike[str], model: Any | None = None) -> di
     raise StageError(f"no saved variables at {p}")
   target = None if model is None else abstract_variables(model)
   try:
-    with ocp.StandardCheckpointer() as c:
+    with _reader() as c:
       if target is None:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), _saved_tree(c, p))
       return dict(c.restore(p, ckpt_lib.abstract_like(target)))
@@ -156,7 +168,7 @@ def restore_variables(path: str | os.PathLike[str], model: Any) -> dict[str, PyT
     p = p / "variables"
   try:
     if (p / "_CHECKPOINT_METADATA").is_file() or (p / "_METADATA").is_file():
-      with ocp.StandardCheckpointer() as c:
+      with _reader() as c:
         _check_shapes(path, model, dict(_saved_tree(c, p)), target)  # before: clear errors
         out = dict(c.restore(p, ckpt_lib.abstract_like(target)))
     else:

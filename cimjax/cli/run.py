@@ -45,6 +45,7 @@ from absl import flags
 from cimjax import cli as cli_lib
 from cimjax import configs
 from cimjax import progress as progress_lib
+from cimjax.cli import distributed as distributed_lib
 from cimjax.configs import DEFAULT_RUN
 from cimjax.errors import UsageError
 
@@ -80,6 +81,7 @@ flags.DEFINE_integer(
   "Search budget in evaluated policies (sets config.search.budget).",
   flag_values=FLAGS,
 )
+distributed_lib.define_flags(FLAGS)
 
 
 def run_config(fv: flags.FlagValues = FLAGS) -> ml_collections.ConfigDict:
@@ -127,16 +129,27 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> None:
     CimjaxError: bad input (nothing written), a busy workdir, a stage that cannot run.
     OSError: the workdir cannot be created or written.
   """
-  from cimjax import pipeline  # pylint: disable=g-import-not-at-top
+  from cimjax import multihost, pipeline  # pylint: disable=g-import-not-at-top
 
+  distributed_lib.check_flags(fv)
+  if distributed_lib.wanted(fv):
+    distributed_lib.initialize(fv)
   config = run_config(fv)
   progress_lib.default_verbosity()  # WARNING unless --verbosity/-v is given (-v 0: INFO)
-  pipe = pipeline.Pipeline(config, fv.workdir, log=lambda line: print(line, flush=True))
+  leader = multihost.is_leader()  # multi-process: process 0 prints and shows progress
+  if not leader:
+    config.train.progress = False
+  pipe = pipeline.Pipeline(config, fv.workdir, log=print_line if leader else lambda line: None)
   stages = pipe.validate(fv.stages or pipeline.STAGES)  # before anything is written
-  print(pipe.describe(), flush=True)
+  pipe.log(pipe.describe())
   report = pipe.run(stages)
-  if report is not None:
+  if report is not None and leader:
     print(f"report: {fv.workdir}/report.md")
+
+
+def print_line(line: str) -> None:
+  """Prints one progress line of the run (flushed)."""
+  print(line, flush=True)
 
 
 def main(argv: Sequence[str] | flags.FlagValues) -> int:

@@ -51,6 +51,7 @@ from absl import flags
 from cimjax import cli as cli_lib
 from cimjax import configs
 from cimjax import progress as progress_lib
+from cimjax.cli import distributed as distributed_lib
 from cimjax.errors import CimjaxError, UnknownModelError, UsageError
 
 PROG = "launch.search"
@@ -169,30 +170,7 @@ flags.DEFINE_integer(
   lower_bound=0,
   flag_values=FLAGS,
 )
-flags.DEFINE_string(
-  "coordinator_address",
-  None,
-  "Multi-process runs: host:port of process 0 for jax.distributed.initialize (omit on Cloud "
-  "TPU / SLURM, where it is detected).",
-  flag_values=FLAGS,
-)
-flags.DEFINE_integer(
-  "num_processes",
-  1,
-  "Multi-process runs: number of processes (1: single process).",
-  lower_bound=1,
-  flag_values=FLAGS,
-)
-flags.DEFINE_integer(
-  "process_id", 0, "Multi-process runs: this process's index.", lower_bound=0, flag_values=FLAGS
-)
-flags.DEFINE_bool(
-  "distributed",
-  False,
-  "Call jax.distributed.initialize() with the environment's defaults (Cloud TPU pods, SLURM "
-  "GPU clusters).",
-  flag_values=FLAGS,
-)
+distributed_lib.define_flags(FLAGS)
 flags.DEFINE_bool(
   "progress",
   True,
@@ -258,37 +236,13 @@ def check_flags(fv: flags.FlagValues = FLAGS) -> None:
     raise UsageError("--population=1: allowed values are 0 (default) or >= 2 for --agent=pg")
   if fv.min_bits > fv.max_bits:
     raise UsageError(f"--min_bits={fv.min_bits}: allowed values are 1..--max_bits ({fv.max_bits})")
-  if fv.process_id >= fv.num_processes:
-    raise UsageError(
-      f"--process_id={fv.process_id}: allowed values are an integer in 0..{fv.num_processes - 1}"
-    )
-  if fv.num_processes > 1 and not fv.coordinator_address:
-    raise UsageError(
-      "--num_processes > 1 needs --coordinator_address=HOST:PORT (or use "
-      "--distributed where the cluster is detected)"
-    )
+  distributed_lib.check_flags(fv)
   if fv.accuracy == "data" and not fv.checkpoint:
     raise UsageError(
       "--checkpoint is required with --accuracy=data (the any-precision model "
       "directory, e.g. WORKDIR/anyprec of launch.train); or use "
       "--accuracy=synthetic"
     )
-
-
-def _init_distributed(fv: flags.FlagValues) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-
-  # CPU collectives (tests, CPU clusters); accelerators use their own. Must precede any call
-  # that initialises a backend.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kw = {}
-  if fv.num_processes > 1:
-    kw = {
-      "coordinator_address": fv.coordinator_address,
-      "num_processes": fv.num_processes,
-      "process_id": fv.process_id,
-    }
-  jax.distributed.initialize(**kw)
 
 
 def run_config(fv: flags.FlagValues = FLAGS) -> Any:
@@ -385,6 +339,7 @@ def _data_task(config: Any, target: Any, fv: flags.FlagValues, splits: Any = Non
     search_images=fv.search_images,
     final_split=fv.final_split,
     batch_size=t.eval_batch_size,
+    data_parallel=int(config.search.get("data_parallel", 1)),
   )
 
 
@@ -430,8 +385,8 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> dict[str, Any]:
     CimjaxError: anything the user can fix (exit status 2).
   """
   check_flags(fv)
-  if fv.distributed or fv.num_processes > 1:
-    _init_distributed(fv)
+  if distributed_lib.wanted(fv):
+    distributed_lib.initialize(fv)
   import jax  # pylint: disable=g-import-not-at-top
 
   from cimjax import lock as lock_lib  # pylint: disable=g-import-not-at-top

@@ -69,6 +69,7 @@ class MetricsWriter:
     path: the ``metrics.jsonl`` file.
     resume_step: the step a resumed stage restarts from (None: a fresh stage).
     tensorboard: also write the event files (when possible).
+    enabled: False: write nothing (the processes of a multi-process run other than 0).
   """
 
   def __init__(
@@ -77,8 +78,13 @@ class MetricsWriter:
     resume_step: int | None = None,
     *,
     tensorboard: bool = True,
+    enabled: bool = True,
   ):
     self.path = Path(path)
+    self.enabled = enabled
+    self.scalars = None
+    if not enabled:  # another process of a multi-process run writes the file
+      return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if resume_step is not None and self.path.is_file():
       keep = []
@@ -94,13 +100,14 @@ class MetricsWriter:
     elif resume_step is None and self.path.is_file():
       self.path.unlink()
     self._f = open(self.path, "a")
-    self.scalars = None
     if tensorboard and jax.process_index() == 0:
       purge = None if resume_step is None else resume_step + 1
       self.scalars = progress_lib.ScalarLog(self.path.parent / "tb", purge_step=purge)
 
   def write(self, record: Mapping[str, Any]) -> None:
     """Appends one record (flushed)."""
+    if not self.enabled:
+      return
     self._f.write(json.dumps(dict(record), default=to_py) + "\n")
     self._f.flush()
     if self.scalars is not None and "step" in record:
@@ -111,6 +118,8 @@ class MetricsWriter:
         self.scalars.add(record["step"], {str(record.get("kind", "train")): rest})
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     self._f.close()
     if self.scalars is not None:
       self.scalars.close()
@@ -154,9 +163,29 @@ def data_mesh(devices: Any = None) -> jax.sharding.Mesh:
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """``tree`` replicated on every device of ``mesh``."""
+  """``tree`` replicated on every device of ``mesh``.
+
+  In a multi-process run every process must hold the same values (the same seed, the same
+  checkpoint); they are placed from host copies.
+  """
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if jax.process_count() > 1:
+    tree = jax.tree.map(np.asarray, tree)
   return jax.device_put(tree, rep)
+
+
+def host_rows(batch: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+  """This process's contiguous block of a global batch that every process holds whole.
+
+  Process ``p`` of ``P`` takes rows ``[p * B / P, (p + 1) * B / P)`` (``B`` divisible by ``P``,
+  as :func:`check_mesh_batch` ensures), so :func:`shard_batch` of the blocks rebuilds the
+  global batch in its original row order. Single-process: the batch itself.
+  """
+  procs, me = jax.process_count(), jax.process_index()
+  if procs == 1:
+    return batch
+  per = batch[0].shape[0] // procs
+  return tuple(a[me * per : (me + 1) * per] for a in batch)
 
 
 def shard_batch(batch: tuple[np.ndarray, ...], mesh: jax.sharding.Mesh) -> tuple[Array, ...]:
@@ -272,7 +301,8 @@ def fit(
         break
       x, y = next(batches)
       if mesh is not None:
-        x, y = shard_batch((x, y), mesh)
+        # A stream yields this host's rows already; an in-memory split the whole global batch.
+        x, y = shard_batch((x, y) if stream else host_rows((x, y)), mesh)
       state, metrics = step_fn(state, (x, y))
       window.append(metrics)
       clock.n_win += 1
@@ -333,8 +363,9 @@ def evaluate_sharded(
   """Accuracy (percent) and mean loss of one policy over a split, batches split over ``mesh``.
 
   Every image is seen once (:func:`cimjax.data.eval_batches`, the last batch padded and
-  masked); the batch is rounded up to a multiple of the mesh's devices. Single-process only
-  (each process would pass the whole split).
+  masked); the batch is rounded up to a multiple of the mesh's devices. In a multi-process run
+  every process holds the whole split and passes its block of each batch (:func:`host_rows`);
+  the counts are reduced over the mesh, so every process returns the same figures.
 
   Returns:
     ``{"accuracy", "loss", "count"}`` (NaNs for an empty split).
@@ -348,7 +379,7 @@ def evaluate_sharded(
   pol = None if policy is None else replicate(jnp.asarray(policy, jnp.int32), mesh)
   outs = []
   for xb, yb, mb in data_lib.eval_batches(split, bs):
-    x, y, m = shard_batch((xb, yb, mb), mesh)
+    x, y, m = shard_batch(host_rows((xb, yb, mb)), mesh)
     outs.append(_EVAL(module, v, x, y, m, pol))
   correct = sum(float(c) for c, _ in jax.device_get(outs))
   loss = sum(float(l) for _, l in jax.device_get(outs))
@@ -432,6 +463,7 @@ __all__ = [
   "data_mesh",
   "evaluate_sharded",
   "fit",
+  "host_rows",
   "replicate",
   "shard_batch",
   "to_py",

@@ -29,6 +29,7 @@ from absl import logging
 
 from cimjax import checkpoint as ckpt_lib
 from cimjax import data as data_lib
+from cimjax import multihost
 from cimjax import policy as policy_lib
 from cimjax.errors import StageError
 from cimjax.models import ModelDef
@@ -148,7 +149,8 @@ def _setup(
     spe = stream.steps_per_epoch
   else:
     spe = data_lib.steps_per_epoch(len(splits.train), config.batch_size)
-  mesh = data_mesh() if stream is not None or config.data.get("data_parallel", False) else None
+  parallel = stream is not None or config.data.get("data_parallel", False)
+  mesh = data_mesh() if parallel or jax.process_count() > 1 else None
   check_mesh_batch(config.batch_size, mesh)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), stage_index(spec.name))
   return _Setup(
@@ -306,7 +308,21 @@ def _restored_state(
   step, state, saved = restored
   check_resume(saved, s.meta(), s.sdir, set(STAGES) - {s.spec.name})
   logging.info("stage %s: resuming from step %d in %s", s.spec.name, step, s.sdir)
-  return state, saved.get("extra", {}), saved.get(ckpt_lib.DATA_STATE_KEY)
+  return state, saved.get("extra", {}), _host_data_state(saved.get(ckpt_lib.DATA_STATE_KEY))
+
+
+def _host_data_state(data: dict[str, Any] | None) -> dict[str, Any] | None:
+  """This process's stream state of a checkpoint's ``data`` item.
+
+  A multi-process run saves every host's iterator state (``{"hosts": [state_0, ...]}``,
+  :func:`cimjax.multihost.gather_json`); a single-process run its one state. A checkpoint of
+  another process count yields None here (the stream then restarts at the checkpoint's step,
+  the same batches; the stream's own check names a changed host count).
+  """
+  if data is None or "hosts" not in data:
+    return data if jax.process_count() == 1 else None
+  hosts = data["hosts"]
+  return hosts[jax.process_index()] if len(hosts) == jax.process_count() else None
 
 
 def _val_eval_fn(s: _Setup) -> Any:
@@ -316,7 +332,7 @@ def _val_eval_fn(s: _Setup) -> Any:
   def eval_fn(state: TrainState) -> dict[str, float]:
     if len(s.splits.val) == 0:
       return {}
-    if s.mesh is not None and jax.process_count() == 1:
+    if s.mesh is not None:
       r = evaluate_sharded(
         state.variables,
         s.model,
@@ -353,9 +369,13 @@ def _train(s: _Setup, trainer: Trainer, ckpt: ckpt_lib.Checkpointer) -> dict[str
 
   def save(state: TrainState, done: bool, data: dict[str, Any] | None = None) -> None:
     step = int(state.step)
+    if data is not None and jax.process_count() > 1:
+      data = {"hosts": multihost.gather_json(data)}  # each host's stream position
     ckpt.save(step, state, {**meta, "step": step, "done": done, "extra": extra}, data=data)
 
-  writer = MetricsWriter(s.sdir / "metrics.jsonl", resume_step=resume_step)
+  writer = MetricsWriter(
+    s.sdir / "metrics.jsonl", resume_step=resume_step, enabled=multihost.is_leader()
+  )
   c = s.config
   t0 = time.time()
   state, stats = fit(
@@ -380,7 +400,9 @@ def _train(s: _Setup, trainer: Trainer, ckpt: ckpt_lib.Checkpointer) -> dict[str
   train_time = time.time() - t0
   if ckpt.latest_step() != s.num_steps:
     save(state, True)
-  save_variables(s.sdir / "variables", state.variables)
+  save_variables(s.sdir / "variables", state.variables)  # every process (orbax is collective)
+  if jax.process_count() > 1:  # host copies: the final evaluations run on each process alone
+    state = jax.tree.map(np.asarray, state)
   evals = {
     name: evaluate_splits(state.variables, s.model, s.splits, c, p)
     for name, p in s.spec.final_evals(c, s.policies.num_layers, s.train_policy).items()
@@ -466,7 +488,9 @@ def run_stage(
   out = _train(s, _trainer(s), ckpt)
   ckpt.close()
   result = _result(s, out, t_start)
-  ckpt_lib.write_json_atomic(sdir / "result.json", result)
+  if multihost.is_leader():
+    ckpt_lib.write_json_atomic(sdir / "result.json", result)
+  multihost.barrier(f"cimjax stage {stage} written")
   logging.info("stage %s done: %s", stage, json.dumps(out["evals"]))
   return result
 
