@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from PIL import Image
 
 from cimjax import pipeline
 from cimjax.cli import run as run_cli
-from cimjax.errors import CimjaxError
+from cimjax.errors import CimjaxError, WeightsError
 from cimjax.models import get_model
 from tests import test_pretrained as pre_t
 
@@ -122,9 +123,17 @@ def test_config_is_the_reference_flow(name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_validates_with_data_and_weights(name, imagenet, weights):
-  # validate_run checks every field, the target, the model at 224x224 and loads the data
-  # (the stream's in-memory val/test/sample); the weights file is only checked to exist.
-  c = pipeline.validate_run(_tiny(_config(name), imagenet, weights[0]))
+  # validate_run checks every field, the target, the model at 224x224, loads the data (the
+  # stream's in-memory val/test/sample) and reads the weights file's keys and shapes: the
+  # ResNet-18 file fits resnet18 only; the others are checked without the fp32 stage.
+  cfg = _tiny(_config(name), imagenet, weights[0])
+  if name == "resnet18":
+    c = pipeline.validate_run(cfg)
+  else:
+    with pytest.raises(WeightsError, match=f"^{re.escape(str(weights[0]))}: ") as info:
+      pipeline.validate_run(cfg)
+    assert "\n" not in str(info.value) and name in str(info.value)
+    c = pipeline.validate_run(cfg, stages=["int8", "anyprec"])
   assert c.train.bits.cell_bits == 4 and c.train.bits.constraint == "both"
   from cimjax import train as train_lib
 
@@ -162,6 +171,33 @@ def test_missing_data_path_or_weights_is_one_line_exit_2(imagenet, weights, tmp_
   )
   assert status == 2 and err.count("\n") == 1 and "nope.safetensors" in err, err
   assert not wd.exists()  # nothing written
+
+
+def test_weights_of_the_wrong_shape_are_refused_before_any_stage(
+  imagenet, weights, tmp_path, capsys
+):
+  """A head for another class count: one line naming the file, the key and both shapes, exit
+  2, nothing written (the file's header is read before the workdir is created)."""
+  st = pytest.importorskip("safetensors.numpy")
+  sd = dict(weights[1])
+  sd["fc.weight"] = np.zeros((5, sd["fc.weight"].shape[1]), np.float32)
+  bad = tmp_path / "five_classes.safetensors"
+  st.save_file(sd, str(bad))
+  wd = tmp_path / "wd"
+  cfg = "--config=" + str(REPO / "train" / "resnet18_imagenet.py")
+  argv = [cfg, f"--workdir={wd}", f"--config.train.data.path={imagenet}"]
+  argv += [f"--config.train.data.{k}={v}" for k, v in TINY.items()]
+  argv += ["--config.train.batch_size=8", "--config.search.search_images=3"]
+  status, err = _main([*argv, f"--config.train.pretrained={bad}"], capsys)
+  assert status == 2 and err.count("\n") == 1, err
+  assert str(bad) in err and "'fc.weight' has shape (5, 512)" in err and "(3, 512)" in err
+  assert not wd.exists()
+  pt = pytest.importorskip("torch")
+  pth = tmp_path / "five_classes.pth"
+  pt.save({k: pt.from_numpy(np.array(v)) for k, v in sd.items()}, str(pth))
+  status, err = _main([*argv, f"--config.train.pretrained={pth}"], capsys)
+  assert status == 2 and str(pth) in err and "'fc.weight' has shape (5, 512)" in err, err
+  assert not wd.exists()
 
 
 def test_val_folder_read_as_validation_is_refused(imagenet, weights):

@@ -886,7 +886,10 @@ def check_batch(global_batch: int, processes: int, local_devices: int, n: int) -
       f"per-device batch x {local_devices} local devices x {processes} processes)"
     )
   if global_batch > n:
-    raise DataError(f"batch_size={global_batch} is larger than the split ({n} images)")
+    raise DataError(
+      f"train.batch_size={global_batch} is larger than the training split ({n} images); "
+      f"allowed: 1..{n}"
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -378,17 +378,122 @@ def _complete(model: Any, variables: dict[str, Any], key: Array) -> dict[str, An
   return flax.core.unfreeze(compiled(variables, key))
 
 
-def _loaded_value(
-  sd: Mapping[str, np.ndarray], e: Entry, present: str, source: str, model_name: str
-) -> np.ndarray:
-  a = sd[present]
-  if tuple(a.shape) != e.torch_shape:
-    where = "/".join(e.target) if e.target else "nothing"
+def _plan(
+  model: Any,
+  shapes: Mapping[str, tuple[int, ...]],
+  source: str,
+  *,
+  strict: bool,
+  exclude: Sequence[str],
+) -> list[tuple[Entry, str]]:
+  """The mapping entries of ``model`` and the state-dict key each one reads, checked.
+
+  Args:
+    model: the zoo model.
+    shapes: the state dict's ``{key: shape}``.
+    source: the file (or a label) for messages.
+    strict, exclude: as in :func:`load_torchvision`.
+
+  Raises:
+    WeightsError: a key of the wrong shape, two names of one tensor, or (strict) a missing or
+      unused key or a model variable no key fills.
+  """
+  excluded = lambda k: any(k.startswith(p) for p in exclude)  # noqa: E731
+  shapes = {k: v for k, v in shapes.items() if not excluded(k)}
+  entries = [e for e in torchvision_mapping(model) if not excluded(e.key)]
+  used: set[str] = set()
+  plan: list[tuple[Entry, str]] = []
+  missing: list[Entry] = []
+  for e in entries:
+    present = [k for k in (e.key, *e.aliases) if k in shapes]
+    if len(present) > 1:
+      raise WeightsError(f"{source}: keys {present[0]!r} and {present[1]!r} are the same tensor")
+    if not present:
+      if not e.optional:
+        missing.append(e)
+      continue
+    key = present[0]
+    used.add(key)
+    if tuple(shapes[key]) != e.torch_shape:
+      where = "/".join(e.target) if e.target else "nothing"
+      raise WeightsError(
+        f"{source}: key {key!r} has shape {tuple(shapes[key])}; model {model.name} expects "
+        f"{e.torch_shape} (for {where})"
+      )
+    plan.append((e, key))
+  unused = [k for k in shapes if k not in used]
+  if strict and missing:
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    first = missing[0]
     raise WeightsError(
-      f"{source}: key {present!r} has shape {tuple(a.shape)}; model {model_name} expects "
-      f"{e.torch_shape} (for {where})"
+      f"{source}: missing key {first.key!r}{more} for {'/'.join(first.target)} of model "
+      f"{model.name} (strict=False keeps the model's initial values)"
     )
-  return np.asarray(e.convert(a.astype(np.float32)), np.float32)
+  if strict and unused:
+    more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+    raise WeightsError(
+      f"{source}: unexpected key {unused[0]!r}{more}: model {model.name} has no such "
+      "variable (a different model, or strict=False to ignore it)"
+    )
+  if strict and not exclude:
+    covered = {e.target for e in entries}
+    for target in _shapes(model):
+      if target[-1] not in CLIP_NAMES and target not in covered:
+        raise WeightsError(
+          f"model {model.name}: variable {'/'.join(target)} has no torchvision key"
+        )
+  return plan
+
+
+def read_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+  """The ``{key: shape}`` of a weights file without reading its tensors' data.
+
+  ``.safetensors``: the file's header; a torch file: ``torch.load(..., mmap=True)`` (the
+  tensors stay on disk).
+
+  Raises:
+    WeightsError: as :func:`read_state_dict`.
+  """
+  p = Path(path)
+  if p.is_file() and p.suffix.lower() == ".safetensors":
+    try:
+      from safetensors import safe_open
+    except ImportError:
+      return {k: tuple(v.shape) for k, v in read_state_dict(p).items()}  # names the extra
+    try:
+      with safe_open(str(p), framework="numpy") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+      raise WeightsError(f"{p}: not a readable .safetensors file ({_first_line(e)})") from None
+  if p.is_file() and p.suffix.lower() in (".pth", ".pt", ".bin"):
+    try:
+      import torch
+    except ImportError:
+      return {k: tuple(v.shape) for k, v in read_state_dict(p).items()}  # names torch
+    try:
+      obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # UnpicklingError (not weights-only), RuntimeError (corrupt zip)
+      raise WeightsError(f"{p}: not a weights-only torch file ({_first_line(e)})") from None
+    if not isinstance(obj, Mapping):
+      raise WeightsError(f"{p}: not a state dict (a {type(obj).__name__})")
+    return {str(k): tuple(getattr(v, "shape", ())) for k, v in obj.items()}
+  return {k: tuple(v.shape) for k, v in read_state_dict(p).items()}  # the errors
+
+
+def check_weights_file(
+  model: Any,
+  path: str | os.PathLike[str],
+  *,
+  strict: bool = True,
+  exclude: Sequence[str] = (),
+) -> None:
+  """Checks a weights file against ``model`` as :func:`load_torchvision` would, reading only
+  its keys and shapes (a run checks its ``pretrained`` file before any stage starts).
+
+  Raises:
+    WeightsError: the first problem :func:`load_torchvision` would report.
+  """
+  _plan(model, read_shapes(path), str(path), strict=strict, exclude=exclude)
 
 
 def _as_key(key: Array | int) -> Array:
@@ -431,45 +536,11 @@ def load_torchvision(
   else:
     source = str(path_or_state_dict)
     sd = read_state_dict(path_or_state_dict)
-  excluded = lambda k: any(k.startswith(p) for p in exclude)
-  sd = {k: v for k, v in sd.items() if not excluded(k)}
-  entries = [e for e in torchvision_mapping(model) if not excluded(e.key)]
-  used: set[str] = set()
+  shapes = {k: tuple(v.shape) for k, v in sd.items()}
   loaded: dict[VarPath, np.ndarray] = {}
-  missing: list[Entry] = []
-  for e in entries:
-    present = [k for k in (e.key, *e.aliases) if k in sd]
-    if len(present) > 1:
-      raise WeightsError(f"{source}: keys {present[0]!r} and {present[1]!r} are the same tensor")
-    if not present:
-      if not e.optional:
-        missing.append(e)
-      continue
-    used.add(present[0])
-    value = _loaded_value(sd, e, present[0], source, model.name)
+  for e, present in _plan(model, shapes, source, strict=strict, exclude=exclude):
     if e.target:
-      loaded[e.target] = value
-  unused = [k for k in sd if k not in used]
-  if strict and missing:
-    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-    first = missing[0]
-    raise WeightsError(
-      f"{source}: missing key {first.key!r}{more} for {'/'.join(first.target)} of model "
-      f"{model.name} (strict=False keeps the model's initial values)"
-    )
-  if strict and unused:
-    more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
-    raise WeightsError(
-      f"{source}: unexpected key {unused[0]!r}{more}: model {model.name} has no such "
-      "variable (a different model, or strict=False to ignore it)"
-    )
-  if strict and not exclude:
-    covered = {e.target for e in entries}
-    for target in _shapes(model):
-      if target[-1] not in CLIP_NAMES and target not in covered:
-        raise WeightsError(
-          f"model {model.name}: variable {'/'.join(target)} has no torchvision key"
-        )
+      loaded[e.target] = np.asarray(e.convert(sd[present].astype(np.float32)), np.float32)
   tree = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in loaded.items()})
   variables = _complete(model, flax.core.unfreeze(tree), _as_key(key))
   return {c: variables[c] for c in ("params", "batch_stats") if c in variables}
@@ -479,7 +550,9 @@ __all__ = [
   "CLIP_NAMES",
   "Entry",
   "adaptive_pool_matrix",
+  "check_weights_file",
   "load_torchvision",
+  "read_shapes",
   "read_state_dict",
   "torchvision_mapping",
 ]
