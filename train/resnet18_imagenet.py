@@ -17,12 +17,14 @@ for 8 GPUs; each needs ~150 MB plus its batches, ``cimjax/data/stream.py``).
 ``--config.train.batch_size=1024 --config.train.int8.lr=4e-4`` (linear scaling) shortens an
 epoch further.
 
-TPU pod slice / several hosts: the training loop and the stream are written for several
-processes (each host streams its rows of the global batch, ``make_array_from_process_local_data``),
-but the ``cimjax`` command does not call ``jax.distributed.initialize``, so a multi-host run of
-the whole flow is not supported yet (untested). What is supported across hosts is the search:
-run the training stages on one host, then ``python -m launch.search --distributed ...``
-(docs/multihost.md) on every worker with ``--checkpoint=WORKDIR/anyprec``.
+TPU pod slice / several hosts: run the same command on every host with ``--distributed``
+(``jax.distributed.initialize()`` finds the pod or the SLURM job), or by hand with
+``--num_processes=P --process_id=I --coordinator_address=HOST0:PORT``, and one shared
+``--workdir`` (a network file system). Every training stage is data parallel over all
+processes' devices (each host streams its own rows of the global batch and saves its iterator
+state in the checkpoint), the search splits every batch of candidates between the processes,
+and process 0 alone evaluates, compiles and writes the report (docs/multihost.md; tested with
+two loopback CPU processes, bit-identical to one process with two devices).
 
 Expected cost. MEASURED (2026-12-01, 2-core x86-64 CPU, no GPU, load average 8-10 from other
 jobs; batch 8, 224x224, 1000 classes, ``launch``-free script over ``cimjax.train.steps``): train
