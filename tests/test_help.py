@@ -19,7 +19,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 _CLI = {
-  "run": ("config", "workdir", "stages", "from_policy", "hw", "budget"),
+  "run": (
+    "config",
+    "workdir",
+    "stages",
+    "from_policy",
+    "hw",
+    "budget",
+    "num_processes",
+    "process_id",
+    "coordinator_address",
+    "distributed",
+  ),
   "train": ("config", "workdir", "stage", "policy"),
   "search": ("workdir", "hw", "agent", "budget", "acc_drop", "constraint", "progress", "plots"),
   "compile": ("model", "workdir", "policy", "uniform", "hw", "adc_bits", "program", "json"),

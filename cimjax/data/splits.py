@@ -66,6 +66,8 @@ class Splits:
     class_names: one name a class (folder names, a hub's label names; may be empty).
     info: a JSON-able summary of the source for logs and the report: ``source``, ``path``,
       ``skipped`` (unreadable images left out), ``skipped_paths`` (the first few), ...
+    stream: the streamed train split (a :class:`cimjax.data.TrainStream`) of streamed data
+      (:func:`cimjax.data.open_stream`; ``train`` is then a fixed sample of it), else None.
   """
 
   name: str
@@ -77,6 +79,7 @@ class Splits:
   std: np.ndarray
   class_names: tuple[str, ...] = ()
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  stream: Any = None
 
   @property
   def input_shape(self) -> tuple[int, int, int]:

@@ -1034,6 +1034,7 @@ def open_stream(
     std=std32,
     class_names=tuple(sp.class_names),
     info=info,
+    stream=stream,
   )
   return StreamData(stream, splits)
 

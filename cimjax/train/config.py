@@ -312,15 +312,13 @@ def _load_options(d: ConfigDict) -> data_lib.LoadOptions:
   )
 
 
-_STREAMS: dict[str, data_lib.StreamData] = {}
-
-
 def load_stream(config: ConfigDict, local_devices: int | None = None) -> data_lib.StreamData:
   """The config's streamed train split and its in-memory val/test and training sample.
 
   The sample (``splits.train``) holds ``max(calib_images, bn_recal_batches * batch_size,
   stats_images)`` training images (clip calibration and batch-norm re-estimation read it).
-  Built once per data config and device count in a process (a folder is scanned once).
+  Each call opens the data afresh (a folder is scanned): keep the returned splits (they carry
+  the stream, ``splits.stream``) and pass them on, as the pipeline does.
 
   Args:
     config: the training config (``data.stream`` True).
@@ -334,20 +332,16 @@ def load_stream(config: ConfigDict, local_devices: int | None = None) -> data_li
   d = config.data
   devices = jax.local_device_count() if local_devices is None else int(local_devices)
   sample = max(config.calib_images, config.bn_recal_batches * config.batch_size, 1)
-  key = repr((d.to_dict(), config.batch_size, sample, config.seed, devices))
-  if key not in _STREAMS:
-    _STREAMS.clear()  # one at a time: the in-memory splits can be large
-    _STREAMS[key] = data_lib.open_stream(
-      data_source(d),
-      d.path,
-      _load_options(d),
-      stream_options(d),
-      global_batch=config.batch_size,
-      local_devices=devices,
-      sample_images=sample,
-      sample_seed=config.seed,
-    )
-  return _STREAMS[key]
+  return data_lib.open_stream(
+    data_source(d),
+    d.path,
+    _load_options(d),
+    stream_options(d),
+    global_batch=config.batch_size,
+    local_devices=devices,
+    sample_images=sample,
+    sample_seed=config.seed,
+  )
 
 
 def load_splits(config: ConfigDict) -> data_lib.Splits:

@@ -453,7 +453,8 @@ def run_stage(
     policy: int ``[L, 2]`` policy to fine-tune (``finetune`` only).
     policy_name: name of the fine-tuning directory (default ``"policy"``).
     splits: preloaded data (else loaded from the config; with ``data.stream`` the in-memory
-      val/test/sample splits, the train split streaming from :func:`load_stream`).
+      val/test/sample splits of :func:`load_stream`, the train split streaming from
+      ``splits.stream``).
 
   Returns:
     The stage's result dict (also in ``result.json``); accuracies are in percent.
@@ -479,8 +480,9 @@ def run_stage(
   t_start = time.time()
   stream = None
   if config.data.get("stream", False):
-    streamed = load_stream(config)
-    stream, splits = streamed.stream, splits if splits is not None else streamed.splits
+    if splits is None or splits.stream is None:
+      splits = load_stream(config).splits
+    stream = splits.stream
   if splits is None:
     splits = load_splits(config)
   s = _setup(spec, config, workdir, sdir, source, policy, splits, stream)
