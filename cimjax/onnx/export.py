@@ -288,16 +288,28 @@ class _Writer:
     return pieces[0] if len(pieces) == 1 else self.op("Concat", pieces, axis=0)
 
   # -- QCDQ ------------------------------------------------------------------------------------
-  def act_q(self, x: str, step: np.ndarray, bits: int, signed: bool, narrow: bool = False) -> str:
-    """QuantizeLinear (zero point 0) -> Clip to the bit-width's range: the integer codes."""
+  def _quantize(
+    self, x: str, step: np.ndarray, bits: int, signed: bool, narrow: bool, kind: str
+  ) -> tuple[str, str, str]:
+    """QuantizeLinear (zero point 0) -> Clip to the bit-width's range.
+
+    Returns:
+      ``(codes, scale, zero_point)``: the integer codes' tensor and the two constants (named
+      ``{kind}_scale`` / ``{kind}_zp``) that a DequantizeLinear of them takes.
+    """
     dt = np.int8 if signed else np.uint8
-    scale = self.const(np.asarray(step, np.float32).reshape(()), "a_scale")
-    q = self.op("QuantizeLinear", [x, scale, self.const(np.zeros((), dt), "a_zp")])
+    scale = self.const(np.asarray(step, np.float32).reshape(()), f"{kind}_scale")
+    zp = self.const(np.zeros((), dt), f"{kind}_zp")
+    q = self.op("QuantizeLinear", [x, scale, zp])
     if bits < 8 or narrow:
       rng = quant.int_range(bits, signed=signed, narrow=narrow)
       lo, hi = self.const(np.asarray(float(rng.lo), dt)), self.const(np.asarray(float(rng.hi), dt))
       q = self.op("Clip", [q, lo, hi])
-    return q
+    return q, scale, zp
+
+  def act_q(self, x: str, step: np.ndarray, bits: int, signed: bool, narrow: bool = False) -> str:
+    """The activation's integer codes (QuantizeLinear -> Clip)."""
+    return self._quantize(x, step, bits, signed, narrow, "a")[0]
 
   def rescale(self, acc: str, a_step: np.ndarray, w_step: np.ndarray, shape: Sequence[int]) -> str:
     """``float(acc) * (a_step * w_step)``: cimjax's dequantisation of an int32 product.
@@ -313,14 +325,8 @@ class _Writer:
     return self.op("Mul", [f, self.const(scale, "out_scale")])
 
   def act_qcdq(self, x: str, step: np.ndarray, bits: int, signed: bool) -> str:
-    dt = np.int8 if signed else np.uint8
-    scale = self.const(np.asarray(step, np.float32).reshape(()), "a_scale")
-    zp = self.const(np.zeros((), dt), "a_zp")
-    q = self.op("QuantizeLinear", [x, scale, zp])
-    if bits < 8:
-      rng = quant.int_range(bits, signed=signed, narrow=False)
-      lo, hi = self.const(np.asarray(float(rng.lo), dt)), self.const(np.asarray(float(rng.hi), dt))
-      q = self.op("Clip", [q, lo, hi])
+    """The activation fake-quantized: QuantizeLinear -> Clip -> DequantizeLinear."""
+    q, scale, zp = self._quantize(x, step, bits, signed, False, "a")
     return self.op("DequantizeLinear", [q, scale, zp])
 
   def weight_cdq(self, w_int: np.ndarray, step: np.ndarray, bits: int, axis: int) -> str:
@@ -343,13 +349,8 @@ class _Writer:
     return self.op("DequantizeLinear", [w, scale, zp], **attrs)
 
   def weight_qcdq(self, x: str, step: np.ndarray, bits: int) -> str:
-    scale = self.const(np.asarray(step, np.float32).reshape(()), "w_scale")
-    zp = self.const(np.zeros((), np.int8), "w_zp")
-    hi = 2 ** (bits - 1) - 1
-    q = self.op("QuantizeLinear", [x, scale, zp])
-    q = self.op(
-      "Clip", [q, self.const(np.asarray(-hi, np.int8)), self.const(np.asarray(hi, np.int8))]
-    )
+    """A float weight fake-quantized to the narrow signed range (+-(2^(bits-1) - 1))."""
+    q, scale, zp = self._quantize(x, step, bits, True, True, "w")
     return self.op("DequantizeLinear", [q, scale, zp])
 
 
