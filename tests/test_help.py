@@ -40,6 +40,15 @@ _CLI = {
 FLAGS = {
   **{f"cimjax.cli.{m}": names for m, names in _CLI.items()},
   **{f"launch.{m}": names for m, names in _CLI.items()},
+  "launch.bench_conv_grad": (
+    "batch_size",
+    "steps",
+    "repeats",
+    "compare_steps",
+    "chunk",
+    "parts",
+    "out",
+  ),
   "cimjax.cli.export": ("workdir", "model", "variables", "policy", "uniform", "out"),
   "launch.bench": ("workdir", "quick", "checkpoint", "only"),
   "launch.bench_eval": (
