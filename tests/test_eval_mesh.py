@@ -102,3 +102,30 @@ def test_data_parallel_errors():
     evaluate.make_evaluator(md, v, x, y, devices=one, data_parallel=2)  # "auto" -> "shard"
   assert evaluate.default_strategy(data_parallel=2) == "shard"
   assert evaluate.eval_mesh(one).shape == {"cand": 1, "data": 1}
+
+
+def test_evaluate_splits_data_parallel_equals_one_device():
+  """``train.data.data_parallel`` with several local devices (the test process has 8): the
+  final evaluations split each batch over them; the accuracies are the one-device ones."""
+  import ml_collections
+
+  from cimjax import data, train
+
+  assert jax.local_device_count() > 1
+  md = models.get_model("small_cnn", channels=(4, 8, 8), hidden=16)
+  v = models.init(md, jax.random.key(1))
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(203, 28, 28, 1)).astype(np.float32)
+  y = rng.integers(0, 10, 203).astype(np.int32)
+  ds = data.Dataset(x, y, np.arange(203))
+  test = data.Dataset(x[:37], y[:37], np.arange(37))
+  splits = data.Splits("t", ds, ds, test, 10, np.zeros(1), np.ones(1))
+  cfg = ml_collections.ConfigDict(
+    dict(eval_batch_size=50, fast_compile=True, bn_recal_batches=0, data={"data_parallel": False})
+  )
+  pol = np.full((5, 2), 4, np.int32)
+  one = train.evaluate_splits(v, md, splits, cfg, pol, recal=False)
+  cfg.data.data_parallel = True
+  many = train.evaluate_splits(v, md, splits, cfg, pol, recal=False)
+  assert {k: one[k] for k in ("val", "test")} == {k: many[k] for k in ("val", "test")}
+  np.testing.assert_allclose(many["val_loss"], one["val_loss"], rtol=1e-5)

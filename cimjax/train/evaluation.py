@@ -8,12 +8,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 
 from cimjax import data as data_lib
 from cimjax import evaluate as eval_lib
 from cimjax.models import ModelDef
 from cimjax.train.calibrate import recal_batches, recalibrate_bn
+from cimjax.train.loop import data_mesh, evaluate_sharded
 from cimjax.train.state import TrainState, as_variables
 
 PyTree = Any
@@ -81,17 +83,27 @@ def evaluate_splits(
     split_names: the splits to evaluate (empty ones are skipped).
     recal: re-estimate batch-norm statistics for ``policy`` first.
 
+  Data parallel (``config.data.data_parallel`` or ``config.data.stream``) with several local
+  devices: every batch is split over this process's devices (:func:`evaluate_sharded`; the
+  same accuracy, the loss summed in another order).
+
   Returns:
     ``{name: accuracy in percent, f"{name}_loss": mean loss}`` per non-empty split.
   """
   v = dict(variables)
+  parallel = config.data.get("data_parallel", False) or config.data.get("stream", False)
+  mesh = data_mesh(jax.local_devices()) if parallel and jax.local_device_count() > 1 else None
   if recal and v.get("batch_stats"):
     v = recalibrate_bn(
       v, model, policy, recal_batches(splits, config), fast_compile=config.fast_compile
     )
   out = {}
   for s in split_names:
-    if len(splits[s]):
+    if not len(splits[s]):
+      continue
+    if mesh is not None:
+      r = evaluate_sharded(v, model, splits[s], policy, mesh, batch_size=config.eval_batch_size)
+    else:
       r = evaluate(
         v,
         model,
@@ -100,8 +112,8 @@ def evaluate_splits(
         batch_size=config.eval_batch_size,
         fast_compile=config.fast_compile,
       )
-      out[s] = r["accuracy"]
-      out[f"{s}_loss"] = r["loss"]
+    out[s] = r["accuracy"]
+    out[f"{s}_loss"] = r["loss"]
   return out
 
 

@@ -174,6 +174,11 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.device_put(tree, rep)
 
 
+def spans_processes(mesh: jax.sharding.Mesh) -> bool:
+  """Whether ``mesh`` holds devices of more than one process."""
+  return len({d.process_index for d in mesh.devices.flat}) > 1
+
+
 def host_rows(batch: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
   """This process's contiguous block of a global batch that every process holds whole.
 
@@ -289,6 +294,7 @@ def fit(
     batches = train.iterator(seed, start, data_state, num_steps)
   else:
     batches = data_lib.train_batches(train, batch_size, seed, start)
+  across = mesh is not None and spans_processes(mesh)
   if mesh is not None:
     state = replicate(state, mesh)
   bar = progress_lib.Progress.of(progress).training(description, num_steps, start)
@@ -302,7 +308,7 @@ def fit(
       x, y = next(batches)
       if mesh is not None:
         # A stream yields this host's rows already; an in-memory split the whole global batch.
-        x, y = shard_batch((x, y) if stream else host_rows((x, y)), mesh)
+        x, y = shard_batch((x, y) if stream or not across else host_rows((x, y)), mesh)
       state, metrics = step_fn(state, (x, y))
       window.append(metrics)
       clock.n_win += 1
@@ -374,12 +380,13 @@ def evaluate_sharded(
   if n == 0:
     return {"accuracy": float("nan"), "loss": float("nan"), "count": 0}
   bs = -(-batch_size // mesh.size) * mesh.size
+  across = spans_processes(mesh)  # a mesh of this process's devices: the whole batch here
   module = getattr(model, "module", model)
   v = replicate(dict(variables), mesh)
   pol = None if policy is None else replicate(jnp.asarray(policy, jnp.int32), mesh)
   outs = []
   for xb, yb, mb in data_lib.eval_batches(split, bs):
-    x, y, m = shard_batch(host_rows((xb, yb, mb)), mesh)
+    x, y, m = shard_batch(host_rows((xb, yb, mb)) if across else (xb, yb, mb), mesh)
     outs.append(_EVAL(module, v, x, y, m, pol))
   correct = sum(float(c) for c, _ in jax.device_get(outs))
   loss = sum(float(l) for _, l in jax.device_get(outs))
@@ -466,5 +473,6 @@ __all__ = [
   "host_rows",
   "replicate",
   "shard_batch",
+  "spans_processes",
   "to_py",
 ]
