@@ -17,14 +17,7 @@ for 8 GPUs; each needs ~150 MB plus its batches, ``cimjax/data/stream.py``).
 ``--config.train.batch_size=1024 --config.train.int8.lr=4e-4`` (linear scaling) shortens an
 epoch further.
 
-TPU pod slice / several hosts: run the same command on every host with ``--distributed``
-(``jax.distributed.initialize()`` finds the pod or the SLURM job), or by hand with
-``--num_processes=P --process_id=I --coordinator_address=HOST0:PORT``, and one shared
-``--workdir`` (a network file system). Every training stage is data parallel over all
-processes' devices (each host streams its own rows of the global batch and saves its iterator
-state in the checkpoint), the search splits every batch of candidates between the processes,
-and process 0 alone evaluates, compiles and writes the report (docs/multihost.md; tested with
-two loopback CPU processes, bit-identical to one process with two devices).
+TPU pod slice / several hosts: see ``train/imagenet_common.py`` ("Several hosts").
 
 Expected cost. MEASURED (2026-12-01, 2-core x86-64 CPU, no GPU, load average 8-10 from other
 jobs; batch 8, 224x224, 1000 classes, ``launch``-free script over ``cimjax.train.steps``): train
