@@ -455,6 +455,7 @@ def test_setup_style_module_and_subclassed_layer():
 # --------------------------------------------------------- evaluator, training and compiler
 
 
+@pytest.mark.slow  # default-suite time; the zoo models cover the evaluator and training
 def test_evaluator_and_training_on_a_plain_model():
   md = cimjax.quantize_model(PlainCNN(), input_shape=(8, 8, 1))
   v = init_variables(md, 0)

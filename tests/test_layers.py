@@ -97,9 +97,13 @@ def _plain_mvm(index, spec, x, w, w_bits, a_bits):
   "name,kw",
   [
     ("small_cnn", {}),
-    ("resnet20", {"image_size": 8}),
+    pytest.param("resnet20", {"image_size": 8}, marks=pytest.mark.slow),
     ("vgg16", {"image_size": 16, "cfg": (8, "M", 16, "M"), "hidden": (32, 32)}),
-    ("vit_b32", {"image_size": 64, "depth": 1, "hidden": 64, "num_heads": 4, "mlp_dim": 128}),
+    pytest.param(
+      "vit_b32",
+      {"image_size": 64, "depth": 1, "hidden": 64, "num_heads": 4, "mlp_dim": 128},
+      marks=pytest.mark.slow,
+    ),
   ],
 )
 def test_hook_and_int32_paths_equal_native(name, kw):

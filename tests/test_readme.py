@@ -79,6 +79,7 @@ def test_toml_example_is_a_valid_target(readme, tmp_path, repo_root):
   assert "vgg16" in out or "conv1" in out
 
 
+@pytest.mark.slow  # default-suite time; the CLIs have their own tests (tests/test_cli_*.py)
 def test_tool_commands(readme, repo_root, tmp_path):
   block = next(b for b in _blocks(readme, "bash") if "launch.train" in b)
   for c in _commands(block):
@@ -91,6 +92,7 @@ def test_tool_commands(readme, repo_root, tmp_path):
   assert (tmp_path / "c" / "program" / "manifest.json").is_file()
 
 
+@pytest.mark.slow  # default-suite time; the run flags are tested in tests/test_pipeline.py
 def test_run_flags_on_the_tiny_config(readme, repo_root, tmp_path):
   """The README's run examples, with the tiny config and stages up to the search."""
   block = next(b for b in _blocks(readme, "bash") if "--config.search.agent=ddpg" in b)

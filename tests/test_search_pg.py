@@ -132,7 +132,7 @@ def _out(n, new, rng):
   )
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_mutation_rate_follows_the_success_rule(pg_agent, jit):
   """No new policy among the samples: the rate starts at mutation_min and grows by
   mutation_gain up to 1; all new: it shrinks by the gain and drops to 0 below the minimum."""

@@ -34,8 +34,8 @@ ever downloaded. Left unset, the check before the first stage fails with one lin
 Training from scratch instead is ``--config.train.pretrained= --config.train.fp32.epochs=90
 --config.train.fp32.lr=0.1`` (not tuned here).
 
-Several hosts (a TPU pod slice, a GPU cluster): run the same command on every host with ``--distributed``
-(``jax.distributed.initialize()`` finds the pod or the SLURM job), or by hand with
+Several hosts (a TPU pod slice, a GPU cluster): run the same command on every host with
+``--distributed`` (``jax.distributed.initialize()`` finds the pod or the SLURM job), or with
 ``--num_processes=P --process_id=I --coordinator_address=HOST0:PORT``, and one shared
 ``--workdir`` (a network file system). Every training stage is data parallel over all
 processes' devices (each host streams its own rows of the global batch and saves its iterator
