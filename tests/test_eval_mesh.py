@@ -129,3 +129,20 @@ def test_evaluate_splits_data_parallel_equals_one_device():
   many = train.evaluate_splits(v, md, splits, cfg, pol, recal=False)
   assert {k: one[k] for k in ("val", "test")} == {k: many[k] for k in ("val", "test")}
   np.testing.assert_allclose(many["val_loss"], one["val_loss"], rtol=1e-5)
+
+
+def test_search_data_parallel_field_is_checked():
+  """``search.data_parallel`` must divide the local devices (8 here): one line naming it."""
+  from cimjax import pipeline
+  from cimjax.errors import ConfigError
+
+  c = pipeline.default_config()
+  c.train.data.update(name="digits", train_size=-1, val_size=300)
+  c.search.search_images = 100
+  c.search.data_parallel = 3
+  with pytest.raises(ConfigError, match=r"search\.data_parallel") as info:
+    pipeline.validate_run(c, stages=["search"])
+  msg = str(info.value)
+  assert "\n" not in msg and "1, 2, 4, 8" in msg
+  c.search.data_parallel = 4
+  pipeline.validate_run(c, stages=["search"])
