@@ -4,6 +4,7 @@ import dataclasses
 import functools
 
 import numpy as np
+import pytest
 
 from cimjax import search
 from cimjax.search import pg as pg_lib
@@ -27,6 +28,7 @@ def _files(d):
   return sorted(p.name for p in d.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow  # default-suite time
 def test_run_cache_reuses_a_run_and_reruns_when_the_agent_config_changes(tmp_path, monkeypatch):
   task = _task()
   acc_ref = task.accuracy.acc8

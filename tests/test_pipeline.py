@@ -116,6 +116,7 @@ def test_cli_errors_exit_2(repo_root, tmp_path):
     assert not (tmp_path / "w").exists(), args  # checked before anything is written
 
 
+@pytest.mark.slow  # default-suite time; kill -9 mid-stage: tests/test_checkpoint.py (default)
 def test_kill_and_rerun_gives_the_same_report(tiny_run, repo_root, tmp_path):
   _, reference = tiny_run
   wd = tmp_path / "killed"

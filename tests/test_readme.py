@@ -114,6 +114,7 @@ def test_run_flags_on_the_tiny_config(readme, repo_root, tmp_path):
   assert res["summary"]["agent"] == "ddpg" and res["summary"]["evals_used"] <= 30
 
 
+@pytest.mark.slow  # default-suite time (a Fashion-MNIST evaluation of random policies)
 def test_python_example(readme, tmp_path, repo_root):
   code = next(b for b in _blocks(readme, "python") if "random_policies" in b)
   # The example reads the default run's weights; here, freshly initialised ones.

@@ -219,6 +219,7 @@ def test_log_prob_and_entropy_match_a_numpy_oracle(head):
   assert float(reinforce.entropy(pdef, params)) == pytest.approx(ent, rel=1e-4)
 
 
+@pytest.mark.slow  # default-suite time
 def test_update_raises_the_best_candidate_and_ignores_invalid_batches():
   rng = np.random.default_rng(3)
   pdef = _random_pdef(rng, "factored")
