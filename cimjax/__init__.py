@@ -14,12 +14,13 @@ The public API, by concept (each lives in its own module):
 - data, training, evaluation: :mod:`cimjax.data`, :mod:`cimjax.train`, :func:`make_evaluator`;
 - search: :mod:`cimjax.search` (:func:`cimjax.search.run_search`);
 - compiler and simulator: :mod:`cimjax.crossbar`, :mod:`cimjax.compile`;
-- the whole flow: :mod:`cimjax.pipeline`.
+- the whole flow: :mod:`cimjax.pipeline`;
+- the XLA process environment (CPU convolution kernels): :mod:`cimjax.xla_env`.
 """
 
 from typing import Any
 
-from cimjax import cost, hw, policy, quant
+from cimjax import cost, hw, policy, quant, xla_env
 from cimjax.cost import (
   CostTables,
   cost_ratio,
@@ -115,4 +116,5 @@ __all__ = [
   "trace_specs",
   "uniform_policy",
   "validate_policy",
+  "xla_env",
 ]

@@ -370,6 +370,7 @@ def bench_train(model: ModelDef, arch: str, sb: StageBench, a: dict[str, Any]) -
   if tstep is not None:
     out["torch_img_s"] = a["batch_size"] / statistics.median(r["torch_s"] for r in rounds)
     out["ratio"] = out["cimjax_img_s"] / out["torch_img_s"]
+    out["fast_pool_ratio"] = out["fast_pool_img_s"] / out["torch_img_s"]
   return out
 
 
@@ -592,7 +593,8 @@ def format_table(r: dict[str, Any]) -> str:
   lines = [
     f"bench_train: {r['arch']} CNN ({r['model']}), batch {r['batch_size']}, backend "
     f"{r['backend']}, jax {r['jax']}, torch {r.get('torch_version')}, load {r['load_start']} -> "
-    f"{r['load_end']}; medians of {r['repeats']} rounds"
+    f"{r['load_end']}; medians of {r['repeats']} rounds",
+    f"XLA_FLAGS: {r['xla_flags'] or '(none)'}",
   ]
   t = r.get("train")
   if t:
@@ -608,6 +610,9 @@ def format_table(r: dict[str, Any]) -> str:
         f"{'  pytorch (AdamW, %d threads)' % r['torch_threads']:44s} {t['torch_img_s']:9.1f}"
       )
       lines.append(f"{'  cimjax / pytorch':44s} {t['ratio']:9.2f}x")
+      lines.append(
+        f"{'  cimjax, max_pool_2x2 gradient / pytorch':44s} {t['fast_pool_ratio']:9.2f}x"
+      )
   b = r.get("breakdown")
   if b:
     lines.append(f"{'breakdown (cimjax fp32)':44s} {'ms':>9} {'img/s':>9}")
@@ -630,6 +635,7 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
     out["fast_pool_params_identical"] = r["train"]["fast_pool_params_identical"]
     if "torch_img_s" in r["train"]:
       out["fp32_torch_img_s"] = round(r["train"]["torch_img_s"], 1)
+      out["fp32_fast_pool_vs_torch"] = round(r["train"]["fast_pool_ratio"], 3)
   for k, v in r.get("stages", {}).items():
     out[f"{k}_img_s"] = round(v["img_s"], 1)
   return out

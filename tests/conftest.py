@@ -1,12 +1,18 @@
 """Strict test configuration (equinox style): fake CPU devices, strict dtype promotion.
 
-The XLA flag must be set before jax is imported, so it lives here at import time.
+The XLA flags must be set before JAX starts a backend, so they are set here at import time:
+8 host devices, and the CPU convolution kernels the console scripts use
+(:func:`cimjax.xla_env.prepare_process`).
 """
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from cimjax import xla_env  # noqa: E402  (imports no backend)
+
+xla_env.prepare_process()  # the CPU convolution kernels the console scripts use
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -76,6 +76,19 @@ def _two_processes(wd: Path, *args: str, logs: Path, **popen: object) -> list[su
   return procs
 
 
+def _one_process(wd: Path, *args: str, timeout: float = 400) -> None:
+  """The reference of a two-process run: one process, two host devices, data parallel."""
+  one = subprocess.run(
+    _cimjax(f"--workdir={wd}", "--config.train.data.data_parallel=True", *args),
+    cwd=REPO,
+    env=_env(devices=2),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  assert one.returncode == 0, one.stderr[-3000:]
+
+
 def _wait_ok(procs: list[subprocess.Popen], logs: Path, timeout: float = 400) -> None:
   codes = [p.wait(timeout=timeout) for p in procs]
   text = "\n".join((logs / f"proc{i}.log").read_text()[-3000:] for i in range(len(procs)))
@@ -100,17 +113,7 @@ def test_two_processes_train_fp32_like_one_process_with_two_devices(tmp_path):
   names = ("fp32",)
   stages = "--stages=fp32"
   _wait_ok(_two_processes(tmp_path / "mp", stages, *SHORT, logs=tmp_path), tmp_path)
-  one = subprocess.run(
-    _cimjax(
-      f"--workdir={tmp_path / 'sp'}", stages, "--config.train.data.data_parallel=True", *SHORT
-    ),
-    cwd=REPO,
-    env=_env(devices=2),
-    capture_output=True,
-    text=True,
-    timeout=400,
-  )
-  assert one.returncode == 0, one.stderr[-3000:]
+  _one_process(tmp_path / "sp", stages, *SHORT)
   for stage in names:
     _assert_same_params(tmp_path / "mp" / stage, tmp_path / "sp" / stage)
     res = json.loads((tmp_path / "mp" / stage / "result.json").read_text())
@@ -152,15 +155,7 @@ def test_multiprocess_flags_are_checked():
 def test_two_processes_run_the_whole_flow(tmp_path):
   """Every stage on two processes: the report of the 1-process 2-device run."""
   _wait_ok(_two_processes(tmp_path / "mp", logs=tmp_path), tmp_path, timeout=900)
-  one = subprocess.run(
-    _cimjax(f"--workdir={tmp_path / 'sp'}", "--config.train.data.data_parallel=True"),
-    cwd=REPO,
-    env=_env(devices=2),
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert one.returncode == 0, one.stderr[-3000:]
+  _one_process(tmp_path / "sp", timeout=900)
   a, b = (json.loads((tmp_path / w / "report.json").read_text()) for w in ("mp", "sp"))
   timing = ("stage_time_s", "total_time_s")
   for r in (a, b):

@@ -135,9 +135,18 @@ def run_console(
 
   A failing run exits with ``os._exit`` once its line is printed: the interpreter's teardown
   is skipped, so nothing left running in the background (the reads of a failed orbax restore,
-  say) can print after the error line.
+  say) can print after the error line. Before anything else (flags included), the process's
+  ``XLA_FLAGS`` is set by :func:`cimjax.xla_env.prepare_process` (XLA's own CPU convolution
+  kernels; ``CIMJAX_CPU_CONV``): XLA reads it once, when JAX starts a backend.
   """
   from absl import app  # pylint: disable=g-import-not-at-top
+
+  from cimjax import xla_env  # pylint: disable=g-import-not-at-top
+
+  try:
+    xla_env.prepare_process()
+  except CimjaxError as e:
+    fail(_program_name(), e)
 
   def wrapped(argv: Any) -> int:
     status = int(main(argv) or 0)
@@ -148,6 +157,15 @@ def run_console(
     return status
 
   app.run(wrapped, flags_parser=flags_parser)
+
+
+def _program_name() -> str:
+  """The running command as its user typed it: the console script's name, or the module of
+  ``python -m``."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if spec is not None and spec.name not in ("__main__", ""):
+    return str(spec.name).removesuffix(".__main__")
+  return os.path.basename(sys.argv[0]) or "cimjax"
 
 
 @contextlib.contextmanager
