@@ -132,18 +132,16 @@ def test_integer_code_convolutions_identical_under_both_kernels():
       np.testing.assert_array_equal(np.asarray(a), ref.astype(np.float32))
 
 
+def _python(cwd: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+  )
+
+
 @pytest.mark.parametrize("module", ["cimjax.cli.cost", "cimjax.cli.run", "launch.bench_train"])
 def test_every_console_entry_rejects_a_bad_choice_in_one_line(repo_root, module):
   """Every entry point prepares XLA_FLAGS (cimjax.cli.run_console), whatever its flag parser."""
-  env = dict(os.environ, CIMJAX_CPU_CONV="fastest")
-  p = subprocess.run(
-    [sys.executable, "-m", module, "--help"],
-    cwd=repo_root,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  p = _python(repo_root, ["-m", module, "--help"], dict(os.environ, CIMJAX_CPU_CONV="fastest"))
   assert p.returncode == 2, p.stderr
   lines = p.stderr.strip().splitlines()
   assert lines == [f"{module}: error: CIMJAX_CPU_CONV='fastest': allowed values are eigen, xla"]
@@ -161,13 +159,6 @@ def test_the_main_job_sets_the_flag_before_absl_runs(repo_root):
     "cli.run_console(r.main, r.parse_flags); print(os.environ.get('XLA_FLAGS', ''))"
   )
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "CIMJAX_CPU_CONV")}
-  p = subprocess.run(
-    [sys.executable, "-c", code],
-    cwd=repo_root,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  p = _python(repo_root, ["-c", code], env)
   assert p.returncode == 0, p.stderr
   assert p.stdout.strip().splitlines()[-1] == EIGEN
