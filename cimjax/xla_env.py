@@ -20,10 +20,9 @@ codes: quantized products stay exact. It is a CPU setting only; other backends i
 Environment variable ``CIMJAX_CPU_CONV`` (read by :func:`prepare_process`): ``eigen`` (the
 default) or ``xla`` (leave XLA's own choice, YNNPACK). A ``XLA_FLAGS`` that already sets
 ``xla_cpu_experimental_ynn_fusion_type`` is left as it is. The flag is experimental, and XLA
-aborts the process on a flag it does not know, so it is only added for the jaxlib versions it
-was checked on (:data:`CHECKED_JAXLIB`: 0.10 and 0.11), and only on x86-64, where it was
-measured (YNNPACK's ARM kernels may well be the faster ones); elsewhere ``XLA_FLAGS`` is left
-unchanged.
+aborts the process on a flag value it cannot parse, so it is only added for the jaxlib releases
+it was checked on (:data:`CHECKED_JAXLIB`: 0.10), and only on x86-64, where it was measured
+(YNNPACK's ARM kernels may well be the faster ones); elsewhere ``XLA_FLAGS`` is left unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ ENV_VAR = "CIMJAX_CPU_CONV"
 CHOICES = ("eigen", "xla")
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 EIGEN_CONV = f"{YNN_FLAG}=-individual_convolution"  # convolutions leave YNNPACK; dots stay
-CHECKED_JAXLIB = ((0, 10), (0, 11))  # (major, minor) releases that know the flag
+CHECKED_JAXLIB = ((0, 10),)  # (major, minor) releases checked to parse the flag
 
 
 def _jaxlib_version() -> str:

@@ -40,8 +40,8 @@ def test_flag_only_for_the_jaxlib_releases_it_was_checked_on():
   """XLA aborts on a flag it does not know: other jaxlib releases keep XLA_FLAGS as it is."""
   x86 = {"machine": "x86_64"}
   assert xla_env.xla_flags("--a=1", jaxlib_version="0.10.2", **x86) == f"--a=1 {EIGEN}"
-  assert xla_env.xla_flags("", jaxlib_version="0.11.0.dev20261101", **x86) == EIGEN
-  for version in ("0.9.9", "0.12.0", "1.0.0", "", "unknown"):
+  assert xla_env.xla_flags("", jaxlib_version="0.10.7.dev20261101", **x86) == EIGEN
+  for version in ("0.9.9", "0.11.2", "0.12.0", "1.0.0", "", "unknown"):
     assert xla_env.xla_flags("--a=1", jaxlib_version=version, **x86) == "--a=1", version
 
 
