@@ -39,6 +39,7 @@ CHOICES = ("eigen", "xla")
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 EIGEN_CONV = f"{YNN_FLAG}=-individual_convolution"  # convolutions leave YNNPACK; dots stay
 CHECKED_JAXLIB = ((0, 10),)  # (major, minor) releases checked to parse the flag
+X86_64 = ("x86_64", "amd64")  # platform.machine(), lower case, where the flag was measured
 
 
 def _jaxlib_version() -> str:
@@ -48,9 +49,6 @@ def _jaxlib_version() -> str:
     return str(jaxlib.__version__)
   except (ImportError, AttributeError):
     return ""
-
-
-X86_64 = ("x86_64", "amd64")
 
 
 def xla_flags(
