@@ -27,10 +27,11 @@ it was checked on (:data:`CHECKED_JAXLIB`: 0.10), and only on x86-64, where it w
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 from collections.abc import MutableMapping
+
+from absl import logging
 
 from cimjax.errors import UsageError
 
