@@ -185,6 +185,19 @@ def _batch_data(x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[Array, A
   )
 
 
+def _batch_hits(module: Any, variables: Any, int_dtype: Any) -> Callable[..., tuple[Array, Array]]:
+  """``hits(policy, xi [B, ...], yi [B], wi [B]) -> (hit int32 [B], nll [B])`` of one batch."""
+
+  def hits(policy, xi, yi, wi):
+    logits, _ = models_lib.forward(module, variables, xi, policy, int_dtype=int_dtype)
+    logp = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(logp, yi[:, None], axis=1)[:, 0]
+    hit = (jnp.argmax(logits, axis=-1) == yi).astype(jnp.int32) * (wi > 0).astype(jnp.int32)
+    return hit, nll
+
+  return hits
+
+
 def make_policy_score(
   module: Any, variables: Any, *, int_mode: Any = "auto"
 ) -> Callable[[Array, Array, Array, Array], tuple[Array, Array]]:
@@ -202,14 +215,12 @@ def make_policy_score(
   """
 
   int_dtype = layers_lib.resolve_int_dtype(int_mode)
+  batch = _batch_hits(module, variables, int_dtype)
 
   def score(policy, xb, yb, wb):
-    def body(carry, batch):
-      xi, yi, wi = batch
-      logits, _ = models_lib.forward(module, variables, xi, policy, int_dtype=int_dtype)
-      logp = jax.nn.log_softmax(logits)
-      nll = -jnp.take_along_axis(logp, yi[:, None], axis=1)[:, 0]
-      hit = (jnp.argmax(logits, axis=-1) == yi).astype(jnp.int32) * (wi > 0).astype(jnp.int32)
+    def body(carry, data):
+      xi, yi, wi = data
+      hit, nll = batch(policy, xi, yi, wi)
       correct, loss = carry
       return (correct + jnp.sum(hit), loss + jnp.sum(nll * wi)), None
 
@@ -218,6 +229,26 @@ def make_policy_score(
 
   score.int_dtype = int_dtype  # type: ignore[attr-defined]
   return score
+
+
+def make_policy_hits(
+  module: Any, variables: Any, *, int_mode: Any = "auto"
+) -> Callable[[Array, Array, Array, Array], Array]:
+  """Per-image correctness of one candidate: the same forward as :func:`make_policy_score`.
+
+  Paired comparisons between candidates on the same images (:func:`cimjax.search.runner.
+  reevaluate`) need which images each one gets right, not only how many.
+
+  Returns:
+    ``hits(policy [L, 2], xb [nb, B, ...], yb [nb, B], wb [nb, B]) -> int32 [nb, B]``: 1 where
+    the prediction is right (0 on padding rows, ``wb == 0``); its sum is ``score``'s count.
+  """
+  batch = _batch_hits(module, variables, layers_lib.resolve_int_dtype(int_mode))
+
+  def hits(policy, xb, yb, wb):
+    return jax.lax.map(lambda data: batch(policy, *data)[0], (xb, yb, wb))
+
+  return hits
 
 
 Runner = Callable[[Array], tuple[np.ndarray, np.ndarray]]  # policies -> (correct, loss sum)
@@ -539,5 +570,6 @@ __all__ = [
   "default_strategy",
   "evaluate_policy",
   "make_evaluator",
+  "make_policy_hits",
   "make_policy_score",
 ]

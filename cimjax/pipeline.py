@@ -111,6 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
       population=0,
       search_images=2000,
       final_top_k=64,
+      choose_margin=1.0,
       lazy=False,
       lazy_chunk=250,
       lazy_alpha=1e-3,

@@ -262,11 +262,21 @@ def build_report(s: RunSummary) -> dict[str, Any]:
 def _choice_text(c: dict[str, Any] | None) -> str:
   if not c or "final_accuracy" not in c:
     return ""
-  return (
+  text = (
     f": the chosen policy is number {c['rank_in_search'] + 1} of {c['pool']} by search "
     f"reward, {_fmt(c['final_accuracy'])}% there against a target of "
     f"{_fmt(c['final_target'])}% (the search's own winner scored "
     f"{_fmt(c['search_winner_final_accuracy'])}% there)"
+  )
+  if "lower_bound" not in c:
+    return text
+  passed = c.get("passed", 0)
+  return text + (
+    f". Paired with INT8 on the same images its difference is {c['acc_diff']:+.2f} points, "
+    f"standard error {_fmt(c['diff_se'])}: lower bound at {_fmt(c['margin_se'], 1)} SE "
+    f"{c['lower_bound']:+.2f} points; {passed} of {c['pool']} candidates clear the allowed "
+    f"drop by that margin"
+    + ("" if passed else " (none does, so the fastest that clears the target was taken)")
   )
 
 

@@ -88,6 +88,12 @@ def validate_search(
     )
   if not _is_int(sc.final_top_k) or sc.final_top_k < 1:
     raise _field_error("search.final_top_k", sc.final_top_k, "an integer >= 1")
+  margin = sc.get("choose_margin", CHOOSE_MARGIN)
+  number = not isinstance(margin, bool) and isinstance(margin, int | float)
+  if not (number and math.isfinite(margin) and margin >= 0):
+    raise _field_error(
+      "search.choose_margin", margin, "a number >= 0 (standard errors; 0: the target alone)"
+    )
   _validate_lazy(sc)
   if sc.agent == "exhaustive" and num_layers is not None:
     space = search_lib.make_space(num_layers, sc.constraint, cell_bits)
@@ -291,20 +297,32 @@ def search_config(config: ml_collections.ConfigDict, **overrides: Any) -> search
   )
 
 
+CHOOSE_MARGIN = 1.0  # default ``search.choose_margin``: standard errors of the paired difference
+
+
 def choose_policy(
-  search_best: np.ndarray, final: dict[str, Any] | None
+  search_best: np.ndarray, final: dict[str, Any] | None, margin: float = CHOOSE_MARGIN
 ) -> tuple[np.ndarray, dict[str, Any]]:
-  """The policy the run fine-tunes: the best *final-split* reward among the re-evaluated ones.
+  """The policy the run fine-tunes: the best *final-split* reward among those that pass.
 
   The search's winner is the best of many noisy scores on the search images (winner's curse):
   on the default run it typically loses 1-2 points on other images. The pipeline's final split
-  is held-out *validation* data (never test), so choosing on it is legitimate: among the
-  ``final_top_k`` best search candidates, the highest reward on the final split wins, which is
-  the fastest one that still meets the accuracy target there (or, if none does, the closest).
+  is held-out *validation* data (never test), so choosing on it is legitimate. Choosing the
+  fastest of ``final_top_k`` candidates that merely clear the target there repeats the curse
+  on a smaller scale (the fastest one that clears it is most likely one whose score there is
+  lucky). So a candidate *passes* when its paired comparison with the INT8 reference on the
+  same images (:func:`cimjax.search.runner.reevaluate`) clears the allowed drop by ``margin``
+  standard errors: ``acc_diff - margin * diff_se >= -acc_drop``, a one-sided paired z-test
+  (for a candidate exactly at the limit, ``margin=1`` lets it pass with probability ~16%).
+  Among those that pass, the highest final-split reward wins (the fastest); if none passes,
+  the highest reward (the fastest that clears the target there, or else the closest).
+  Without paired statistics (a source without ``correct_images``) or with ``margin=0``, every
+  candidate that clears the target passes.
 
   Args:
     search_best: the search's winner ``[L, 2]`` (used when there is no final re-evaluation).
     final: :func:`cimjax.search.runner.reevaluate`'s dict, or None.
+    margin: standard errors of the paired difference a candidate must clear (``>= 0``).
 
   Returns:
     ``(policy [L, 2] int32, JSON-able description of the choice)``.
@@ -312,18 +330,38 @@ def choose_policy(
   if not final or not final.get("candidates"):
     return np.asarray(search_best, np.int32), {"by": "search reward"}
   cands = final["candidates"]
-  j = max(range(len(cands)), key=lambda i: (cands[i]["reward"], -i))
+  drop = float(final["acc_ref"]) - float(final["acc_target"]) if "acc_ref" in final else None
+  paired = bool(final.get("paired")) and drop is not None
+
+  def passes(c: dict[str, Any]) -> bool:
+    if not paired:
+      return bool(c["feasible"])
+    return c["acc_diff"] - margin * c["diff_se"] >= -drop - 1e-9  # float slack of the drop
+
+  ok = [i for i in range(len(cands)) if passes(cands[i])]
+  pool = ok or list(range(len(cands)))
+  j = max(pool, key=lambda i: (cands[i]["reward"], -i))
   c = cands[j]
-  return np.asarray(c["policy"], np.int32), {
-    "by": f"{final['name']} reward",
+  rule = f"paired lower bound at {margin:g} SE >= -{drop:g} points" if paired else "target"
+  pick = {
+    "by": f"{final['name']} reward" + (f", {rule}" if ok else f" (none passes the {rule})"),
     "rank_in_search": j,
     "pool": len(cands),
+    "passed": len(ok),
     "final_accuracy": c["accuracy"],
     "final_target": final["acc_target"],
     "feasible_on_final": c["feasible"],
     "speedup": c["speedup"],
     "search_winner_final_accuracy": cands[0]["accuracy"],
   }
+  if paired:
+    pick.update(
+      margin_se=float(margin),
+      acc_diff=c["acc_diff"],
+      diff_se=c["diff_se"],
+      lower_bound=c["acc_diff"] - margin * c["diff_se"],
+    )
+  return np.asarray(c["policy"], np.int32), pick
 
 
 def run_search_stage(
@@ -367,7 +405,11 @@ def run_search_stage(
     progress=progress,
     plots=plots,
   )
-  chosen, pick = choose_policy(res.best_policy, res.final if task.choose_on_final else None)
+  chosen, pick = choose_policy(
+    res.best_policy,
+    res.final if task.choose_on_final else None,
+    float(config.search.get("choose_margin", CHOOSE_MARGIN)),
+  )
   if jax.process_index() == 0:
     policy_lib.save_policy(Path(workdir) / "chosen_policy.npy", chosen)
   return {

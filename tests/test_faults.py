@@ -139,6 +139,7 @@ CASES = [
   ("cimjax", ["--config.search.mode=fast"], "config.search.mode = 'fast'; allowed: auto"),
   ("cimjax", ["--config.search.population=1"], "config.search.population = 1; allowed"),
   ("cimjax", ["--config.search.final_top_k=0"], "config.search.final_top_k = 0"),
+  ("cimjax", ["--config.search.choose_margin=-1"], "config.search.choose_margin = -1.0"),
   ("cimjax", ["--config.search.constraint=all"], "config.search.constraint = 'all'"),
   ("cimjax", ["--config.compile.input_scheme=zz"], "config.compile.input_scheme = 'zz'"),
   ("cimjax", ["--config.compile.num_verify=0"], "config.compile.num_verify = 0"),

@@ -69,6 +69,15 @@ def test_every_stage_and_report(tiny_run):
   assert r["search"]["evaluations"] <= 48
   md = (wd / "report.md").read_text()
   assert "## Accuracy" in md and f"{r['speedup']:.3f}x" in md
+  # The choice on the held-out rest of the validation split is paired with INT8 there.
+  pick = json.loads((wd / "search" / "result.json").read_text())["chosen"]
+  final = json.loads((wd / "search" / "report.json").read_text())["final"]
+  assert final["paired"] and pick["margin_se"] == 1.0
+  c = final["candidates"][pick["rank_in_search"]]
+  assert c["policy"] == r["policy"] and c["acc_diff"] == pick["acc_diff"]
+  assert sum(c["discordant"]) <= final["images"] and c["diff_se"] >= 0
+  np.testing.assert_allclose(c["acc_diff"], c["accuracy"] - final["acc_ref"], atol=1e-9)
+  assert "Paired with INT8 on the same images" in md
   for rel in r["plots"].values():
     assert f"]({rel})" in md and (wd / rel).stat().st_size > 1000
 

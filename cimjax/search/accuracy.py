@@ -58,7 +58,9 @@ class AccuracySource:
     num_images: images of the split (0: not an image-based source, e.g. synthetic).
 
   Sources that can score slices of their images (lazy evaluation,
-  :mod:`cimjax.search.lazy`) also have ``chunk_correct(policies, start, stop) -> int64 [N]``.
+  :mod:`cimjax.search.lazy`) also have ``chunk_correct(policies, start, stop) -> int64 [N]``;
+  those that can tell which images each policy gets right (paired comparisons in the final
+  re-evaluation) have ``correct_images(policies) -> bool [N, num_images]``.
   """
 
   name: str = "source"
@@ -102,6 +104,11 @@ def _chunked(f: Callable[[jax.Array], jax.Array], pols: np.ndarray, chunk: int) 
 
 # ----------------------------------------------------------------------------------------------
 # Synthetic
+
+
+def _first(out: Any) -> Any:
+  """The first element of a ``(correct, loss)`` pair; a hits array as it is."""
+  return out[0] if isinstance(out, tuple) else out
 
 
 def noise_gain(bits: Array, xp: Any = np) -> Array:
@@ -315,6 +322,8 @@ class DataAccuracy(AccuracySource):
     self._batch_size, self._vchunk = batch_size, chunk
     self._score = jax.jit(score)  # one compilation per slice shape (data are arguments)
     self._vscore = jax.jit(vscore)
+    hits = eval_lib.make_policy_hits(module, variables)
+    self._hits, self._vhits = jax.jit(hits), jax.jit(jax.vmap(hits, in_axes=(0, None, None, None)))
     self._slices: dict[tuple[int, int], tuple[jax.Array, jax.Array, jax.Array]] = {}
 
   def chunk_correct(self, policies: Array, start: int, stop: int) -> np.ndarray:
@@ -325,6 +334,20 @@ class DataAccuracy(AccuracySource):
     statistics), so the counts of consecutive slices add up to the full split's count.
     Equal-sized slices share one compilation.
     """
+    out = self._per_candidate(policies, start, stop, hits=False)
+    return out.astype(np.int64)
+
+  def correct_images(self, policies: Array) -> np.ndarray:
+    """bool ``[N, num_images]``: which images each policy classifies correctly.
+
+    The same per-candidate forward as the counts (row sums equal :meth:`chunk_correct` over
+    the whole split); for paired comparisons on the same images
+    (:func:`cimjax.search.runner.reevaluate`).
+    """
+    return self._per_candidate(policies, 0, self.num_images, hits=True).astype(bool)
+
+  def _per_candidate(self, policies: Array, start: int, stop: int, *, hits: bool) -> np.ndarray:
+    """Counts ``[N]`` (or hits ``[N, stop - start]``) of each policy on images ``[start, stop)``."""
     from cimjax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
 
     pols = np.asarray(policies, np.int32)
@@ -333,7 +356,7 @@ class DataAccuracy(AccuracySource):
     if not 0 <= start < stop <= self.num_images:
       raise ValueError(f"image slice [{start}, {stop}) outside [0, {self.num_images})")
     if pols.shape[0] == 0:
-      return np.zeros((0,), np.int64)
+      return np.zeros((0, stop - start) if hits else (0,), np.int64)
     t0 = time.perf_counter()
     data = self._slices.get((start, stop))
     if data is None:
@@ -341,16 +364,19 @@ class DataAccuracy(AccuracySource):
         self._x[start:stop], self._y[start:stop], min(self._batch_size, stop - start)
       )
       self._slices[(start, stop)] = data
+    one, many = (self._hits, self._vhits) if hits else (self._score, self._vscore)
     if self.strategy == "loop":
-      out = np.asarray([int(self._score(jnp.asarray(p), *data)[0]) for p in pols], np.int64)
+      out = np.stack([np.asarray(_first(one(jnp.asarray(p), *data))) for p in pols])
     else:
       n, size = pols.shape[0], self._vchunk
       pad = np.concatenate([pols, np.repeat(pols[-1:], (-n) % size, axis=0)])
       parts = [
-        np.asarray(self._vscore(jnp.asarray(pad[i : i + size]), *data)[0])
+        np.asarray(_first(many(jnp.asarray(pad[i : i + size]), *data)))
         for i in range(0, pad.shape[0], size)
       ]
-      out = np.concatenate(parts)[:n].astype(np.int64)
+      out = np.concatenate(parts)[:n]
+    if hits:
+      out = out.reshape(pols.shape[0], -1)[:, : stop - start]  # [N, nb, B] less the padding
     self.seconds += time.perf_counter() - t0
     self.image_passes += pols.shape[0] * (stop - start)
     return out
@@ -484,6 +510,8 @@ class MemoAccuracy(AccuracySource):
     self._chunks: dict[tuple[bytes, int, int], int] = {}
     if callable(getattr(inner, "chunk_correct", None)):
       self.chunk_correct = self._chunk_correct
+    if callable(getattr(inner, "correct_images", None)):
+      self.correct_images = inner.correct_images  # not memoised (a final re-evaluation, once)
 
   def _chunk_correct(self, policies: Array, start: int, stop: int) -> np.ndarray:
     """int64 ``[N]`` correct predictions on images ``[start, stop)`` (memoised per slice; only
@@ -588,8 +616,21 @@ class MultiProcessAccuracy(AccuracySource):
     self.num_images = inner.num_images  # each candidate is scored on every image, once
     self.fn = inner.fn
     self.preferred_mode = "loop"
+    if callable(getattr(inner, "correct_images", None)):
+      self.correct_images = self._correct_images
 
   def __call__(self, policies: Array) -> np.ndarray:
+    # float64 travels bit-exactly as pairs of uint32 (jax arrays are 32-bit by default).
+    out = self._split(policies, lambda p: np.ascontiguousarray(self.inner(p), np.float64))
+    return out.view(np.float64).reshape(-1)
+
+  def _correct_images(self, policies: Array) -> np.ndarray:
+    """bool ``[N, num_images]`` (the inner source's ``correct_images``), split like a batch."""
+    out = self._split(policies, lambda p: np.asarray(self.inner.correct_images(p), np.uint8))
+    return out.astype(bool).reshape(-1, self.num_images)
+
+  def _split(self, policies: Array, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``fn`` of this process's block of the padded batch, all-gathered: ``[N, ...]`` raw."""
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
     pols = np.asarray(policies, np.int32)
@@ -597,13 +638,13 @@ class MultiProcessAccuracy(AccuracySource):
       pols = pols[None]
     n, procs, me = pols.shape[0], jax.process_count(), jax.process_index()
     if n == 0:
-      return np.zeros((0,), np.float64)
+      return np.zeros((0, 0), np.uint32)  # views as float64 [0, 0] and reshapes to [0, ...]
     per = math.ceil(n / procs / self.block) * self.block
     padded = np.concatenate([pols, np.repeat(pols[-1:], per * procs - n, axis=0)])
-    mine = np.ascontiguousarray(self.inner(padded[me * per : (me + 1) * per]), np.float64)
-    # float64 travels bit-exactly as pairs of uint32 (jax arrays are 32-bit by default).
-    every = multihost_utils.process_allgather(mine.view(np.uint32))
-    return np.ascontiguousarray(np.asarray(every, np.uint32)).view(np.float64).reshape(-1)[:n]
+    mine = np.ascontiguousarray(fn(padded[me * per : (me + 1) * per]))
+    raw = mine.view(np.uint32) if mine.dtype == np.float64 else mine
+    every = np.ascontiguousarray(np.asarray(multihost_utils.process_allgather(raw), raw.dtype))
+    return every.reshape(procs * per, -1)[:n].view(mine.dtype)
 
   def describe(self) -> dict[str, Any]:
     return {**self.inner.describe(), "processes": jax.process_count()}

@@ -798,8 +798,17 @@ def reevaluate(
   candidates' final-split rewards are reported; ``best`` is the search's winner (selection is
   not redone on the final split, which may be the test split).
 
+  Where the source has ``correct_images`` (a :class:`~cimjax.search.DataAccuracy`), each
+  candidate is also compared with the INT8 reference *on the same images* (a paired
+  comparison): ``acc_diff`` (points, candidate minus reference), ``diff_se`` (its standard
+  error, points: ``100 * sd(d) / sqrt(n)`` over the per-image differences ``d`` in {-1, 0, 1},
+  which only the images where the two disagree make nonzero) and ``discordant``
+  (``[images only the candidate gets right, images only the reference gets right]``). The
+  accuracies are then the row means of the same per-image results.
+
   Returns:
-    ``{"name", "acc_ref", "acc_target", "candidates": [...], "best": {...}}``.
+    ``{"name", "acc_ref", "acc_target", "candidates": [...], "best": {...}}`` (with paired
+    statistics also ``"paired": True`` and ``"images"``).
   """
   h = result.history
   n = result.evals_used
@@ -808,17 +817,31 @@ def reevaluate(
   ref_pol = policy_lib.uniform_policy(
     pols.shape[1], result.space["io_bits"], result.space["io_bits"]
   )
-  if acc_ref is None:
-    acc_ref = float(final(ref_pol[None])[0])
+  paired = callable(getattr(final, "correct_images", None))
+  if paired:
+    hits = np.asarray(final.correct_images(np.concatenate([ref_pol[None], pols])), bool)
+    images = hits.shape[1]
+    acc_all = 100.0 * hits.sum(axis=1, dtype=np.int64) / images
+    acc = acc_all[1:]
+    if acc_ref is None:
+      acc_ref = float(acc_all[0])
+    d = hits[1:].astype(np.int64) - hits[0].astype(np.int64)  # [k, images] in {-1, 0, 1}
+    wins, losses = np.sum(d > 0, axis=1), np.sum(d < 0, axis=1)
+    diff = acc - acc_all[0]
+    se = 100.0 * np.std(d, axis=1) / math.sqrt(images)  # population sd of d; SE of its mean
+  else:
+    if acc_ref is None:
+      acc_ref = float(final(ref_pol[None])[0])
+    acc = np.asarray(final(pols), np.float64)
   target = acc_ref - result.acc_drop
-  acc = np.asarray(final(pols), np.float64)
   table = np.asarray(cost_table, np.float64)
   ratio = cost_lib.policy_cost(table, pols) / cost_lib.policy_cost(table, ref_pol)
   from cimjax.search import reward as reward_lib  # pylint: disable=g-import-not-at-top
 
   rew = reward_lib.reward(acc, ratio, target, xp=np)
-  cands = [
-    {
+  cands = []
+  for j in range(len(order)):
+    c = {
       "policy": pols[j].tolist(),
       "search_accuracy": float(h.accuracy[order[j]]),
       "search_reward": float(h.reward[order[j]]),
@@ -828,15 +851,23 @@ def reevaluate(
       "reward": float(rew[j]),
       "feasible": bool(acc[j] >= target),
     }
-    for j in range(len(order))
-  ]
-  return {
+    if paired:
+      c.update(
+        acc_diff=float(diff[j]),
+        diff_se=float(se[j]),
+        discordant=[int(wins[j]), int(losses[j])],
+      )
+    cands.append(c)
+  out = {
     "name": final.name,
     "acc_ref": acc_ref,
     "acc_target": target,
     "candidates": cands,
     "best": cands[0],
   }
+  if paired:
+    out.update(paired=True, images=int(images))
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
