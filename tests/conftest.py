@@ -39,3 +39,22 @@ def small_cnn_rram_64_c2():
   specs = trace.trace_specs(m)
   hw = hw_lib.load_hw("rram_64_c2")
   return m, specs, hw, cost_lib.cost_tables(specs, hw, xp=np)
+
+
+@pytest.fixture(scope="session")
+def random_small_cnn():
+  """``make(num) -> (model, variables, x, y)``: an untrained small CNN and ``num`` random images
+  with random labels (seeded; a random model gets some of them right, not all)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from cimjax import models, variables  # pylint: disable=g-import-not-at-top
+
+  m = models.get_model("small_cnn")
+  var = variables.init_variables(m, jax.random.PRNGKey(0))
+
+  def make(num):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((num, *m.input_shape)).astype(np.float32)
+    return m, var, x, rng.integers(0, 10, num)
+
+  return make

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import types
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -25,14 +24,8 @@ POLS = np.asarray(
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
-def test_correct_images_add_up_to_the_counts_and_the_accuracy(strategy):
-  from cimjax import models, variables
-
-  m = models.get_model("small_cnn")
-  var = variables.init_variables(m, jax.random.PRNGKey(0))
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((70, *m.input_shape)).astype(np.float32)
-  y = rng.integers(0, 10, 70)
+def test_correct_images_add_up_to_the_counts_and_the_accuracy(strategy, random_small_cnn):
+  m, var, x, y = random_small_cnn(70)
   src = acc_lib.DataAccuracy(m, var, x, y, batch_size=32, strategy=strategy, chunk=2)
   hits = src.correct_images(POLS)
   assert hits.shape == (3, 70) and hits.dtype == bool  # padding rows (96 - 70) are gone

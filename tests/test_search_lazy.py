@@ -267,14 +267,8 @@ def test_image_pass_counter_in_a_constructed_case():
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
-def test_data_accuracy_chunks_add_up_to_the_full_split(strategy):
-  from cimjax import models, variables
-
-  m = models.get_model("small_cnn")
-  var = variables.init_variables(m, jax.random.PRNGKey(0))
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((60, *m.input_shape)).astype(np.float32)
-  y = rng.integers(0, 10, 60)
+def test_data_accuracy_chunks_add_up_to_the_full_split(strategy, random_small_cnn):
+  m, var, x, y = random_small_cnn(60)
   src = acc_lib.DataAccuracy(m, var, x, y, batch_size=32, strategy=strategy, chunk=2)
   memo = acc_lib.MemoAccuracy(src)
   pols = np.asarray(
