@@ -14,8 +14,11 @@ Measures, on synthetic 28x28x1 images (batch 128 by default), after warm-up:
   cimjax machinery) at default and ``HIGHEST`` precision, and the host work of one step of
   :func:`cimjax.train.fit` (the batch gather from an in-memory 55,000-image split, the
   ``device_put`` of the batch, the metrics fetch) plus :func:`fit` itself end to end; and the
-  step's big ops alone (each conv's forward, input and filter gradient, each ReLU + max pool's
-  gradient with ``nn.max_pool`` and with :func:`max_pool_2x2`, the first dense layer);
+  step's big ops alone (each conv's forward, input and filter gradient and the two operand
+  transposes XLA:CPU puts before the filter gradient, each ReLU + max pool's gradient with
+  ``nn.max_pool`` and with :func:`max_pool_2x2`, the first dense layer), and with ``--torch``
+  the same ops in PyTorch on the same operands, side by side (the ratio column is PyTorch's
+  time over cimjax's: below 1 where PyTorch's kernel is faster);
 * **stages**: img/s of the step of every training stage with the default run's settings
   (fp32, int8 at 8/8, anyprec's sandwich step, finetune on a mixed policy) for the ``--arch``
   model, built as :mod:`cimjax.train.stages` builds them (``--arch=default``: the default run's
@@ -406,26 +409,42 @@ def _plain_cnn(arch: str, precision: Any) -> tuple[Callable[..., Any], Callable[
   return init, loss
 
 
-def _op_fns(arch: str, bs: int) -> dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]:
-  """The step's big ops alone, jitted: each conv's forward, input and filter gradient; each
-  relu + max pool's gradient (``select_and_scatter``) and :func:`max_pool_2x2`'s; fc1."""
+def _op_inputs(arch: str, bs: int) -> list[dict[str, Any]]:
+  """Random operands of the step's big ops, one dict a layer (NHWC / HWIO, float32 numpy):
+  ``x`` the conv's input, ``w`` its kernel, ``g`` its output cotangent, ``gp`` the pooled
+  cotangent where the layer pools; the last entry is fc1's ``x``, ``w``, ``g``."""
   chans = (16, 32, 32) if arch == "default" else (32, 64, 128)
   pools = (False, True, True) if arch == "reference" else (True, True, True)
   hidden = 64 if arch == "default" else 256
+  rng = np.random.default_rng(1)
+  normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
+  layers, c_in, hw = [], 1, 28
+  for c, pool in zip(chans, pools):
+    d = {"x": normal(bs, hw, hw, c_in), "w": normal(3, 3, c_in, c) * 0.1, "g": normal(bs, hw, hw, c)}
+    if pool:
+      d["gp"] = normal(bs, hw // 2, hw // 2, c)
+      hw //= 2
+    layers.append(d)
+    c_in = c
+  n_in = c_in * hw * hw
+  layers.append({"x": normal(bs, n_in), "w": normal(n_in, hidden) * 0.01, "g": normal(bs, hidden)})
+  return layers
+
+
+def _op_fns(arch: str, bs: int) -> dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]:
+  """The step's big ops alone, jitted: each conv's forward, input and filter gradient (and the
+  two operand transposes XLA:CPU puts before the filter gradient's convolution); each relu +
+  max pool's gradient (``select_and_scatter``) and :func:`max_pool_2x2`'s; fc1."""
 
   def conv(x, w):
     return jax.lax.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest"
     )
 
-  key = jax.random.key(1)
   out: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
-  c_in, hw = 1, 28
-  for i, (c, pool) in enumerate(zip(chans, pools)):
-    k = jax.random.split(jax.random.fold_in(key, i), 3)
-    x = jax.random.normal(k[0], (bs, hw, hw, c_in))
-    w = jax.random.normal(k[1], (3, 3, c_in, c)) * 0.1
-    g = jax.random.normal(k[2], (bs, hw, hw, c))
+  *convs, fc = _op_inputs(arch, bs)
+  for i, d in enumerate(convs):
+    x, w, g = (jnp.asarray(d[k]) for k in "xwg")
     out[f"op: conv{i + 1} forward"] = (jax.jit(conv), (x, w))
     if i:  # conv1's input gradient is never computed (the image needs none)
       out[f"op: conv{i + 1} input gradient"] = (
@@ -436,25 +455,74 @@ def _op_fns(arch: str, bs: int) -> dict[str, tuple[Callable[..., Any], tuple[Any
       jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[1]),
       (x, w, g),
     )
-    if pool:
-      gp = jax.random.normal(k[2], (bs, hw // 2, hw // 2, c))
+    # XLA:CPU computes it as one convolution of x as (C, H, W, N) by g as (H, W, N, C')
+    out[f"op: conv{i + 1} filter gradient, its 2 transposes"] = (
+      jax.jit(lambda x, g: (jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)))),
+      (x, g),
+    )
+    if "gp" in d:
+      gp = jnp.asarray(d["gp"])
       for label, p in (
         ("nn.max_pool", lambda v: nn.max_pool(v, (2, 2), (2, 2))),
         ("max_pool_2x2", max_pool_2x2),
       ):
         f = jax.jit(lambda y, gp, p=p: jax.vjp(lambda v: p(nn.relu(v)), y)[1](gp)[0])
         out[f"op: relu+pool{i + 1} gradient, {label}"] = (f, (g, gp))
-      hw //= 2
-    c_in = c
-  k = jax.random.split(key, 3)
-  x = jax.random.normal(k[0], (bs, c_in * hw * hw))
-  w = jax.random.normal(k[1], (c_in * hw * hw, hidden)) * 0.01
-  g = jax.random.normal(k[2], (bs, hidden))
+  x, w, g = (jnp.asarray(fc[k]) for k in "xwg")
   dot = lambda x, w: jnp.dot(x, w, precision="highest")  # noqa: E731
   out["op: fc1 forward + both gradients"] = (
     jax.jit(lambda x, w, g: (dot(x, w), jax.vjp(dot, x, w)[1](g))),
     (x, w, g),
   )
+  return out
+
+
+def _torch_op_fns(arch: str, bs: int, threads: int) -> dict[str, Callable[[], Any]]:
+  """The same ops in PyTorch on the same operands (NCHW, as the PyTorch step runs them), keyed
+  like :func:`_op_fns` (``torch op: ...``); each returns its results in cimjax's layout
+  (NHWC / HWIO) so tests can compare the two."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(threads)
+  F = torch.nn.functional  # noqa: N806
+  bwd = torch.ops.aten.convolution_backward
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+  nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
+  hwio = lambda t: t.permute(2, 3, 1, 0).numpy()  # noqa: E731
+  out: dict[str, Callable[[], Any]] = {}
+  *convs, fc = _op_inputs(arch, bs)
+  for i, d in enumerate(convs):
+    x, g = nchw(d["x"]), nchw(d["g"])
+    w = torch.from_numpy(np.ascontiguousarray(d["w"].transpose(3, 2, 0, 1)))
+
+    def grad(which, x=x, w=w, g=g):
+      mask = [which == 0, False, which == 1]
+      r = bwd(g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+      return nhwc(r[0]) if which == 0 else hwio(r[1])
+
+    out[f"torch op: conv{i + 1} forward"] = lambda x=x, w=w: nhwc(F.conv2d(x, w, padding=1))
+    if i:
+      out[f"torch op: conv{i + 1} input gradient"] = lambda grad=grad: grad(0)
+    out[f"torch op: conv{i + 1} filter gradient"] = lambda grad=grad: grad(1)
+    if "gp" in d:
+      gp = nchw(d["gp"])
+
+      def pool_grad(y=g.clone().requires_grad_(True), gp=gp):
+        y.grad = None
+        F.max_pool2d(F.relu(y), 2).backward(gp)
+        return nhwc(y.grad)
+
+      out[f"torch op: relu+pool{i + 1} gradient"] = pool_grad
+  x, w = (torch.from_numpy(fc[k].copy()).requires_grad_(True) for k in "xw")
+  gf = torch.from_numpy(fc["g"])
+
+  def fc1():
+    x.grad = w.grad = None
+    y = x @ w
+    y.backward(gf)
+    return y.detach().numpy(), (x.grad.numpy(), w.grad.numpy())
+
+  out["torch op: fc1 forward + both gradients"] = fc1
   return out
 
 
@@ -502,6 +570,7 @@ def bench_breakdown(
   metrics = real(state, (x, y), None, config=config)[1]
 
   ops = _op_fns(arch, bs)
+  torch_ops = _torch_op_fns(arch, bs, a["torch_threads"]) if a["torch"] else {}
   parts: dict[str, list[float]] = {}
 
   def add(name: str, seconds: float) -> None:
@@ -541,6 +610,8 @@ def bench_breakdown(
     )
     for name, (f, args) in ops.items():
       add(name, time_calls(lambda f=f, args=args: jax.block_until_ready(f(*args)), n, w))
+    for name, f in torch_ops.items():
+      add(name, time_calls(f, n, w))
     fit_state = jax.tree.map(jnp.copy, state)
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.WARNING)
@@ -617,13 +688,32 @@ def format_table(r: dict[str, Any]) -> str:
   if b:
     lines.append(f"{'breakdown (cimjax fp32)':44s} {'ms':>9} {'img/s':>9}")
     for k, v in b["ms"].items():
-      lines.append(f"  {k:42s} {v:9.2f} {b['img_s'][k]:9.1f}")
+      if not k.startswith("torch op: "):
+        lines.append(f"  {k:42s} {v:9.2f} {b['img_s'][k]:9.1f}")
+    pairs = op_pairs(b["ms"])
+    if pairs:
+      lines.append(f"{'ops alone, cimjax vs pytorch (ms)':44s} {'cimjax':>9} {'pytorch':>9} {'ratio':>7}")
+      for k, (mine, theirs) in pairs.items():
+        lines.append(f"  {k:42s} {mine:9.2f} {theirs:9.2f} {theirs / mine:6.2f}x")
   s = r.get("stages")
   if s:
     lines.append(f"{'stage step (default-run settings)':44s} {'img/s':>9}")
     for k, v in s.items():
       lines.append(f"  {k:42s} {v['img_s']:9.1f}")
   return "\n".join(lines)
+
+
+def op_pairs(ms: dict[str, float]) -> dict[str, tuple[float, float]]:
+  """``{op: (cimjax ms, pytorch ms)}`` for every op timed in both (the pool gradient against
+  cimjax's :func:`max_pool_2x2`, what the zoo trains with)."""
+  out = {}
+  for k, theirs in ms.items():
+    if k.startswith("torch op: "):
+      op = k.removeprefix("torch op: ")
+      mine = ms.get(f"op: {op}", ms.get(f"op: {op}, max_pool_2x2"))
+      if mine is not None:
+        out[op] = (mine, theirs)
+  return out
 
 
 def summary(r: dict[str, Any]) -> dict[str, Any]:

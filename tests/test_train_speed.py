@@ -167,3 +167,50 @@ def test_bench_summary_has_a_row_for_every_training_stage():
     and "launch.bench_train"
     in bench._commands(__import__("pathlib").Path("/tmp/w"), True, "none")["train"]
   )
+
+
+@pytest.mark.torch
+def test_bench_train_compares_the_same_ops_with_pytorch():
+  """The benchmark's per-op table is like for like: each PyTorch op, on the same operands,
+  returns what the cimjax op it is paired with returns (float32 rounding apart)."""
+  pytest.importorskip("torch")
+  from launch import bench_train as bt
+
+  ours = bt._op_fns("reference", 4)
+  theirs = bt._torch_op_fns("reference", 4, 1)
+  pairs = bt.op_pairs({k: 1.0 for k in (*ours, *theirs)})
+  # 3 forwards, 3 filter and 2 input gradients (conv1 has none), 2 pools, fc1
+  assert len(pairs) == 3 + 3 + 2 + 2 + 1 and "conv1 input gradient" not in pairs
+  for op in pairs:
+    f, args = ours.get(f"op: {op}") or ours[f"op: {op}, max_pool_2x2"]
+    got = jax.tree.leaves(theirs[f"torch op: {op}"]())
+    want = jax.tree.leaves(jax.device_get(f(*args)))
+    assert len(got) == len(want), op
+    for u, v in zip(got, want):
+      assert u.shape == v.shape, op
+      np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4 * float(np.abs(v).max()), err_msg=op)
+
+
+def test_op_pairs_and_the_table():
+  from launch import bench_train as bt
+
+  ms = {
+    "op: conv2 filter gradient": 30.0,
+    "torch op: conv2 filter gradient": 15.0,
+    "op: relu+pool2 gradient, nn.max_pool": 70.0,
+    "op: relu+pool2 gradient, max_pool_2x2": 5.0,
+    "torch op: relu+pool2 gradient": 10.0,
+    "torch op: unmatched": 1.0,
+  }
+  assert bt.op_pairs(ms) == {
+    "conv2 filter gradient": (30.0, 15.0),
+    "relu+pool2 gradient": (5.0, 10.0),
+  }
+  r = {
+    "arch": "reference", "model": "m", "batch_size": 128, "backend": "cpu", "jax": "x",
+    "load_start": 0, "load_end": 0, "repeats": 1, "xla_flags": "",
+    "breakdown": {"ms": ms, "img_s": {k: 128 / v for k, v in ms.items()}},
+  }
+  table = bt.format_table(r)
+  assert "  conv2 filter gradient" in table and "0.50x" in table and "2.00x" in table
+  assert "torch op:" not in table
