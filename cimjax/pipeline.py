@@ -522,7 +522,13 @@ class Pipeline:
     return np.asarray(_read(d)["chosen_policy"], np.int32)
 
   def check_config(self) -> None:
-    """Writes ``config.json`` on the first run; refuses to continue a run with another config."""
+    """Writes ``config.json`` on the first run; refuses to continue a run with another config.
+
+    A field that ``config.json`` lacks and that this run leaves at its default (a field added
+    by a later cimjax, e.g. ``search.choose_margin``) is not a difference: the run continues,
+    says so in one log line, and ``config.json`` stays as the run began (see
+    :func:`config_difference`).
+    """
     path = self.workdir / "config.json"
     cur = _json(self.config)
     if not multihost.leader_flag(path.is_file()):  # all processes take the same branch
@@ -530,13 +536,15 @@ class Pipeline:
         io.write_json(path, cur)
       multihost.barrier("cimjax config written")
       return
-    saved = json.loads(path.read_text())
-    if saved != cur:
-      old, new = _flatten(saved), _flatten(cur)
-      diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    diff, added = config_difference(json.loads(path.read_text()), cur)
+    if diff:
       raise PipelineError(
         f"{self.workdir} holds a run with another config (fields "
         f"{', '.join(diff[:5])}); use a new --workdir"
+      )
+    if added:
+      self.log(
+        f"{path} predates the fields {', '.join(added)}: the stages still to run use their defaults"
       )
 
   def describe(self) -> str:
@@ -638,6 +646,40 @@ def run_summary(p: Pipeline) -> report_lib.RunSummary:
     workdir=p.workdir,
     data_info=dict(splits.info),
   )
+
+
+def config_difference(
+  saved: dict[str, Any], current: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+  """How a run's stored config (``config.json``) differs from the config it is resumed with.
+
+  Args:
+    saved: the stored config, as JSON.
+    current: this run's config, as JSON.
+
+  Returns:
+    ``(diff, added)``, dotted field names, sorted: ``diff`` the fields whose values differ
+    (or that only one side has), which refuse the resume; ``added`` the fields that only
+    ``current`` has, at their value in :func:`default_config`: fields added by a later cimjax.
+    The stages still to run use those defaults; the finished ones ran before the fields
+    existed (e.g. a search that finished before ``search.choose_margin`` keeps its choice).
+  """
+  old, new = _flatten(saved), _flatten(current)
+  defaults = _flatten(_json(default_config()))
+  added = sorted(k for k in new.keys() - old.keys() if k in defaults and _same(new[k], defaults[k]))
+  diff = sorted(
+    k
+    for k in old.keys() | new.keys()
+    if k not in added and not _same(old.get(k, _MISSING), new.get(k, _MISSING))
+  )
+  return diff, added
+
+
+_MISSING = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+  return a is not _MISSING and b is not _MISSING and a == b
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

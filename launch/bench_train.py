@@ -420,7 +420,11 @@ def _op_inputs(arch: str, bs: int) -> list[dict[str, Any]]:
   normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
   layers, c_in, hw = [], 1, 28
   for c, pool in zip(chans, pools):
-    d = {"x": normal(bs, hw, hw, c_in), "w": normal(3, 3, c_in, c) * 0.1, "g": normal(bs, hw, hw, c)}
+    d = {
+      "x": normal(bs, hw, hw, c_in),
+      "w": normal(3, 3, c_in, c) * 0.1,
+      "g": normal(bs, hw, hw, c),
+    }
     if pool:
       d["gp"] = normal(bs, hw // 2, hw // 2, c)
       hw //= 2
@@ -505,9 +509,9 @@ def _torch_op_fns(arch: str, bs: int, threads: int) -> dict[str, Callable[[], An
       out[f"torch op: conv{i + 1} input gradient"] = lambda grad=grad: grad(0)
     out[f"torch op: conv{i + 1} filter gradient"] = lambda grad=grad: grad(1)
     if "gp" in d:
-      gp = nchw(d["gp"])
+      gp, y = nchw(d["gp"]), g.clone().requires_grad_(True)
 
-      def pool_grad(y=g.clone().requires_grad_(True), gp=gp):
+      def pool_grad(y=y, gp=gp):
         y.grad = None
         F.max_pool2d(F.relu(y), 2).backward(gp)
         return nhwc(y.grad)
@@ -692,7 +696,9 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"  {k:42s} {v:9.2f} {b['img_s'][k]:9.1f}")
     pairs = op_pairs(b["ms"])
     if pairs:
-      lines.append(f"{'ops alone, cimjax vs pytorch (ms)':44s} {'cimjax':>9} {'pytorch':>9} {'ratio':>7}")
+      lines.append(
+        f"{'ops alone, cimjax vs pytorch (ms)':44s} {'cimjax':>9} {'pytorch':>9} {'ratio':>7}"
+      )
       for k, (mine, theirs) in pairs.items():
         lines.append(f"  {k:42s} {mine:9.2f} {theirs:9.2f} {theirs / mine:6.2f}x")
   s = r.get("stages")

@@ -101,6 +101,50 @@ def test_changed_config_is_refused(tiny_run, repo_root):
     pipeline.Pipeline(c, wd).run(["fp32"])
 
 
+def test_config_difference_accepts_only_fields_added_at_their_defaults():
+  cur = json.loads(pipeline.default_config().to_json())
+  old = json.loads(json.dumps(cur))
+  del old["search"]["choose_margin"]
+  assert pipeline.config_difference(cur, cur) == ([], [])
+  assert pipeline.config_difference(old, cur) == ([], ["search.choose_margin"])
+  cur2 = json.loads(json.dumps(cur))
+  cur2["search"]["choose_margin"] = 2.0  # not the default: the stored run did not say so
+  assert pipeline.config_difference(old, cur2) == (["search.choose_margin"], [])
+  # a field only the stored config has (written by another cimjax) and a changed value refuse
+  newer = json.loads(json.dumps(cur))
+  newer["search"]["from_the_future"] = 1
+  assert pipeline.config_difference(newer, cur) == (["search.from_the_future"], [])
+  changed = json.loads(json.dumps(old))
+  changed["search"]["budget"] += 1
+  assert pipeline.config_difference(changed, cur) == (["search.budget"], ["search.choose_margin"])
+  # a field that is not in the default config at all is never taken as added
+  extra = json.loads(json.dumps(cur))
+  extra["train"]["data"]["not_a_default_field"] = 3
+  assert pipeline.config_difference(cur, extra) == (["train.data.not_a_default_field"], [])
+
+
+def test_workdir_of_an_older_cimjax_resumes(tiny_run, repo_root):
+  """A workdir whose config.json lacks a field added since (at its default) resumes: the
+  finished stages are skipped, one line names the field, and config.json is left as it was."""
+  wd, r = tiny_run
+  path = wd / "config.json"
+  kept = path.read_bytes()
+  try:
+    older = json.loads(kept)
+    assert older["search"].pop("choose_margin") == pipeline.default_config().search.choose_margin
+    path.write_text(json.dumps(older))
+    lines = []
+    again = pipeline.Pipeline(_tiny_config(repo_root), wd, log=lines.append).run()
+    assert [s for s in lines if "predates" in s] == [
+      f"{path} predates the fields search.choose_margin: the stages still to run use their defaults"
+    ]
+    assert sum("already finished" in s for s in lines) == 7
+    assert _figures(again) == _figures(r)
+    assert json.loads(path.read_text()) == older
+  finally:
+    path.write_bytes(kept)
+
+
 def _run_cli(repo_root, *args, **kw):
   return subprocess.run(
     [sys.executable, "-m", "launch.run", *args], cwd=repo_root, capture_output=True, text=True, **kw

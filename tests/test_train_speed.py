@@ -207,8 +207,15 @@ def test_op_pairs_and_the_table():
     "relu+pool2 gradient": (5.0, 10.0),
   }
   r = {
-    "arch": "reference", "model": "m", "batch_size": 128, "backend": "cpu", "jax": "x",
-    "load_start": 0, "load_end": 0, "repeats": 1, "xla_flags": "",
+    "arch": "reference",
+    "model": "m",
+    "batch_size": 128,
+    "backend": "cpu",
+    "jax": "x",
+    "load_start": 0,
+    "load_end": 0,
+    "repeats": 1,
+    "xla_flags": "",
     "breakdown": {"ms": ms, "img_s": {k: 128 / v for k, v in ms.items()}},
   }
   table = bt.format_table(r)
