@@ -30,7 +30,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -45,8 +44,6 @@ import optax
 from absl import flags
 
 from cimjax import cli as cli_lib
-from cimjax import io
-from cimjax.errors import UsageError
 from cimjax.models.conv_grad import chunk_size, conv2d
 from cimjax.models.pooling import max_pool_2x2
 
@@ -314,19 +311,13 @@ def main(argv: Sequence[str]) -> int:
   """absl entry point."""
 
   def body() -> None:
-    if len(argv) > 1:
-      raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli_lib.no_positional(argv)
     a = {k: FLAGS[k].value for k in FLAGS}
     result = run_benchmark(a)
-    print(format_table(result))
-    if FLAGS.out:
-      io.write_json(FLAGS.out, result)
-      print(f"wrote {FLAGS.out}")
-    else:
-      summ = {"load": [result["load_start"], result["load_end"]]}
-      if "step" in result:
-        summ.update({f"{k}_img_s": round(v, 1) for k, v in result["step"]["img_s"].items()})
-      print(json.dumps(summ))
+    summ = {"load": [result["load_start"], result["load_end"]]}
+    if "step" in result:
+      summ.update({f"{k}_img_s": round(v, 1) for k, v in result["step"]["img_s"].items()})
+    cli_lib.emit_result(result, format_table(result), FLAGS.out, summ)
 
   return cli_lib.run_main(PROG, body)
 

@@ -161,8 +161,7 @@ def _setup(argv: list[str]) -> _Setup:
   from cimjax import policy as policy_lib
   from cimjax.variables import VariablesError, restore_variables
 
-  if len(argv) > 1:
-    raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli_lib.no_positional(argv)
   if _VARIABLES.value is None:
     raise UsageError("--variables is required (a trained small-CNN stage directory)")
   adc_list = [int(b) for b in _floats(_ADC_BITS.value, "adc_bits")]

@@ -375,8 +375,7 @@ def main(argv: Sequence[str]) -> None:
   """absl entry point."""
 
   def body() -> None:
-    if len(argv) > 1:
-      raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli_lib.no_positional(argv)
     run_benchmark(settings_from_flags(), Path(FLAGS.out))
 
   raise SystemExit(cli_lib.run_main(PROG, body))

@@ -1058,8 +1058,7 @@ def run_from_flags() -> dict[str, Any]:
 def main(argv: Sequence[str]) -> None:
   """absl entry point."""
   try:
-    if len(argv) > 1:
-      raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli_lib.no_positional(argv)
     run_from_flags()
   except CimjaxError as e:
     cli_lib.fail(PROG, e)

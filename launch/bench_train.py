@@ -42,7 +42,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -57,8 +56,6 @@ import numpy as np
 from absl import flags, logging
 
 from cimjax import cli as cli_lib
-from cimjax import io
-from cimjax.errors import UsageError
 from cimjax.layers import QuantContext, QuantConv, QuantDense
 from cimjax.models import ModelDef, get_model
 from cimjax.models.pooling import max_pool_2x2
@@ -779,18 +776,12 @@ def main(argv: Sequence[str]) -> int:
   """absl entry point."""
 
   def body() -> None:
-    if len(argv) > 1:
-      raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli_lib.no_positional(argv)
     if FLAGS.xla_flags:
       os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FLAGS.xla_flags).strip()
     a = {k: FLAGS[k].value for k in FLAGS}
     result = run_benchmark(a)
-    print(format_table(result))
-    if FLAGS.out:
-      io.write_json(FLAGS.out, result)
-      print(f"wrote {FLAGS.out}")
-    else:
-      print(json.dumps(summary(result)))
+    cli_lib.emit_result(result, format_table(result), FLAGS.out, summary(result))
 
   return cli_lib.run_main(PROG, body)
 

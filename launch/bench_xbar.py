@@ -31,7 +31,7 @@ from typing import Any
 from absl import app, flags
 
 from cimjax import cli as cli_lib
-from cimjax.errors import CimjaxError, UsageError
+from cimjax.errors import CimjaxError
 
 PROG = "launch.bench_xbar"
 
@@ -235,8 +235,7 @@ def write_json(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> st
 def main(argv: list[str]) -> None:
   """absl entry point."""
   try:
-    if len(argv) > 1:
-      raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli_lib.no_positional(argv)
     rows = []
     rows += bench_layer(256, 256, _TOKENS.value, _REPEATS.value)
     rows += bench_layer(256, 64, _TOKENS.value, _REPEATS.value)

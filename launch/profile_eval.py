@@ -46,8 +46,7 @@ from absl import flags
 
 from cimjax import cli as cli_lib
 from cimjax import data as data_lib
-from cimjax import evaluate, io, models, quant, trace
-from cimjax.errors import UsageError
+from cimjax import evaluate, models, quant, trace
 from cimjax.layers import HIGHEST, conv_kernel_matrices, conv_patches
 from launch.bench_eval import dot_peak_flops, synthetic_images
 
@@ -394,8 +393,7 @@ def main(argv: Sequence[str]) -> int:
   """absl entry point."""
 
   def body() -> None:
-    if len(argv) > 1:
-      raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli_lib.no_positional(argv)
     if FLAGS.dataset == "synthetic":
       x, y = synthetic_images((28, 28, 1), FLAGS.images, 10)
     else:
@@ -411,10 +409,7 @@ def main(argv: Sequence[str]) -> int:
       repeats=FLAGS.repeats,
       calls=FLAGS.calls,
     )
-    print(format_table(r))
-    if FLAGS.out:
-      io.write_json(FLAGS.out, r)
-      print(f"wrote {FLAGS.out}")
+    cli_lib.emit_result(r, format_table(r), FLAGS.out)
 
   return cli_lib.run_main(PROG, body)
 

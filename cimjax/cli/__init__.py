@@ -15,6 +15,7 @@ console scripts' ``absl.app.run``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import traceback
@@ -24,6 +25,7 @@ from typing import Any, NoReturn
 
 from absl import flags
 
+from cimjax import io
 from cimjax.errors import CimjaxError, UsageError  # noqa: F401 (re-exported)
 
 _HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
@@ -253,6 +255,30 @@ def _config_error(argv: Sequence[str], e: BaseException) -> str:
   return f"cannot load config file {path}: {lines[-1] if lines else type(e).__name__}"
 
 
+def no_positional(argv: Sequence[str]) -> None:
+  """Refuses positional arguments (``argv`` is absl's: the program name first).
+
+  Raises:
+    UsageError: ``argv`` has more than the program name.
+  """
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+def emit_result(
+  result: Any, table: str, out: str | None, summary: dict[str, Any] | None = None
+) -> None:
+  """A benchmark's ending: prints ``table``, then writes ``result`` to ``out`` as JSON
+  (atomically, :func:`cimjax.io.write_json`) and says so, or without ``out`` prints
+  ``summary`` as one JSON line (if given)."""
+  print(table)
+  if out:
+    io.write_json(out, result)
+    print(f"wrote {out}")
+  elif summary is not None:
+    print(json.dumps(summary))
+
+
 def parse_config_args(
   fv: flags.FlagValues, argv: Sequence[str], required: Sequence[str] = ("workdir",)
 ) -> flags.FlagValues:
@@ -269,8 +295,7 @@ def parse_config_args(
     raise UsageError(one_line(e)) from None
   except Exception as e:  # pylint: disable=broad-except
     raise UsageError(_unknown_field(argv, e) or f"--config: {_config_error(argv, e)}") from None
-  if len(rest) > 1:
-    raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
+  no_positional(rest)
   for name in required:
     if fv[name].value is None:
       raise UsageError(f"--{name} is required")

@@ -196,8 +196,7 @@ def main(argv: list[str]) -> int:
   """
 
   def body() -> None:
-    if len(argv) > 1:
-      raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli_lib.no_positional(argv)
     if _POLICY.value is not None and _UNIFORM.present:
       raise UsageError("--policy and --uniform are mutually exclusive; give one of them")
     uniform = None if _POLICY.value is not None else parse_uniform(_UNIFORM.value)

@@ -164,8 +164,7 @@ def _from_flags() -> tuple[Any, Any, Any]:
 
 def export(argv: list[str]) -> Path:
   """Exports what the flags name; returns the written path."""
-  if len(argv) > 1:
-    raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli_lib.no_positional(argv)
   if _WORKDIR.value is not None and (_MODEL.value or _VARIABLES.value):
     raise UsageError("--workdir takes the run's model and variables; drop --model/--variables")
   if _POLICY.value is not None and _UNIFORM.value is not None:
