@@ -666,20 +666,10 @@ def config_difference(
   """
   old, new = _flatten(saved), _flatten(current)
   defaults = _flatten(_json(default_config()))
-  added = sorted(k for k in new.keys() - old.keys() if k in defaults and _same(new[k], defaults[k]))
-  diff = sorted(
-    k
-    for k in old.keys() | new.keys()
-    if k not in added and not _same(old.get(k, _MISSING), new.get(k, _MISSING))
-  )
-  return diff, added
-
-
-_MISSING = object()
-
-
-def _same(a: Any, b: Any) -> bool:
-  return a is not _MISSING and b is not _MISSING and a == b
+  added = sorted(k for k in new.keys() - old.keys() if k in defaults and new[k] == defaults[k])
+  one_side = (old.keys() ^ new.keys()) - set(added)
+  changed = {k for k in old.keys() & new.keys() if old[k] != new[k]}
+  return sorted(one_side | changed), added
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -168,12 +168,18 @@ def build_model(arch: str, fast_pool: bool = False) -> ModelDef:
   return ModelDef(f"{arch}+fast_pool", ReferenceCNN(**kw), (28, 28, 1), 10, f"{arch}, fast pool")
 
 
+def _layout(arch: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool], int]:
+  """``(conv channels, pool after each conv, fc1 width)`` of the ``--arch`` CNN."""
+  chans, hidden = ((16, 32, 32), 64) if arch == "default" else ((32, 64, 128), 256)
+  pools = (False, True, True) if arch == "reference" else (True, True, True)
+  return chans, pools, hidden
+
+
 def torch_model(arch: str) -> Any:
   """The same CNN in PyTorch (NCHW, padding 1 = SAME)."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  chans, hidden = ((16, 32, 32), 64) if arch == "default" else ((32, 64, 128), 256)
-  pools = (False, True, True) if arch == "reference" else (True, True, True)
+  chans, pools, hidden = _layout(arch)
   layers, c_in, hw = [], 1, 28
   for c, pool in zip(chans, pools):
     layers += [torch.nn.Conv2d(c_in, c, 3, padding=1), torch.nn.ReLU()]
@@ -376,8 +382,7 @@ def bench_train(model: ModelDef, arch: str, sb: StageBench, a: dict[str, Any]) -
 
 def _plain_cnn(arch: str, precision: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
   """A plain-JAX CNN (lax.conv, no quantization machinery): ``(init, loss)``."""
-  chans, hidden = ((16, 32, 32), 64) if arch == "default" else ((32, 64, 128), 256)
-  pools = (False, True, True) if arch == "reference" else (True, True, True)
+  chans, pools, hidden = _layout(arch)
 
   def init(key):
     ps, c_in, hw = [], 1, 28
@@ -410,9 +415,7 @@ def _op_inputs(arch: str, bs: int) -> list[dict[str, Any]]:
   """Random operands of the step's big ops, one dict a layer (NHWC / HWIO, float32 numpy):
   ``x`` the conv's input, ``w`` its kernel, ``g`` its output cotangent, ``gp`` the pooled
   cotangent where the layer pools; the last entry is fc1's ``x``, ``w``, ``g``."""
-  chans = (16, 32, 32) if arch == "default" else (32, 64, 128)
-  pools = (False, True, True) if arch == "reference" else (True, True, True)
-  hidden = 64 if arch == "default" else 256
+  chans, pools, hidden = _layout(arch)
   rng = np.random.default_rng(1)
   normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
   layers, c_in, hw = [], 1, 28
